@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny generated checkpoints (random weights, real layout)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+from wyoming_kyutai.checkpoint import LoadedModel, load_model  # noqa: E402
+from wyoming_kyutai.random_checkpoint import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def pause_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose end-of-turn head reads "pause" exactly on silence."""
+    return make_checkpoint(tmp_path_factory.mktemp("pause"), "tiny", seed=1, pause_on_silence=True)
+
+
+@pytest.fixture
+def tiny_model(tiny_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_dir), device="cpu", dtype="float32")

@@ -1,0 +1,61 @@
+"""Tokens → words with times → deltas, with a scripted tokenizer."""
+
+from __future__ import annotations
+
+from wyoming_kyutai.decoding import TranscriptDecoder
+
+PIECES = ["<unk>", "<s>", "</s>", "<pad>", "▁turn", "▁on", "▁the", "▁kit", "chen", "▁light", "s"]
+
+
+class FakeTokenizer:
+    def id_to_piece(self, token_id: int) -> str:
+        return PIECES[token_id]
+
+    def get_piece_size(self) -> int:
+        return len(PIECES)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(PIECES[i] for i in ids).replace("▁", " ").strip()
+
+
+# step: token. 0 = end of padding (a word is about to start), 3 = padding
+SCRIPT = [3, 3, 0, 4, 3, 0, 5, 0, 6, 3, 0, 7, 8, 3, 3, 0, 9, 10, 3, 3, 3, 3]
+
+
+def _run(script: list[int], delay: float = 0.5, prefix: float = 0.0):
+    dec = TranscriptDecoder(
+        FakeTokenizer(), step_seconds=0.08, delay_seconds=delay, prefix_seconds=prefix
+    )
+    deltas = []
+    for step, tok in enumerate(script):
+        if dec.push(step, tok):
+            deltas.append(dec.delta())
+    deltas.append(dec.final_delta())
+    return dec, deltas
+
+
+def test_words_and_deltas_join_to_the_text() -> None:
+    dec, deltas = _run(SCRIPT)
+    assert dec.text == "turn on the kitchen lights"
+    assert "".join(deltas) == dec.text
+    assert deltas[:4] == ["turn", " on", " the", " kit"]
+
+
+def test_word_times_account_for_delay_and_prefix() -> None:
+    dec, _ = _run(SCRIPT, delay=0.16)
+    words = dec.word_timings()
+    assert [w.word for w in words] == ["turn", "on", "the", "kitchen", "lights"]
+    # "turn" starts at step 3 and ends at the next end-of-padding token (step 5)
+    assert words[0].start == 3 * 0.08 - 0.16
+    assert abs(words[0].end - (5 * 0.08 - 0.16)) < 1e-9
+    assert abs(words[3].start - (11 * 0.08 - 0.16)) < 1e-9
+    # the last word has no closing token: it ends at the end of the stream
+    assert abs(words[4].end - (22 * 0.08 - 0.16)) < 1e-9
+    shifted = _run(SCRIPT, delay=0.16, prefix=0.08)[0].word_timings()
+    assert abs(shifted[3].start - (words[3].start - 0.08)) < 1e-9
+
+
+def test_special_and_out_of_vocabulary_tokens_add_nothing() -> None:
+    dec, deltas = _run([3, 0, 1, 2, 99, 3])
+    assert dec.text == "" and "".join(deltas) == ""
+    assert dec.word_timings() == []

@@ -1,0 +1,141 @@
+"""The batched engine against Kyutai's plain loop (float32, greedy)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.audio_gen import speechlike
+from tests.reference import reference_tokens
+from wyoming_kyutai.checkpoint import LoadedModel
+from wyoming_kyutai.engine import Engine, EngineBusy, EngineStream, StreamFailed
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    return speechlike(seconds, 24000, seed=seed)
+
+
+async def _stream(
+    engine: EngineStream, audio: np.ndarray, chunk: int = 1000, pause: float = 0.0
+) -> list[int]:
+    for i in range(0, len(audio), chunk):
+        engine.push(audio[i : i + chunk])
+        await asyncio.sleep(pause)
+    engine.finish()
+    tokens = []
+    while (result := await engine.get()) is not None:
+        tokens.append(result.token)
+    return tokens
+
+
+async def _transcribe(
+    eng: Engine, audio: np.ndarray, start_after: float = 0.0, pause: float = 0.0
+) -> list[int]:
+    await asyncio.sleep(start_after)
+    stream = await eng.open_stream(wait=30)
+    try:
+        return await _stream(stream, audio, pause=pause)
+    finally:
+        stream.close()
+
+
+async def test_single_stream_matches_the_reference_loop(tiny_model: LoadedModel) -> None:
+    audio = _audio(2.3, seed=1)  # not a whole number of frames
+    expected = reference_tokens(tiny_model, audio)
+    eng = Engine(tiny_model, slots=1)
+    eng.start()
+    try:
+        assert await _transcribe(eng, audio) == expected
+    finally:
+        eng.stop()
+    assert len(set(expected)) > 3  # the random model is not degenerate
+
+
+async def test_batched_streams_each_match_the_reference(tiny_model: LoadedModel) -> None:
+    audios = [_audio(3.0, seed=1), _audio(1.2, seed=2), _audio(4.1, seed=3), _audio(0.7, seed=4)]
+    expected = [reference_tokens(tiny_model, a) for a in audios]
+    eng = Engine(tiny_model, slots=4)
+    eng.start()
+    try:
+        got = await asyncio.gather(
+            _transcribe(eng, audios[0], 0.0, pause=0.002),
+            _transcribe(eng, audios[1], 0.05),
+            _transcribe(eng, audios[2], 0.01, pause=0.001),
+            _transcribe(eng, audios[3], 0.2),
+        )
+    finally:
+        eng.stop()
+    assert list(got) == expected
+
+
+async def test_a_reused_slot_gives_the_tokens_of_a_fresh_engine(tiny_model: LoadedModel) -> None:
+    first, second = _audio(1.5, seed=5), _audio(2.0, seed=6)
+    expected = reference_tokens(tiny_model, second)
+    eng = Engine(tiny_model, slots=1)
+    eng.start()
+    try:
+        await _transcribe(eng, first)
+        # an aborted stream in between: frames dropped, slot freed at once
+        aborted = await eng.open_stream()
+        aborted.push(_audio(1.0, seed=7))
+        aborted.close()
+        assert eng.free_slots == 1
+        assert await _transcribe(eng, second) == expected
+    finally:
+        eng.stop()
+
+
+async def test_busy_when_no_slot_frees_in_time(tiny_model: LoadedModel) -> None:
+    eng = Engine(tiny_model, slots=1)
+    eng.start()
+    try:
+        held = await eng.open_stream()
+        with pytest.raises(EngineBusy, match="all 1 slots are busy"):
+            await eng.open_stream(wait=0.2)
+        # a waiter gets the slot as soon as it is freed
+        waiting = asyncio.ensure_future(eng.open_stream(wait=5))
+        await asyncio.sleep(0.05)
+        held.close()
+        stream = await asyncio.wait_for(waiting, 2)
+        stream.close()
+    finally:
+        eng.stop()
+
+
+async def test_no_audio_gives_no_steps(tiny_model: LoadedModel) -> None:
+    eng = Engine(tiny_model, slots=1)
+    eng.start()
+    try:
+        stream = await eng.open_stream()
+        stream.finish()
+        assert await stream.get() is None
+        stream.close()
+    finally:
+        eng.stop()
+
+
+async def test_a_model_fault_fails_only_that_batch_and_the_engine_recovers(
+    tiny_model: LoadedModel,
+) -> None:
+    audio = _audio(1.0, seed=8)
+    expected = reference_tokens(tiny_model, audio)
+    eng = Engine(tiny_model, slots=2)
+    eng.start()
+    calls = {"n": 0}
+
+    def explode_once(slots: list[int]) -> None:
+        if slots and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("simulated kernel failure")
+
+    eng.fault_hook = explode_once
+    try:
+        stream = await eng.open_stream()
+        with pytest.raises(StreamFailed):
+            await _stream(stream, audio)
+        stream.close()
+        assert await _transcribe(eng, audio) == expected
+    finally:
+        eng.stop()

@@ -1,0 +1,400 @@
+"""The batched streaming engine: one model, a fixed number of slots, one worker thread.
+
+Each open stream owns a batch slot. The worker thread steps every slot that has an 80 ms
+frame waiting in one batch (Mimi encode → LM step → VAD heads); slots with nothing waiting
+do not advance (moshi's exec mask). A slot is reset when a new stream takes it, and its
+first frame is fed twice, as Kyutai's own loop does. The asyncio side never runs model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .audio import FRAME_SAMPLES
+from .checkpoint import LoadedModel
+from .moshi_env import configure_moshi_env
+
+configure_moshi_env()
+
+import torch  # noqa: E402
+from moshi.models import LMGen  # noqa: E402
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class EngineBusy(Exception):
+    """Every slot stayed busy for the whole wait."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down."""
+
+
+class StreamFailed(Exception):
+    """The model failed while processing this stream."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the model produced for one 80 ms frame of one stream."""
+
+    step: int
+    """Index of the frame in the stream (0 = the first frame, silence prefix included)."""
+    token: int
+    """Text token id."""
+    pauses: tuple[float, ...]
+    """Class-0 ("pause") probability of each VAD head; empty without heads."""
+    lag: float
+    """Seconds from the frame being complete (pushed) to its result being ready."""
+
+
+@dataclass
+class _Frame:
+    samples: np.ndarray
+    ready_at: float
+
+
+@dataclass
+class _Slot:
+    index: int
+    stream: EngineStream | None = None
+    frames: deque[_Frame] = field(default_factory=deque)
+    needs_reset: bool = False
+    step: int = 0
+    finishing: bool = False
+    failed: bool = False
+
+
+_END = object()
+
+
+class EngineStream:
+    """One utterance's handle on a slot. Create with :meth:`Engine.open_stream`."""
+
+    def __init__(self, engine: Engine, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._slot = slot
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._had_audio = False
+        self.finished = False
+        self.closed = False
+
+    @property
+    def slot_index(self) -> int:
+        return self._slot.index
+
+    def push(self, samples: np.ndarray) -> None:
+        """Queue 24 kHz mono float32 samples; whole 80 ms frames go to the worker at once."""
+        if self.finished or self.closed or len(samples) == 0:
+            return
+        self._had_audio = True
+        buf = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        whole = len(buf) - len(buf) % FRAME_SAMPLES
+        self._pending = buf[whole:]
+        if whole:
+            now = time.monotonic()
+            frames = [_Frame(f, now) for f in np.split(buf[:whole], whole // FRAME_SAMPLES)]
+            self._engine._enqueue(self, frames)
+
+    def finish(self) -> None:
+        """No more audio: pad the last frame, flush the model's delay, then end the results."""
+        if self.finished or self.closed:
+            return
+        self.finished = True
+        if not self._had_audio:
+            self._deliver(_END)
+            return
+        frames: list[_Frame] = []
+        now = time.monotonic()
+        if len(self._pending):
+            last = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+            last[: len(self._pending)] = self._pending
+            frames.append(_Frame(last, now))
+            self._pending = np.zeros(0, dtype=np.float32)
+        silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        frames.extend(_Frame(silence, now) for _ in range(self._engine.flush_frames))
+        self._engine._enqueue(self, frames, finishing=True)
+
+    async def get(self) -> StepResult | None:
+        """The next result; None once the stream has finished. Raises StreamFailed."""
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # stay ended for later calls
+            return None
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            raise item
+        assert isinstance(item, StepResult)
+        return item
+
+    def close(self) -> None:
+        """Free the slot at once (pending frames are dropped). Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self._engine._release(self)
+
+    def _deliver(self, item: Any) -> None:
+        """Called from the worker thread (or the loop) to hand over a result."""
+        if self.closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+class Engine:
+    """Owns the model and its batch slots. ``start()`` before use, ``stop()`` at the end."""
+
+    def __init__(self, model: LoadedModel, slots: int = 4) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.model = model
+        self.num_slots = slots
+        self.flush_frames = model.flush_frames
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._streaming: ExitStack | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._prefix_frames = round(model.silence_prefix_seconds * model.frame_rate)
+        self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
+        self.steps_run = 0
+        self.fault_hook: Callable[[list[int]], None] | None = None
+        """Test hook: called in the worker with the slots of each batch before it runs."""
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Enter streaming mode, warm up once, start the worker thread."""
+        if self._running:
+            return
+        with torch.no_grad():
+            self._streaming = ExitStack()
+            self._streaming.enter_context(self.model.mimi.streaming(self.num_slots))
+            self._streaming.enter_context(self.lm_gen.streaming(self.num_slots))
+            started = time.monotonic()
+            everyone = torch.ones(self.num_slots, dtype=torch.bool)
+            self._run_batch(
+                [np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots, everyone, everyone
+            )
+            _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
+        for slot in self._slots:
+            slot.needs_reset = True
+        self._running = True
+        self._thread = threading.Thread(target=self._worker, name="kyutai-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._streaming is not None:
+            self._streaming.close()
+            self._streaming = None
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_set_exception, waiter, EngineClosed())
+
+    # ----------------------------------------------------------------- slots
+    @property
+    def free_slots(self) -> int:
+        with self._cond:
+            return sum(1 for s in self._slots if s.stream is None)
+
+    def _try_take(self, loop: asyncio.AbstractEventLoop) -> EngineStream | None:
+        with self._cond:
+            for slot in self._slots:
+                if slot.stream is None:
+                    stream = EngineStream(self, slot, loop)
+                    slot.stream = stream
+                    slot.frames.clear()
+                    slot.needs_reset = True
+                    slot.step = 0
+                    slot.finishing = False
+                    slot.failed = False
+                    if self._prefix_frames:
+                        silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+                        slot.frames.extend(
+                            _Frame(silence, time.monotonic()) for _ in range(self._prefix_frames)
+                        )
+                    return stream
+        return None
+
+    async def open_stream(self, wait: float = 0.0) -> EngineStream:
+        """Take a free slot, waiting up to ``wait`` seconds; raises EngineBusy."""
+        if not self._running:
+            raise EngineClosed("the engine is not running")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            stream = self._try_take(loop)
+            if stream is not None:
+                return stream
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineBusy(f"all {self.num_slots} slots are busy")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), remaining)
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if not self._running:
+                raise EngineClosed("the engine is shutting down")
+
+    def _release(self, stream: EngineStream) -> None:
+        with self._cond:
+            slot = stream._slot
+            if slot.stream is stream:
+                slot.stream = None
+                slot.frames.clear()
+                slot.finishing = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_set_result, waiter)
+                break
+
+    def _enqueue(self, stream: EngineStream, frames: list[_Frame], finishing: bool = False) -> None:
+        with self._cond:
+            slot = stream._slot
+            if slot.stream is not stream or slot.failed:
+                return
+            slot.frames.extend(frames)
+            if finishing:
+                slot.finishing = True
+            self._cond.notify()
+
+    # ----------------------------------------------------------------- worker
+    def _worker(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while self._running and not any(
+                    s.stream is not None and not s.failed and (s.frames or s.needs_reset)
+                    for s in self._slots
+                ):
+                    self._cond.wait()
+                if not self._running:
+                    return
+                reset = [s.index for s in self._slots if s.stream is not None and s.needs_reset]
+                for i in reset:
+                    self._slots[i].needs_reset = False
+                batch: list[tuple[_Slot, EngineStream, _Frame]] = []
+                for slot in self._slots:
+                    if slot.stream is not None and not slot.failed and slot.frames:
+                        batch.append((slot, slot.stream, slot.frames.popleft()))
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook([s.index for s, _, _ in batch])
+                if reset:
+                    self._reset_slots(reset)
+                if batch:
+                    self._step(batch)
+            except Exception as err:  # noqa: BLE001 - a model fault must not kill the worker
+                _LOGGER.error(
+                    "Model step failed (%s: %s); failing its streams", type(err).__name__, err
+                )
+                self._fail([s for s, _, _ in batch] + [self._slots[i] for i in reset])
+
+    def _fail(self, slots: list[_Slot]) -> None:
+        with self._cond:
+            streams = []
+            for slot in slots:
+                if slot.stream is not None and not slot.failed:
+                    slot.failed = True
+                    slot.needs_reset = True
+                    slot.frames.clear()
+                    streams.append(slot.stream)
+        for stream in streams:
+            stream._deliver(StreamFailed("the model failed while transcribing this audio"))
+
+    def _mask(self, indices: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.num_slots, dtype=torch.bool)
+        mask[indices] = True
+        return mask
+
+    def _reset_slots(self, indices: list[int]) -> None:
+        """Start slots clean; run the LM once on its start tokens (the first-frame quirk)."""
+        mask = self._mask(indices).to(self.model.device)
+        self.model.mimi.reset_streaming(mask)
+        self.lm_gen.reset_streaming(mask)
+        # Step 0 of LMGen replaces its input with the start tokens, so a stream's first frame
+        # would never be seen; Kyutai's loop feeds it twice. The input of that step is
+        # ignored, so running it now, on nothing, is the same and costs no Mimi encode.
+        self.lm_gen.set_exec_mask(mask)
+        codes = torch.zeros(
+            self.num_slots,
+            self.model.lm.num_audio_codebooks,
+            1,
+            dtype=torch.long,
+            device=self.model.device,
+        )
+        self.lm_gen.step(codes)
+
+    def _run_batch(
+        self, frames: list[np.ndarray], slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One batched step. ``frames`` are for the slots set in ``mask``, in order."""
+        device = self.model.device
+        audio = torch.zeros(self.num_slots, 1, FRAME_SAMPLES)
+        audio[mask, 0] = torch.from_numpy(np.stack(frames))
+        dmask = mask.to(device)
+        self.model.mimi.set_exec_mask(dmask)
+        codes = self.model.mimi.encode(audio.to(device))
+        self.lm_gen.set_exec_mask(dmask)
+        out = self.lm_gen.step_with_extra_heads(codes)
+        assert out is not None
+        tokens, heads = out
+        text = tokens[:, 0, 0].cpu()
+        pauses = torch.stack([h[:, 0, 0] for h in heads], dim=1).float().cpu() if heads else None
+        self.steps_run += 1
+        return text, pauses
+
+    def _step(self, batch: list[tuple[_Slot, EngineStream, _Frame]]) -> None:
+        mask = self._mask([s.index for s, _, _ in batch])
+        text, pauses = self._run_batch([f.samples for _, _, f in batch], mask, mask)
+        done = time.monotonic()
+        ended: list[EngineStream] = []
+        with self._cond:
+            for slot, stream, frame in batch:
+                if slot.stream is not stream:
+                    continue  # closed (and maybe re-used) while the step ran
+                i = slot.index
+                probs = tuple(pauses[i].tolist()) if pauses is not None else ()
+                stream._deliver(StepResult(slot.step, int(text[i]), probs, done - frame.ready_at))
+                slot.step += 1
+                if slot.finishing and not slot.frames:
+                    slot.finishing = False
+                    ended.append(stream)
+        for stream in ended:
+            stream._deliver(_END)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _set_exception(fut: asyncio.Future[None], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)
