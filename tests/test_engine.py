@@ -10,7 +10,8 @@ import pytest
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
 from wyoming_kyutai.checkpoint import LoadedModel
-from wyoming_kyutai.engine import Engine, EngineBusy, EngineStream, StreamFailed
+from wyoming_kyutai.engine import Engine, EngineStream
+from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
 
 
 def _audio(seconds: float, seed: int) -> np.ndarray:

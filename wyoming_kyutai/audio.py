@@ -6,8 +6,10 @@ Everything here works chunk by chunk: feeding a stream in pieces gives the same 
 
 from __future__ import annotations
 
+import wave
 from dataclasses import dataclass
 from math import gcd
+from pathlib import Path
 
 import numpy as np
 
@@ -134,16 +136,16 @@ class StreamingResampler:
 
 
 class PcmConverter:
-    """Client PCM bytes (any supported format) → 24 kHz mono float32, chunk by chunk.
+    """Client PCM bytes (any supported format) → mono float32 at ``out_rate``, chunk by chunk.
 
     Bytes that do not complete a sample frame are carried over to the next chunk.
     """
 
-    def __init__(self, fmt: PcmFormat) -> None:
+    def __init__(self, fmt: PcmFormat, out_rate: int = MODEL_RATE) -> None:
         fmt.check()
         self.format = fmt
         self._carry = b""
-        self._resampler = StreamingResampler(fmt.rate, MODEL_RATE)
+        self._resampler = StreamingResampler(fmt.rate, out_rate)
 
     def convert(self, data: bytes) -> np.ndarray:
         if self._carry:
@@ -154,3 +156,38 @@ class PcmConverter:
             return np.zeros(0, dtype=np.float32)
         mono = pcm_to_float(data[:usable], self.format.width, self.format.channels)
         return self._resampler.process(mono)
+
+
+class WavError(Exception):
+    """A file cannot be read as PCM WAV audio."""
+
+
+@dataclass(frozen=True)
+class WavAudio:
+    """A whole PCM WAV file."""
+
+    path: Path
+    format: PcmFormat
+    data: bytes
+
+
+def read_wav(path: Path) -> WavAudio:
+    """Read a PCM WAV file; WavError with a one-line reason when it is not usable."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            fmt = PcmFormat(wav.getframerate(), wav.getsampwidth(), wav.getnchannels())
+            data = wav.readframes(wav.getnframes())
+    except FileNotFoundError:
+        raise WavError(f"{path}: no such file") from None
+    except (wave.Error, EOFError, OSError) as err:
+        raise WavError(f"{path}: not a PCM WAV file ({err})") from None
+    try:
+        fmt.check()
+    except AudioFormatError as err:
+        raise WavError(f"{path}: {err}") from None
+    return WavAudio(path, fmt, data)
+
+
+def float_to_int16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] → 16-bit little-endian PCM."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

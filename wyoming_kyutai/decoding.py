@@ -58,6 +58,11 @@ class TranscriptDecoder:
     _emitted: str = ""
     _last_step: int = -1
 
+    @property
+    def last_step(self) -> int:
+        """The last step fed (-1 before any)."""
+        return self._last_step
+
     def _time(self, step: int) -> float:
         return max(0.0, step * self.step_seconds - self.delay_seconds - self.prefix_seconds)
 

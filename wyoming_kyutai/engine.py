@@ -23,6 +23,7 @@ import numpy as np
 
 from .audio import FRAME_SAMPLES
 from .checkpoint import LoadedModel
+from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .moshi_env import configure_moshi_env
 
 configure_moshi_env()
@@ -31,32 +32,6 @@ import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
 _LOGGER = logging.getLogger(__name__)
-
-
-class EngineBusy(Exception):
-    """Every slot stayed busy for the whole wait."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down."""
-
-
-class StreamFailed(Exception):
-    """The model failed while processing this stream."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What the model produced for one 80 ms frame of one stream."""
-
-    step: int
-    """Index of the frame in the stream (0 = the first frame, silence prefix included)."""
-    token: int
-    """Text token id."""
-    pauses: tuple[float, ...]
-    """Class-0 ("pause") probability of each VAD head; empty without heads."""
-    lag: float
-    """Seconds from the frame being complete (pushed) to its result being ready."""
 
 
 @dataclass

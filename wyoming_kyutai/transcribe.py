@@ -11,45 +11,16 @@ import asyncio
 import json
 import logging
 import sys
-import wave
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .audio import AudioFormatError, PcmConverter, PcmFormat
+from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint import DEFAULT_MODEL, CheckpointError, LoadedModel, load_model
 from .endpointing import EndOfTurnDetector, EndOfTurnSettings
 from .engine import Engine
 from .utterance import Utterance
 
 READ_FRAMES = 4000  # input samples per chunk pushed to the engine
-
-
-@dataclass
-class WavAudio:
-    path: Path
-    format: PcmFormat
-    data: bytes
-
-
-class InputError(Exception):
-    """A file cannot be read as audio."""
-
-
-def read_wav(path: Path) -> WavAudio:
-    try:
-        with wave.open(str(path), "rb") as wav:
-            fmt = PcmFormat(wav.getframerate(), wav.getsampwidth(), wav.getnchannels())
-            data = wav.readframes(wav.getnframes())
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: no such file") from err
-    except (wave.Error, EOFError, OSError) as err:
-        raise InputError(f"{path}: not a PCM WAV file ({err})") from err
-    try:
-        fmt.check()
-    except AudioFormatError as err:
-        raise InputError(f"{path}: {err}") from err
-    return WavAudio(path, fmt, data)
 
 
 async def transcribe_audio(
@@ -124,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(
             args.model, args.data_dir, args.offline, args.device, args.dtype, args.threads
         )
-    except (InputError, CheckpointError) as err:
+    except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     slots = args.slots if args.slots > 0 else min(len(files), 8)

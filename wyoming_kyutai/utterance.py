@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import LoadedModel
 from .decoding import TranscriptDecoder, Word
 from .endpointing import EndOfTurnDetector, EndOfTurnSettings
-from .engine import StepResult
+from .engine_types import ModelInfo, StepResult
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class Update:
 class Utterance:
     """Decoder plus end-of-turn detector for one stream."""
 
-    def __init__(self, model: LoadedModel, eot: EndOfTurnSettings) -> None:
+    def __init__(self, model: ModelInfo, eot: EndOfTurnSettings) -> None:
         self.model = model
         self.eot = eot
         self.step_seconds = 1.0 / model.frame_rate

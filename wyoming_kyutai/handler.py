@@ -1,0 +1,299 @@
+"""One Wyoming connection's speech-to-text protocol state machine.
+
+Per utterance: ``transcribe`` (optional, language checked) → ``audio-start`` (takes a slot,
+sends ``transcript-start``) → ``audio-chunk``s streamed to the engine as they arrive (each new
+piece of text goes out at once as a ``transcript-chunk`` delta, ``voice-started`` at the first
+word) → ``audio-stop`` (flush, then ``transcript`` and ``transcript-stop``).
+
+When the end-of-turn detector fires first, the utterance is flushed at once and
+``voice-stopped``, ``transcript`` and ``transcript-stop`` are sent; the rest of the client's
+audio is read and discarded until ``audio-stop`` or EOF: the socket is never closed while the
+client may still be uploading. The handler knows nothing about torch (see engine_types).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.ping import Ping, Pong
+from wyoming.vad import VoiceStarted, VoiceStopped
+
+from .audio import AudioFormatError, PcmConverter, PcmFormat
+from .endpointing import EndOfTurnSettings
+from .engine_types import (
+    EngineBusy,
+    EngineClosed,
+    ModelInfo,
+    Stream,
+    StreamFailed,
+    StreamingEngine,
+)
+from .utterance import Utterance
+
+_LOGGER = logging.getLogger(__name__)
+
+Send = Callable[[Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """What one connection needs to know."""
+
+    slot_wait: float = 2.0
+    """Seconds to wait for a free slot before answering ``busy``."""
+    max_utterance_seconds: float = 60.0
+    """Audio beyond this is discarded after the final transcript, seconds."""
+    end_of_turn: EndOfTurnSettings = EndOfTurnSettings()
+
+
+class ProtocolError(Exception):
+    """A client mistake that ends the connection after an ``error`` event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _format_of(event: Event) -> PcmFormat:
+    data = event.data
+    values = [data.get("rate"), data.get("width"), data.get("channels")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ProtocolError(
+            "bad-audio-format", "audio format needs integer rate, width and channels"
+        )
+    return PcmFormat(int(values[0]), int(values[1]), int(values[2]))  # type: ignore[arg-type]
+
+
+class _Utterance:
+    """State of the utterance in progress on this connection."""
+
+    def __init__(self, stream: Stream, fmt: PcmFormat, decoder: Utterance, language: str) -> None:
+        self.stream = stream
+        self.format = fmt
+        self.converter = PcmConverter(fmt)
+        self.decoder = decoder
+        self.language = language
+        self.samples = 0
+        self.finishing = False
+        self.ended_early = False
+        self.voice_started = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class SttHandler:
+    """Handles the events of one connection. ``send`` writes an event to the client."""
+
+    def __init__(
+        self,
+        engine: StreamingEngine,
+        model: ModelInfo,
+        info: Info,
+        settings: HandlerSettings,
+        send: Send,
+        languages: list[str],
+        request_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.engine = engine
+        self.model = model
+        self.info = info
+        self.settings = settings
+        self.send = send
+        self.languages = languages
+        self.request_close = request_close
+        self.language: str | None = None
+        self.current: _Utterance | None = None
+        self.discarding = False
+        self.utterances = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def in_utterance(self) -> bool:
+        """Audio is expected (an utterance is open, or its rest is being discarded)."""
+        return self.current is not None or self.discarding
+
+    @property
+    def busy_transcribing(self) -> bool:
+        """An utterance is still being transcribed (for graceful shutdown)."""
+        return self.current is not None
+
+    # ------------------------------------------------------------------ events
+    async def handle_event(self, event: Event) -> bool:
+        """Handle one event; False means: close the connection (after what was sent)."""
+        try:
+            return await self._dispatch(event)
+        except ProtocolError as err:
+            _LOGGER.warning("Client error (%s): %s", err.code, err.message)
+            await self.send(Error(text=err.message, code=err.code).event())
+            await self.abort()
+            return False
+
+    async def _dispatch(self, event: Event) -> bool:
+        if Describe.is_type(event.type):
+            await self.send(self.info.event())
+        elif Ping.is_type(event.type):
+            await self.send(Pong(text=event.data.get("text")).event())
+        elif Transcribe.is_type(event.type):
+            self._on_transcribe(event)
+        elif AudioStart.is_type(event.type):
+            await self._on_audio_start(event)
+        elif AudioChunk.is_type(event.type):
+            await self._on_audio_chunk(event)
+        elif AudioStop.is_type(event.type):
+            await self._on_audio_stop()
+        else:
+            _LOGGER.debug("Ignoring event type %r", event.type)
+        return True
+
+    def _on_transcribe(self, event: Event) -> None:
+        language = event.data.get("language")
+        if language is None:
+            self.language = None
+            return
+        if not isinstance(language, str):
+            raise ProtocolError("bad-event", "transcribe language must be a string")
+        base = language.replace("_", "-").split("-")[0].lower()
+        if base not in self.languages:
+            raise ProtocolError(
+                "unsupported-language",
+                f"language {language!r} is not supported (supported: {', '.join(self.languages)})",
+            )
+        self.language = base
+
+    async def _on_audio_start(self, event: Event) -> None:
+        if self.current is not None:
+            raise ProtocolError("unexpected-event", "audio-start while an utterance is open")
+        self.discarding = False
+        fmt = _format_of(event)
+        try:
+            fmt.check()
+        except AudioFormatError as err:
+            raise ProtocolError("unsupported-audio-format", str(err)) from None
+        try:
+            stream = await self.engine.open_stream(self.settings.slot_wait)
+        except EngineBusy:
+            raise ProtocolError(
+                "busy", "all transcription slots are busy; try again shortly"
+            ) from None
+        except EngineClosed:
+            raise ProtocolError("shutting-down", "the server is shutting down") from None
+        language = self.language or self.languages[0]
+        utt = _Utterance(stream, fmt, Utterance(self.model, self.settings.end_of_turn), language)
+        self.current = utt
+        self.utterances += 1
+        await self.send(TranscriptStart(language=language).event())
+        utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
+
+    async def _on_audio_chunk(self, event: Event) -> None:
+        utt = self.current
+        if utt is None:
+            if self.discarding:
+                return  # the turn already ended: read and drop the rest
+            raise ProtocolError("unexpected-event", "audio-chunk before audio-start")
+        if utt.finishing:
+            return
+        fmt = _format_of(event)
+        if fmt != utt.format:
+            raise ProtocolError(
+                "audio-format-changed",
+                f"audio format changed mid-utterance from {utt.format} to {fmt}",
+            )
+        samples = utt.converter.convert(event.payload or b"")
+        utt.samples += len(samples)
+        utt.stream.push(samples)
+        if utt.samples >= self.settings.max_utterance_seconds * 24000:
+            limit = self.settings.max_utterance_seconds
+            _LOGGER.info("Utterance reached the %.0f s limit: finishing it", limit)
+            self._finish(utt, early=True)
+            self.discarding = True
+
+    async def _on_audio_stop(self) -> None:
+        utt = self.current
+        if utt is None:
+            self.discarding = False  # the end of a turn we already answered (or a repeat)
+            return
+        self._finish(utt, early=False)
+        if utt.task is not None:
+            await asyncio.shield(utt.task)
+        self.discarding = False
+
+    def _finish(self, utt: _Utterance, early: bool) -> None:
+        if not utt.finishing:
+            utt.finishing = True
+            utt.ended_early = early
+            utt.stream.finish()
+
+    # ------------------------------------------------------------------ results
+    async def _consume(self, utt: _Utterance) -> None:
+        """Turn the engine's results into events, until the stream ends."""
+        try:
+            while (result := await utt.stream.get()) is not None:
+                update = utt.decoder.feed(result)
+                if update.delta:
+                    await self._send_delta(utt, update.delta)
+                if update.end_of_turn and not utt.finishing:
+                    _LOGGER.debug("End of turn at step %d", result.step)
+                    self._finish(utt, early=True)
+                    self.discarding = True
+            rest = utt.decoder.final_delta()
+            if rest:
+                await self._send_delta(utt, rest)
+            text = utt.decoder.text
+            if utt.ended_early:
+                det = utt.decoder.detector
+                step = det.fired_at if det.fired_at is not None else utt.decoder.decoder.last_step
+                ms = int(utt.decoder.audio_time(step) * 1000)
+                await self.send(VoiceStopped(timestamp=ms).event())
+            words = [w.as_dict() for w in utt.decoder.words()]
+            await self.send(
+                Transcript(
+                    text=text,
+                    language=utt.language,
+                    context={"words": words, "end_of_turn": utt.ended_early},
+                ).event()
+            )
+            await self.send(TranscriptStop().event())
+            _LOGGER.debug("Transcript: %s", text)
+        except StreamFailed as err:
+            _LOGGER.error("Transcription failed: %s", err)
+            await self.send(Error(text=str(err), code="model-error").event())
+            self.request_close()
+        finally:
+            utt.stream.close()
+            if self.current is utt:
+                self.current = None
+
+    async def _send_delta(self, utt: _Utterance, delta: str) -> None:
+        if not utt.voice_started:
+            utt.voice_started = True
+            words = utt.decoder.words()
+            ms = int(words[0].start * 1000) if words else 0
+            await self.send(VoiceStarted(timestamp=ms).event())
+        await self.send(TranscriptChunk(text=delta).event())
+
+    # ------------------------------------------------------------------ teardown
+    async def wait_idle(self) -> None:
+        """Wait for the utterance in progress (if any) to be answered."""
+        utt = self.current
+        if utt is not None and utt.task is not None:
+            await asyncio.shield(utt.task)
+
+    async def abort(self) -> None:
+        """The connection is going away: free the slot now."""
+        utt = self.current
+        self.current = None
+        if utt is not None:
+            utt.stream.close()
+            if utt.task is not None and not utt.task.done():
+                utt.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await utt.task

@@ -1,0 +1,285 @@
+"""Every setting of the server, and how they are merged and checked.
+
+Precedence: command-line flag > environment variable ``WYOMING_KYUTAI_<NAME>`` > YAML file
+(``--config``) > built-in default. Unknown keys and bad values raise :class:`SettingsError`
+with one line naming the key, before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "WYOMING_KYUTAI_"
+DEFAULT_ZEROCONF_NAME = "kyutai"
+
+
+class SettingsError(Exception):
+    """A bad configuration value or key; the message is one line."""
+
+
+def _s(help: str, **rules: Any) -> Any:
+    return field(metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings. Units are in the names or the help text."""
+
+    # --- server
+    uri: str = _s("where to listen: tcp://HOST:PORT, unix://PATH or stdio://")
+    zeroconf: str | None = _s(
+        "announce on the LAN for Home Assistant discovery under this name (null: off)"
+    )
+    debug: bool = _s("debug logging (transcripts appear in logs only at this level)")
+    # --- model
+    model: str = _s("Hugging Face repo id or local checkpoint directory")
+    data_dir: str | None = _s("model download cache (null: the Hugging Face default)")
+    offline: bool = _s("never touch the network; the model must already be downloaded")
+    device: str = _s("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: str = _s("auto, float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    threads: int = _s("CPU threads for the model (0: torch's default)", min=0, max=256)
+    languages: list[str] | None = _s("languages to advertise (null: those the model supports)")
+    # --- engine
+    slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=256)
+    slot_wait: float = _s("seconds to wait for a free slot before answering busy", min=0)
+    # --- end of turn
+    end_of_turn: bool = _s("end utterances early with the model's semantic VAD")
+    end_of_turn_head: int = _s("VAD head index used for end of turn", min=0, max=15)
+    end_of_turn_threshold: float = _s("pause probability that ends a turn", min=0, max=1)
+    end_of_turn_min_words: int = _s("words heard before a turn may end", min=0)
+    end_of_turn_ignore_steps: int = _s("80 ms steps at the start that never end a turn", min=0)
+    end_of_turn_consecutive_steps: int = _s("steps in a row above the threshold to end", min=1)
+    server_ends_turns: bool = _s(
+        "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
+    )
+    # --- limits
+    max_connections: int = _s("open connections at once; more are refused", min=1)
+    max_header_bytes: int = _s("longest event header line, bytes", min=1024)
+    max_data_bytes: int = _s("largest event data block, bytes", min=1024)
+    max_payload_bytes: int = _s("largest audio payload, bytes", min=1024)
+    idle_timeout: float = _s("seconds a connection may stay silent between utterances", min=0.1)
+    audio_timeout: float = _s("seconds without audio that abort an utterance", min=0.1)
+    max_utterance_seconds: float = _s("longest utterance; then it is finished", min=1)
+    output_queue_events: int = _s("events queued for a slow reader before dropping it", min=16)
+    shutdown_grace: float = _s("seconds in-flight utterances get to finish on SIGTERM", min=0)
+
+
+DEFAULTS: dict[str, Any] = {
+    "uri": "tcp://127.0.0.1:10300",
+    "zeroconf": None,
+    "debug": False,
+    "model": "kyutai/stt-1b-en_fr-candle",
+    "data_dir": None,
+    "offline": False,
+    "device": "auto",
+    "dtype": "auto",
+    "threads": 0,
+    "languages": None,
+    "slots": 4,
+    "slot_wait": 2.0,
+    "end_of_turn": True,
+    "end_of_turn_head": 2,
+    "end_of_turn_threshold": 0.5,
+    "end_of_turn_min_words": 1,
+    "end_of_turn_ignore_steps": 12,
+    "end_of_turn_consecutive_steps": 1,
+    "server_ends_turns": False,
+    "max_connections": 64,
+    "max_header_bytes": 65536,
+    "max_data_bytes": 65536,
+    "max_payload_bytes": 1048576,
+    "idle_timeout": 120.0,
+    "audio_timeout": 10.0,
+    "max_utterance_seconds": 60.0,
+    "output_queue_events": 512,
+    "shutdown_grace": 10.0,
+}
+
+
+def _kind(f: dataclasses.Field[Any]) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def _parse_bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"setting {name!r}: expected true or false, got {raw!r}")
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
+    """Turn ``raw`` (YAML value, or text from env/CLI) into the field's type, or raise."""
+    name, kind = f.name, _kind(f)
+    optional = kind.endswith("|None")
+    if optional and (raw is None or (from_text and str(raw).strip().lower() in ("", "null"))):
+        return None
+    base = kind.removesuffix("|None")
+    if base == "bool":
+        return _parse_bool(name, raw)
+    if base == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise SettingsError(f"setting {name!r}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"setting {name!r}: expected an integer, got {raw!r}") from None
+    if base == "float":
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise SettingsError(f"setting {name!r}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"setting {name!r}: expected a number, got {raw!r}") from None
+    if base == "str":
+        if not isinstance(raw, str) or not raw:
+            raise SettingsError(f"setting {name!r}: expected a non-empty string, got {raw!r}")
+        return raw
+    if base == "list[str]":
+        items = [x.strip() for x in raw.split(",")] if isinstance(raw, str) else raw
+        if (
+            not isinstance(items, list)
+            or not items
+            or not all(isinstance(x, str) and x for x in items)
+        ):
+            raise SettingsError(f"setting {name!r}: expected a list of strings, got {raw!r}")
+        return items
+    raise AssertionError(kind)
+
+
+def _check(f: dataclasses.Field[Any], value: Any) -> None:
+    import re
+
+    rules = f.metadata
+    if value is None:
+        return
+    if "min" in rules and value < rules["min"]:
+        raise SettingsError(f"setting {f.name!r}: must be at least {rules['min']}, got {value}")
+    if "max" in rules and value > rules["max"]:
+        raise SettingsError(f"setting {f.name!r}: must be at most {rules['max']}, got {value}")
+    if "choices" in rules and value not in rules["choices"]:
+        choices = ", ".join(rules["choices"])
+        raise SettingsError(f"setting {f.name!r}: choose one of {choices}, got {value!r}")
+    if "pattern" in rules and not re.match(rules["pattern"], value):
+        raise SettingsError(f"setting {f.name!r}: {f.metadata['help']}; got {value!r}")
+
+
+def _fields() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in fields(Settings)}
+
+
+def _check_uri(uri: str) -> None:
+    if uri == "stdio://":
+        return
+    if uri.startswith("unix://") and len(uri) > len("unix://"):
+        return
+    if uri.startswith("tcp://"):
+        host, _, port = uri.removeprefix("tcp://").rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return
+    raise SettingsError(f"setting 'uri': use tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SettingsError(f"config file {path}: cannot read it ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SettingsError(f"config file {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping of settings")
+    return data
+
+
+def build_settings(
+    yaml_values: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    cli_values: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers (CLI > env > YAML > default), check every value."""
+    known = _fields()
+    merged = dict(DEFAULTS)
+    for key, raw in (yaml_values or {}).items():
+        if key not in known:
+            raise SettingsError(f"unknown setting {key!r} in the config file")
+        merged[key] = _coerce(known[key], raw, from_text=False)
+    for env_key, raw in (env or {}).items():
+        if not env_key.startswith(ENV_PREFIX):
+            continue
+        key = env_key.removeprefix(ENV_PREFIX).lower()
+        if key not in known:
+            raise SettingsError(f"unknown setting {key!r} (environment variable {env_key})")
+        merged[key] = _coerce(known[key], raw, from_text=True)
+    for key, raw in (cli_values or {}).items():
+        merged[key] = _coerce(known[key], raw, from_text=isinstance(raw, str))
+    for key, value in merged.items():
+        _check(known[key], value)
+    _check_uri(merged["uri"])
+    return Settings(**merged)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; values are parsed by :func:`build_settings`."""
+    for name, f in _fields().items():
+        flag = "--" + name.replace("_", "-")
+        kind = _kind(f)
+        if name == "zeroconf":
+            parser.add_argument(
+                flag,
+                nargs="?",
+                const=DEFAULT_ZEROCONF_NAME,
+                default=argparse.SUPPRESS,
+                metavar="NAME",
+                help=f.metadata["help"],
+            )
+        elif kind == "bool":
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f.metadata["help"],
+            )
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=f.metadata["help"])
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    cli = {k: v for k, v in vars(args).items() if k in _fields()}
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return build_settings(yaml_values, os.environ if env is None else env, cli)
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def default_yaml() -> str:
+    """The text of config/default.yaml: every setting, its default, a one-line comment."""
+    lines = [
+        "# wyoming_kyutai configuration: every setting with its default.",
+        "# Precedence: command-line flag > environment variable WYOMING_KYUTAI_<NAME>",
+        "# (e.g. WYOMING_KYUTAI_SLOTS=8) > this file > built-in default.",
+    ]
+    for name, f in _fields().items():
+        value = yaml.safe_dump({name: DEFAULTS[name]}, default_flow_style=True).strip()
+        value = value.removeprefix("{").removesuffix("}")
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(value)
+    return "\n".join(lines) + "\n"
