@@ -18,9 +18,6 @@ from .settings import Settings, SettingsError, add_arguments, as_dict, settings_
 
 _LOGGER = logging.getLogger("wyoming_kyutai")
 
-KYUTAI_URL = "https://kyutai.org/next/stt"
-PROJECT_URL = "https://github.com/wyoming-kyutai/wyoming_kyutai"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,42 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_info(settings: Settings, model_ref: str, languages: list[str], ends_turns: bool) -> Any:
-    from wyoming.info import AsrModel, AsrProgram, Attribution, Info
-
-    kyutai = Attribution(name="Kyutai", url=KYUTAI_URL)
-    return Info(
-        asr=[
-            AsrProgram(
-                name="kyutai",
-                attribution=Attribution(name="wyoming_kyutai", url=PROJECT_URL),
-                installed=True,
-                description="Kyutai streaming speech-to-text (words while you speak)",
-                version=__version__,
-                models=[
-                    AsrModel(
-                        name=model_ref,
-                        attribution=kyutai,
-                        installed=True,
-                        description="Kyutai STT (delayed streams modeling)",
-                        version=None,
-                        languages=languages,
-                    )
-                ],
-                supports_transcript_streaming=True,
-                requires_external_vad=not ends_turns,
-            )
-        ]
-    )
-
-
 async def run_server(settings: Settings) -> int:
+    from .app import create_app
     from .checkpoint import CheckpointError, load_model
-    from .endpointing import EndOfTurnSettings
-    from .engine import Engine
-    from .framing import FrameLimits
-    from .handler import HandlerSettings, SttHandler
-    from .server import Connection, ServerLimits, SttServer
 
     try:
         model = await asyncio.to_thread(
@@ -86,71 +50,29 @@ async def run_server(settings: Settings) -> int:
     except CheckpointError as err:
         _LOGGER.error("%s", err)
         return 1
-    languages = settings.languages or model.languages
-    eot = EndOfTurnSettings(
-        enabled=settings.end_of_turn and model.num_vad_heads > settings.end_of_turn_head,
-        head=settings.end_of_turn_head,
-        threshold=settings.end_of_turn_threshold,
-        min_words=settings.end_of_turn_min_words,
-        ignore_steps=settings.end_of_turn_ignore_steps,
-        consecutive_steps=settings.end_of_turn_consecutive_steps,
-    )
-    if settings.end_of_turn and not eot.enabled:
-        _LOGGER.warning(
-            "Early end of turn is off: the model has no VAD head %d", settings.end_of_turn_head
-        )
-    ends_turns = settings.server_ends_turns and eot.enabled
-    if settings.server_ends_turns and not ends_turns:
-        _LOGGER.warning("server_ends_turns ignored: early end of turn is off")
-    info = build_info(settings, model.ref, languages, ends_turns)
-
-    engine = Engine(model, slots=settings.slots)
-    await asyncio.to_thread(engine.start)
-    handler_settings = HandlerSettings(
-        slot_wait=settings.slot_wait,
-        max_utterance_seconds=settings.max_utterance_seconds,
-        end_of_turn=eot,
-    )
-
-    def make_handler(conn: Connection) -> SttHandler:
-        return SttHandler(
-            engine, model, info, handler_settings, conn.send, languages, conn.request_close
-        )
-
-    limits = ServerLimits(
-        frames=FrameLimits(
-            settings.max_header_bytes, settings.max_data_bytes, settings.max_payload_bytes
-        ),
-        max_connections=settings.max_connections,
-        idle_timeout=settings.idle_timeout,
-        audio_timeout=settings.audio_timeout,
-        output_queue_events=settings.output_queue_events,
-        shutdown_grace=settings.shutdown_grace,
-    )
-    server = SttServer(settings.uri, limits, make_handler)
+    app = create_app(settings, model)
     try:
-        await server.start()
+        await app.start()
     except OSError as err:
         _LOGGER.error("Cannot listen on %s: %s", settings.uri, err.strerror or err)
-        engine.stop()
         return 1
-    server.install_signal_handlers()
+    app.server.install_signal_handlers()
     zeroconf = None
-    if settings.zeroconf and server.address.startswith("tcp://"):
-        zeroconf = await _register_zeroconf(settings.zeroconf, server.address)
+    if settings.zeroconf and app.server.address.startswith("tcp://"):
+        zeroconf = await _register_zeroconf(settings.zeroconf, app.server.address)
     _LOGGER.info(
         "Ready: listening on %s (%d slots, languages %s, end of turn %s)",
-        server.address,
+        app.server.address,
         settings.slots,
-        ",".join(languages),
-        "on" if eot.enabled else "off",
+        ",".join(app.languages),
+        "on" if app.end_of_turn.enabled else "off",
     )
     try:
-        await server.serve()
+        await app.server.serve()
     finally:
         if zeroconf is not None:
             await zeroconf._aiozc.async_close()
-        await asyncio.to_thread(engine.stop)
+        await app.stop()
     _LOGGER.info("Stopped")
     return 0
 

@@ -188,20 +188,21 @@ def _randomise_codebooks(mimi: torch.nn.Module, generator: torch.Generator) -> N
             buf.fill_(1.0)
 
 
-def _silence_codes(mimi: Any, frames: int = 8) -> torch.Tensor:
-    """The codes Mimi gives for silence, [K, frames]."""
+def _silence_codes(mimi: Any, frames: int = 12, settle: int = 4) -> torch.Tensor:
+    """The codes Mimi gives for steady silence (after its first frames settle), [K, T]."""
     with torch.no_grad(), mimi.streaming(1):
         codes = [mimi.encode(torch.zeros(1, 1, mimi.frame_size)) for _ in range(frames)]
-    return torch.cat(codes, dim=-1)[0]
+    return torch.cat(codes, dim=-1)[0, :, settle:]
 
 
 def _force_pause_on_silence(lm: Any, mimi: Any, generator: torch.Generator) -> None:
     """Make the end-of-turn head (index 2, class 0) read "pause" exactly when Mimi hears silence.
 
     The layers' output projections are zeroed, so the LM output is the normalised sum of its
-    input embeddings. A direction ``u`` is added to the embeddings of the codes silence produces
-    (and ``-u/2`` to all others); head 2's class 0 and the padding token's logit point along u,
-    so silence reads as "pause, no word" and sound reads as "words, no pause".
+    input embeddings. A direction ``u`` is added to the embeddings of the codes steady silence
+    produces and ``-u`` to all others: silence matches on all 32 codebooks, loud sound on few.
+    Head 2's class 0 and the padding token's logit point along u, so silence reads as "pause,
+    no word" and loud sound (e.g. noise at 0.3 RMS) as "words, no pause".
     """
     dim = lm.dim
     u = torch.randn(dim, generator=generator)
@@ -216,7 +217,7 @@ def _force_pause_on_silence(lm: Any, mimi: Any, generator: torch.Generator) -> N
             weight = emb.weight
             scale = float(weight.float().std()) * 4.0
             for code in range(weight.shape[0] - 1):
-                weight[code] += (u if code in sil else -0.5 * u).to(weight.dtype) * scale
+                weight[code] += (u if code in sil else -u).to(weight.dtype) * scale
         lm.extra_heads[2].weight[0] = (u * 50.0).to(lm.extra_heads[2].weight.dtype)
         lm.text_linear.weight[3] = (u * 50.0).to(lm.text_linear.weight.dtype)
 

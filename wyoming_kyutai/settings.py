@@ -185,7 +185,7 @@ def _check_uri(uri: str) -> None:
         return
     if uri.startswith("tcp://"):
         host, _, port = uri.removeprefix("tcp://").rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536:
+        if host and port.isdigit() and 0 <= int(port) < 65536:
             return
     raise SettingsError(f"setting 'uri': use tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
 

@@ -1,0 +1,171 @@
+"""The protocol state machine driven by a scripted engine (no model, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.event import Event
+
+from tests.test_decoding import FakeTokenizer
+from wyoming_kyutai.app import build_info
+from wyoming_kyutai.endpointing import EndOfTurnSettings
+from wyoming_kyutai.engine_types import EngineBusy, StepResult
+from wyoming_kyutai.handler import HandlerSettings, SttHandler
+
+# token, pause probability per 80 ms step: "turn on the kitchen" then a long pause
+SCRIPT = [
+    (4, 0.1),
+    (3, 0.2),
+    (5, 0.1),
+    (6, 0.1),
+    (7, 0.0),
+    (8, 0.3),
+    (3, 0.4),
+    (3, 0.9),
+    (3, 0.95),
+    (3, 0.97),
+]
+
+
+@dataclass
+class FakeModel:
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    audio_delay_seconds: float = 0.0
+    silence_prefix_seconds: float = 0.0
+    num_vad_heads: int = 4
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    text_padding_id: int = 3
+    end_of_padding_id: int = 0
+    frame_rate: float = 12.5
+
+
+class ScriptedStream:
+    """Gives SCRIPT[i] for the i-th 1920-sample frame pushed; padding+pause 0 after."""
+
+    def __init__(self, script: list[tuple[int, float]]) -> None:
+        self.script = script
+        self.queue: asyncio.Queue[StepResult | None] = asyncio.Queue()
+        self.samples = 0
+        self.steps = 0
+        self.finished = False
+        self.closed = False
+
+    def _emit(self) -> None:
+        token, pause = self.script[self.steps] if self.steps < len(self.script) else (3, 0.0)
+        self.queue.put_nowait(StepResult(self.steps, token, (0.0, 0.0, pause, 0.0), 0.0))
+        self.steps += 1
+
+    def push(self, samples: np.ndarray) -> None:
+        if self.finished:
+            return
+        self.samples += len(samples)
+        while self.samples >= 1920 * (self.steps + 1):
+            self._emit()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._emit()  # the flush gives one more step
+        self.queue.put_nowait(None)
+
+    async def get(self) -> StepResult | None:
+        item = await self.queue.get()
+        if item is None:
+            self.queue.put_nowait(None)
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedEngine:
+    def __init__(self, busy: bool = False) -> None:
+        self.busy = busy
+        self.streams: list[ScriptedStream] = []
+
+    async def open_stream(self, wait: float = 0.0) -> ScriptedStream:
+        if self.busy:
+            raise EngineBusy("all 1 slots are busy")
+        stream = ScriptedStream(SCRIPT)
+        self.streams.append(stream)
+        return stream
+
+
+def _handler(engine: ScriptedEngine, eot: EndOfTurnSettings) -> tuple[SttHandler, list[Event]]:
+    sent: list[Event] = []
+
+    async def send(event: Event) -> None:
+        sent.append(event)
+
+    info = build_info("scripted", ["en"], False)
+    handler = SttHandler(engine, FakeModel(), info, HandlerSettings(end_of_turn=eot), send, ["en"])
+    return handler, sent
+
+
+def _chunk(frames: int) -> Event:
+    # 16 kHz input: 1280 samples per 80 ms model frame
+    audio = np.zeros(1280 * frames, dtype="<i2").tobytes()
+    return AudioChunk(rate=16000, width=2, channels=1, audio=audio).event()
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_end_of_turn_sends_the_final_transcript_before_audio_stop() -> None:
+    engine = ScriptedEngine()
+    handler, sent = _handler(engine, EndOfTurnSettings(ignore_steps=0))
+    assert await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    for _ in range(10):
+        assert await handler.handle_event(_chunk(1))
+        await _settle()
+    types = [e.type for e in sent]
+    # fired at step 7 (pause 0.9 after words): flush, voice-stopped, transcript, stop
+    assert types[-3:] == ["voice-stopped", "transcript", "transcript-stop"]
+    assert sent[-2].data["text"] == "turn on the kitchen"
+    assert "".join(e.data["text"] for e in sent if e.type == "transcript-chunk") == (
+        "turn on the kitchen"
+    )
+    assert sent[-3].data["timestamp"] == 640  # end of step 7
+    stream = engine.streams[0]
+    assert stream.finished and stream.closed
+    # the rest of the upload is read and discarded; audio-stop closes the turn quietly
+    count = len(sent)
+    assert handler.in_utterance
+    assert await handler.handle_event(_chunk(5))
+    assert await handler.handle_event(AudioStop().event())
+    assert len(sent) == count and not handler.in_utterance
+
+
+async def test_without_end_of_turn_audio_stop_ends_the_utterance() -> None:
+    engine = ScriptedEngine()
+    handler, sent = _handler(engine, EndOfTurnSettings(enabled=False))
+    await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    await handler.handle_event(_chunk(10))
+    await _settle()
+    assert "transcript" not in [e.type for e in sent]
+    await handler.handle_event(AudioStop().event())
+    types = [e.type for e in sent]
+    assert types[0] == "transcript-start" and types[1] == "voice-started"
+    assert types[-2:] == ["transcript", "transcript-stop"] and "voice-stopped" not in types
+
+
+async def test_busy_engine_gives_a_busy_error_and_close() -> None:
+    handler, sent = _handler(ScriptedEngine(busy=True), EndOfTurnSettings())
+    keep = await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    assert keep is False
+    assert sent[-1].type == "error" and sent[-1].data["code"] == "busy"
+
+
+async def test_chunk_before_start_and_format_change_are_errors() -> None:
+    handler, sent = _handler(ScriptedEngine(), EndOfTurnSettings())
+    assert await handler.handle_event(_chunk(1)) is False
+    assert sent[-1].data["code"] == "unexpected-event"
+    handler, sent = _handler(ScriptedEngine(), EndOfTurnSettings())
+    await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    changed = AudioChunk(rate=8000, width=2, channels=1, audio=b"\0\0").event()
+    assert await handler.handle_event(changed) is False
+    assert sent[-1].data["code"] == "audio-format-changed"

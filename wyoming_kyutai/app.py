@@ -1,0 +1,129 @@
+"""Wiring: a loaded model + settings → engine, handler factory and server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .checkpoint import LoadedModel
+from .endpointing import EndOfTurnSettings
+from .engine import Engine
+from .framing import FrameLimits
+from .handler import HandlerSettings, SttHandler
+from .server import Connection, ServerLimits, SttServer
+from .settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+KYUTAI_URL = "https://kyutai.org/next/stt"
+PROJECT_URL = "https://github.com/wyoming-kyutai/wyoming_kyutai"
+
+
+def end_of_turn_settings(settings: Settings, model: LoadedModel) -> EndOfTurnSettings:
+    """End-of-turn settings, switched off when the model has no such VAD head."""
+    has_head = model.num_vad_heads > settings.end_of_turn_head
+    if settings.end_of_turn and not has_head:
+        _LOGGER.warning(
+            "Early end of turn is off: the model has no VAD head %d", settings.end_of_turn_head
+        )
+    return EndOfTurnSettings(
+        enabled=settings.end_of_turn and has_head,
+        head=settings.end_of_turn_head,
+        threshold=settings.end_of_turn_threshold,
+        min_words=settings.end_of_turn_min_words,
+        ignore_steps=settings.end_of_turn_ignore_steps,
+        consecutive_steps=settings.end_of_turn_consecutive_steps,
+    )
+
+
+def build_info(model_ref: str, languages: list[str], ends_turns: bool) -> Any:
+    """The ``info`` answer to ``describe``: one ASR program with one model."""
+    from wyoming.info import AsrModel, AsrProgram, Attribution, Info
+
+    return Info(
+        asr=[
+            AsrProgram(
+                name="kyutai",
+                attribution=Attribution(name="wyoming_kyutai", url=PROJECT_URL),
+                installed=True,
+                description="Kyutai streaming speech-to-text (words while you speak)",
+                version=__version__,
+                models=[
+                    AsrModel(
+                        name=model_ref,
+                        attribution=Attribution(name="Kyutai", url=KYUTAI_URL),
+                        installed=True,
+                        description="Kyutai STT (delayed streams modeling)",
+                        version=None,
+                        languages=languages,
+                    )
+                ],
+                supports_transcript_streaming=True,
+                requires_external_vad=not ends_turns,
+            )
+        ]
+    )
+
+
+def server_limits(settings: Settings) -> ServerLimits:
+    return ServerLimits(
+        frames=FrameLimits(
+            settings.max_header_bytes, settings.max_data_bytes, settings.max_payload_bytes
+        ),
+        max_connections=settings.max_connections,
+        idle_timeout=settings.idle_timeout,
+        audio_timeout=settings.audio_timeout,
+        output_queue_events=settings.output_queue_events,
+        shutdown_grace=settings.shutdown_grace,
+    )
+
+
+@dataclass
+class App:
+    """Everything the running server is made of."""
+
+    settings: Settings
+    model: LoadedModel
+    engine: Engine
+    server: SttServer
+    info: Any
+    languages: list[str]
+    end_of_turn: EndOfTurnSettings
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.engine.start)
+        try:
+            await self.server.start()
+        except BaseException:
+            await asyncio.to_thread(self.engine.stop)
+            raise
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await asyncio.to_thread(self.engine.stop)
+
+
+def create_app(settings: Settings, model: LoadedModel) -> App:
+    languages = settings.languages or model.languages
+    eot = end_of_turn_settings(settings, model)
+    ends_turns = settings.server_ends_turns and eot.enabled
+    if settings.server_ends_turns and not ends_turns:
+        _LOGGER.warning("server_ends_turns ignored: early end of turn is off")
+    info = build_info(model.ref, languages, ends_turns)
+    engine = Engine(model, slots=settings.slots)
+    handler_settings = HandlerSettings(
+        slot_wait=settings.slot_wait,
+        max_utterance_seconds=settings.max_utterance_seconds,
+        end_of_turn=eot,
+    )
+
+    def make_handler(conn: Connection) -> SttHandler:
+        return SttHandler(
+            engine, model, info, handler_settings, conn.send, languages, conn.request_close
+        )
+
+    server = SttServer(settings.uri, server_limits(settings), make_handler)
+    return App(settings, model, engine, server, info, languages, eot)
