@@ -169,3 +169,126 @@ def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> str:
         if found:
             return found.group(1)
     raise TimeoutError("server not ready:\n" + "".join(lines))
+
+
+class ThreadedApp:
+    """The real server on its own event loop in a thread, for blocking-socket tests."""
+
+    def __init__(self, model_dir: Path, **overrides: Any) -> None:
+        self.model_dir = model_dir
+        self.overrides = overrides
+        self.loop = asyncio.new_event_loop()
+        self.app: App | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with running_app(self.model_dir, **self.overrides) as app:
+            self.app = app
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> ThreadedApp:
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def address(self) -> str:
+        assert self.app is not None
+        return self.app.server.address
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.removeprefix("tcp://").rpartition(":")
+        return host, int(port)
+
+    def free_slots(self) -> int:
+        assert self.app is not None
+        return self.app.engine.free_slots
+
+    def open_connections(self) -> int:
+        assert self.app is not None
+        return len(self.app.server.connections)
+
+    def wait_until(self, check: Any, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.02)
+        return False
+
+
+class SyncClient:
+    """A blocking Wyoming client on a plain socket."""
+
+    def __init__(self, host_port: tuple[str, int], timeout: float = 20.0) -> None:
+        import socket
+
+        self.sock = socket.create_connection(host_port, timeout=timeout)
+        self.file = self.sock.makefile("rwb")
+
+    def send(self, event: Event) -> None:
+        from wyoming.event import write_event
+
+        write_event(event, self.file)  # type: ignore[arg-type]
+        self.file.flush()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> Event | None:
+        from wyoming.event import read_event
+
+        try:
+            return read_event(self.file)  # type: ignore[arg-type]
+        except ConnectionError:
+            return None
+
+    def read_until(self, event_type: str) -> list[Event]:
+        events = []
+        while (event := self.read()) is not None:
+            events.append(event)
+            if event.type == event_type:
+                return events
+        raise EOFError(f"closed before {event_type}: got {[e.type for e in events]}")
+
+    def utterance(self, pcm: bytes) -> list[Event]:
+        self.send(AudioStart(rate=RATE, width=2, channels=1).event())
+        for pos in range(0, len(pcm), CHUNK_BYTES):
+            self.send(
+                AudioChunk(
+                    rate=RATE, width=2, channels=1, audio=pcm[pos : pos + CHUNK_BYTES]
+                ).event()
+            )
+        self.send(AudioStop().event())
+        return self.read_until("transcript-stop")
+
+    def closed_by_server(self) -> bool:
+        """Read to the end; True when the server closed the connection."""
+        try:
+            while self.read() is not None:
+                pass
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        import contextlib as _c
+
+        with _c.suppress(OSError):
+            self.file.close()
+            self.sock.close()

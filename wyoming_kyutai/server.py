@@ -103,6 +103,10 @@ class Connection:
             await self._read_loop(handler)
         except (ConnectionError, OSError) as err:
             _LOGGER.debug("%s: connection lost (%s)", self.peer, err)
+        except Exception as err:  # noqa: BLE001 - one bad connection must not hurt the others
+            _LOGGER.error("%s: internal error (%s: %s)", self.peer, type(err).__name__, err)
+            _LOGGER.debug("Traceback", exc_info=True)
+            await self.send(Error(text="internal server error", code="internal-error").event())
         finally:
             await handler.abort()
             await self._close(writer_task)
@@ -265,7 +269,6 @@ class SttServer:
                 )
         for conn in list(self.connections):
             conn.request_close()
-            conn.reader.feed_eof()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.limits.drain_timeout + 1)
         if self.uri.startswith("unix://"):
