@@ -191,3 +191,56 @@ def test_zeroconf_never_announces_a_wildcard_address() -> None:
     assert zeroconf_host("tcp://0.0.0.0:10300") is None  # auto-detect the LAN address
     assert zeroconf_host("tcp://[::]:10300") is None
     assert zeroconf_host("tcp://192.168.1.20:10300") == "192.168.1.20"
+
+
+async def test_connections_beyond_the_limit_are_refused_with_an_error(tiny_dir: Path) -> None:
+    async with running_app(tiny_dir, max_connections=2) as app:
+        first = await Client.connect(app.server.address)
+        second = await Client.connect(app.server.address)
+        await first.send(Describe().event())
+        await first.read(5)
+        await second.send(Describe().event())
+        await second.read(5)
+        third = await Client.connect(app.server.address)
+        error = await third.read(5)
+        assert error is not None and error.data["code"] == "too-many-connections"
+        assert await third.is_closed()
+        await first.close()
+        deadline = time.monotonic() + 5
+        while len(app.server.connections) > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        fourth = await Client.connect(app.server.address)
+        await fourth.send(Describe().event())
+        info = await fourth.read(5)
+        assert info is not None and info.type == "info"
+        await second.close()
+        await fourth.close()
+
+
+async def test_idle_and_audio_timeouts(tiny_dir: Path) -> None:
+    async with running_app(tiny_dir, idle_timeout=0.3, audio_timeout=0.5,
+                           end_of_turn=False) as app:
+        idle = await Client.connect(app.server.address)
+        started = time.monotonic()
+        assert await idle.is_closed(3)  # closed quietly, no event
+        assert time.monotonic() - started < 2
+        stalled = await Client.connect(app.server.address)
+        await stalled.start_audio()
+        await stalled.send_audio(to_pcm(speechlike(0.3)))
+        events = await stalled.read_until("error", timeout=5)
+        assert events[-1].data["code"] == "audio-timeout"
+        assert await stalled.is_closed()
+        assert await _until_slots_free(app, app.settings.slots)
+
+
+async def test_utterance_length_limit_finishes_and_discards_the_rest(tiny_dir: Path) -> None:
+    async with running_app(tiny_dir, max_utterance_seconds=1.0, end_of_turn=False) as app:
+        client = await Client.connect(app.server.address)
+        await client.start_audio()
+        await client.send_audio(to_pcm(speechlike(3.0, seed=9)))
+        events = await client.read_until("transcript-stop")  # before any audio-stop
+        assert final_text(events)
+        await client.send(AudioStop().event())
+        again = await client.utterance(to_pcm(speechlike(0.5)))
+        assert again[-1].type == "transcript-stop"
+        await client.close()
