@@ -82,7 +82,7 @@ async def soak(model_dir: str, cycles: int, concurrency: int, slots: int) -> dic
             "slot_wait": 30.0,
         }
     )
-    model = load_model(settings.model, device="cpu", dtype="float32")
+    model = load_model(settings.model, device="cpu", dtype="float32", quantize=settings.quantize)
     app = create_app(settings, model)
     await app.start()
     pcm = audio(0.5, 0)

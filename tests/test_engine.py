@@ -140,3 +140,41 @@ async def test_a_model_fault_fails_only_that_batch_and_the_engine_recovers(
         assert await _transcribe(eng, audio) == expected
     finally:
         eng.stop()
+
+
+async def test_a_stream_longer_than_the_context_matches_the_reference(
+    tiny_model: LoadedModel,
+) -> None:
+    """The tiny LM keeps 64 frames (5.1 s): 7 s wraps its KV ring."""
+    audio = _audio(7.0, seed=11)
+    expected = reference_tokens(tiny_model, audio)
+    eng = Engine(tiny_model, slots=2)
+    eng.start()
+    try:
+        other = asyncio.ensure_future(_transcribe(eng, _audio(2.0, seed=12), 0.3))
+        assert await _transcribe(eng, audio, pause=0.001) == expected
+        await other
+    finally:
+        eng.stop()
+
+
+async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir) -> None:
+    """int8 activations are quantized per stream: batch company changes nothing."""
+    from wyoming_kyutai.checkpoint import load_model
+
+    model = load_model(str(tiny_dir), device="cpu", quantize="int8")
+    assert model.quantized
+    target = _audio(2.5, seed=21)
+    eng = Engine(model, slots=4)
+    eng.start()
+    try:
+        alone = await _transcribe(eng, target)
+        loud = [_audio(3.0, seed=22) * 8.0, _audio(1.0, seed=23) * 0.01, _audio(2.0, seed=24)]
+        together = await asyncio.gather(
+            _transcribe(eng, target, pause=0.001),
+            *(_transcribe(eng, a, 0.02 * i) for i, a in enumerate(loud)),
+        )
+    finally:
+        eng.stop()
+    assert together[0] == alone
+    assert len(set(alone)) > 3

@@ -218,8 +218,7 @@ async def test_connections_beyond_the_limit_are_refused_with_an_error(tiny_dir: 
 
 
 async def test_idle_and_audio_timeouts(tiny_dir: Path) -> None:
-    async with running_app(tiny_dir, idle_timeout=0.3, audio_timeout=0.5,
-                           end_of_turn=False) as app:
+    async with running_app(tiny_dir, idle_timeout=0.3, audio_timeout=0.5, end_of_turn=False) as app:
         idle = await Client.connect(app.server.address)
         started = time.monotonic()
         assert await idle.is_closed(3)  # closed quietly, no event

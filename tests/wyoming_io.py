@@ -112,7 +112,7 @@ async def running_app(model_dir: Path, **overrides: Any) -> AsyncIterator[App]:
     }
     values.update(overrides)
     settings = build_settings(cli_values=values)
-    model = load_model(settings.model, device="cpu", dtype="float32")
+    model = load_model(settings.model, device="cpu", dtype="float32", quantize=settings.quantize)
     app = create_app(settings, model)
     await app.start()
     try:

@@ -46,6 +46,7 @@ async def run_server(settings: Settings) -> int:
             settings.device,
             settings.dtype,
             settings.threads,
+            settings.quantize,
         )
     except CheckpointError as err:
         _LOGGER.error("%s", err)

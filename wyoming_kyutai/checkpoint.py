@@ -66,6 +66,7 @@ class LoadedModel:
     languages: list[str]
     text_padding_id: int = 3
     end_of_padding_id: int = 0
+    quantized: bool = False
 
     @property
     def frame_size(self) -> int:
@@ -239,11 +240,19 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     threads: int = 0,
+    quantize: str = "none",
 ) -> LoadedModel:
-    """Resolve, check and load a checkpoint through moshi's own loader."""
+    """Resolve, check and load a checkpoint through moshi's own loader.
+
+    ``quantize``: ``int8`` swaps the transformers' linears for int8 ones (CPU only; the rest
+    of the model then runs in float32); ``auto`` does so on the CPU; ``none`` never.
+    """
     files = resolve_checkpoint(ref, data_dir, offline)
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    int8 = quantize == "int8" or (quantize == "auto" and dev.type == "cpu")
+    if int8 and dev.type != "cpu":
+        raise CheckpointError("quantize int8 runs on the CPU only; use quantize none on CUDA")
+    torch_dtype = torch.float32 if int8 else pick_dtype(dtype, dev)
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -268,8 +277,17 @@ def load_model(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}") from err
     lm.eval()
+    if int8:
+        from .int8 import quantize_transformer_int8
+
+        if "x86" in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = "x86"  # fbgemm: the fastest here (see README)
+        quantize_transformer_int8(lm.transformer)
+        if mimi.encoder_transformer is not None:
+            quantize_transformer_int8(mimi.encoder_transformer)
     stt = info.stt_config or {}
     model = LoadedModel(
+        quantized=int8,
         ref=files.ref,
         mimi=mimi,
         lm=lm,
@@ -286,7 +304,7 @@ def load_model(
         "Loaded %s on %s (%s) in %.1f s: %d layers, dim %d, %d end-of-turn heads, languages %s",
         files.ref,
         dev,
-        str(torch_dtype).removeprefix("torch."),
+        "int8 + float32" if int8 else str(torch_dtype).removeprefix("torch."),
         time.monotonic() - started,
         files.raw_config["num_layers"],
         files.raw_config["dim"],
@@ -314,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("model")
     check.add_argument("--data-dir")
     check.add_argument("--offline", action="store_true")
+    check.add_argument("--quantize", default="none", choices=["auto", "none", "int8"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
@@ -326,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.preset} checkpoint to {args.out_dir} in {took:.1f} s")
         return 0
     try:
-        model = load_model(args.model, args.data_dir, args.offline, "cpu", "float32")
+        model = load_model(
+            args.model, args.data_dir, args.offline, "cpu", "float32", quantize=args.quantize
+        )
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

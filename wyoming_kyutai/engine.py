@@ -24,6 +24,8 @@ import numpy as np
 from .audio import FRAME_SAMPLES
 from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
+from .fast_kv import install_fast_kv
+from .fast_vq import install_fast_vq, uninstall_fast_vq
 from .moshi_env import configure_moshi_env
 
 configure_moshi_env()
@@ -160,6 +162,9 @@ class Engine:
             self._streaming = ExitStack()
             self._streaming.enter_context(self.model.mimi.streaming(self.num_slots))
             self._streaming.enter_context(self.lm_gen.streaming(self.num_slots))
+            patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
+            codebooks = install_fast_vq(self.model.mimi)
+            _LOGGER.debug("Fast KV cache on %d layers, fast VQ on %d codebooks", patched, codebooks)
             started = time.monotonic()
             everyone = torch.ones(self.num_slots, dtype=torch.bool)
             self._run_batch(
@@ -182,6 +187,7 @@ class Engine:
         if self._streaming is not None:
             self._streaming.close()
             self._streaming = None
+            uninstall_fast_vq(self.model.mimi)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.get_loop().call_soon_threadsafe(_set_exception, waiter, EngineClosed())

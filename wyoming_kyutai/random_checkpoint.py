@@ -54,7 +54,7 @@ def _lm_config(**overrides: Any) -> dict[str, Any]:
         "card": 2048,
         "num_heads": 16,
         "num_layers": 16,
-        "hidden_scale": 2.75,
+        "hidden_scale": 4.125,
         "causal": True,
         "layer_scale": None,
         "context": 750,

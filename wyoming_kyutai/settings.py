@@ -46,6 +46,10 @@ class Settings:
     device: str = _s("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: str = _s("auto, float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
     threads: int = _s("CPU threads for the model (0: torch's default)", min=0, max=256)
+    quantize: str = _s(
+        "auto (int8 on CPU, none on CUDA), none or int8: int8 weights for the model's linears",
+        choices=("auto", "none", "int8"),
+    )
     languages: list[str] | None = _s("languages to advertise (null: those the model supports)")
     # --- engine
     slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=256)
@@ -82,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "dtype": "auto",
     "threads": 0,
+    "quantize": "auto",
     "languages": None,
     "slots": 4,
     "slot_wait": 2.0,

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "int8"],
+        help="int8 weights for the model's linears (auto: on CPU)",
+    )
     parser.add_argument("--slots", type=int, default=0, help="batch slots (default: one per file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per file and line")
     parser.add_argument("--debug", action="store_true")
@@ -93,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = [read_wav(p) for p in args.files]
         model = load_model(
-            args.model, args.data_dir, args.offline, args.device, args.dtype, args.threads
+            args.model,
+            args.data_dir,
+            args.offline,
+            args.device,
+            args.dtype,
+            args.threads,
+            args.quantize,
         )
     except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
