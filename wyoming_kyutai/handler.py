@@ -88,6 +88,20 @@ class _Utterance:
         self.ended_early = False
         self.voice_started = False
         self.task: asyncio.Task[None] | None = None
+        self.lags: list[float] = []
+
+    def stats(self) -> dict[str, float | int]:
+        """How far the engine trailed this utterance's audio (seconds; frame complete → done)."""
+        if not self.lags:
+            return {"frames": 0}
+        ordered = sorted(self.lags)
+        at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return {
+            "frames": len(ordered),
+            "lag_p50": round(at(0.5), 4),
+            "lag_p99": round(at(0.99), 4),
+            "lag_max": round(ordered[-1], 4),
+        }
 
 
 class SttHandler:
@@ -237,6 +251,8 @@ class SttHandler:
         """Turn the engine's results into events, until the stream ends."""
         try:
             while (result := await utt.stream.get()) is not None:
+                if not utt.finishing:
+                    utt.lags.append(result.lag)
                 update = utt.decoder.feed(result)
                 if update.delta:
                     await self._send_delta(utt, update.delta)
@@ -258,7 +274,11 @@ class SttHandler:
                 Transcript(
                     text=text,
                     language=utt.language,
-                    context={"words": words, "end_of_turn": utt.ended_early},
+                    context={
+                        "words": words,
+                        "end_of_turn": utt.ended_early,
+                        "stats": utt.stats(),
+                    },
                 ).event()
             )
             await self.send(TranscriptStop().event())
