@@ -102,12 +102,19 @@ class App:
             raise
 
     async def stop(self) -> None:
-        await self.server.stop()
+        await self.server.stop()  # idempotent: a no-op after a SIGTERM already stopped it
         await asyncio.to_thread(self.engine.stop)
 
 
 def create_app(settings: Settings, model: LoadedModel) -> App:
     languages = settings.languages or model.languages
+    unknown = [lang for lang in languages if lang not in model.languages]
+    if unknown:
+        _LOGGER.warning(
+            "Advertising %s, which the model does not list (it knows %s)",
+            ",".join(unknown),
+            ",".join(model.languages),
+        )
     eot = end_of_turn_settings(settings, model)
     ends_turns = settings.server_ends_turns and eot.enabled
     if settings.server_ends_turns and not ends_turns:
@@ -118,6 +125,7 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         slot_wait=settings.slot_wait,
         max_utterance_seconds=settings.max_utterance_seconds,
         end_of_turn=eot,
+        no_speech_timeout=settings.no_speech_timeout if eot.enabled else 0.0,
     )
 
     def make_handler(conn: Connection) -> SttHandler:

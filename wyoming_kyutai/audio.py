@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import wave
 from dataclasses import dataclass
+from functools import lru_cache
 from math import gcd
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def pcm_to_float(data: bytes, width: int, channels: int) -> np.ndarray:
     return samples
 
 
+@lru_cache(maxsize=16)
 def _kaiser_sinc(up: int, down: int, half_taps: int) -> np.ndarray:
     """Polyphase low-pass bank [up, taps] for rational resampling by up/down."""
     cutoff = 0.5 * min(1.0, up / down) * 0.94  # of the input rate, with a transition band
@@ -84,8 +86,9 @@ def _kaiser_sinc(up: int, down: int, half_taps: int) -> np.ndarray:
     h = 2.0 * cutoff * np.sinc(2.0 * cutoff * t) * np.kaiser(taps * up, 8.6)
     h *= up / h.sum() * 1.0
     # phase p uses h[p + k*up]; reverse k so a window of increasing input indices dots it
-    bank = h.reshape(taps, up).T[:, ::-1]
-    return np.ascontiguousarray(bank)
+    bank = np.ascontiguousarray(h.reshape(taps, up).T[:, ::-1], dtype=np.float32)
+    bank.setflags(write=False)  # shared between resamplers through the cache
+    return bank
 
 
 class StreamingResampler:
@@ -96,6 +99,9 @@ class StreamingResampler:
     exactly the one-shot output.
     """
 
+    BLOCK = 4096
+    """Output samples computed per vectorised block."""
+
     def __init__(self, in_rate: int, out_rate: int = MODEL_RATE, half_taps: int = 16) -> None:
         g = gcd(in_rate, out_rate)
         self.up = out_rate // g
@@ -105,7 +111,7 @@ class StreamingResampler:
             return
         scale = max(1.0, self.down / self.up)
         self.taps = 2 * int(np.ceil(half_taps * scale))
-        self.bank = _kaiser_sinc(self.up, self.down, self.taps // 2).astype(np.float32)
+        self.bank = _kaiser_sinc(self.up, self.down, self.taps // 2)
         self.history = np.zeros(self.taps - 1, dtype=np.float32)
         self.consumed = 0  # absolute input index of history's end (= samples seen so far)
         self.next_out = 0  # absolute index of the next output sample
@@ -117,22 +123,22 @@ class StreamingResampler:
         total = self.consumed + len(samples)  # input samples known
         # output n needs input index floor(n*down/up) < total
         last = (total * self.up - 1) // self.down  # largest n with n*down//up <= total-1
-        n = np.arange(self.next_out, last + 1, dtype=np.int64)
-        if len(n) == 0:
-            self.history = buf[-(self.taps - 1) :]
-            self.consumed = total
-            return np.zeros(0, dtype=np.float32)
-        pos = n * self.down
-        base = pos // self.up  # absolute input index of the newest sample in the window
-        phase = pos % self.up
         buf_start = self.consumed - (self.taps - 1)  # absolute index of buf[0]
-        idx = (base - buf_start)[:, None] + np.arange(-(self.taps - 1), 1)[None, :]
-        windows = buf[idx]
-        out = np.einsum("ij,ij->i", windows, self.bank[phase]).astype(np.float32)
-        self.next_out = int(n[-1]) + 1
+        offsets = np.arange(-(self.taps - 1), 1)[None, :]
+        pieces = []
+        # in blocks, so one huge chunk never needs (outputs x taps) of memory at once
+        for first in range(self.next_out, last + 1, self.BLOCK):
+            n = np.arange(first, min(first + self.BLOCK, last + 1), dtype=np.int64)
+            pos = n * self.down
+            base = pos // self.up  # absolute input index of the newest sample in the window
+            windows = buf[(base - buf_start)[:, None] + offsets]
+            pieces.append(np.einsum("ij,ij->i", windows, self.bank[pos % self.up]))
+        self.next_out = max(self.next_out, last + 1)
         self.history = buf[-(self.taps - 1) :]
         self.consumed = total
-        return out
+        if not pieces:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(pieces).astype(np.float32)
 
 
 class PcmConverter:

@@ -253,6 +253,8 @@ def load_model(
     if int8 and dev.type != "cpu":
         raise CheckpointError("quantize int8 runs on the CPU only; use quantize none on CUDA")
     torch_dtype = torch.float32 if int8 else pick_dtype(dtype, dev)
+    if int8 and dtype not in ("auto", "float32"):
+        _LOGGER.warning("dtype %s is ignored: with int8 weights the rest runs in float32", dtype)
     if threads > 0:
         torch.set_num_threads(threads)
 

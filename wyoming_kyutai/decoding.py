@@ -108,7 +108,8 @@ class TranscriptDecoder:
         A word whose pieces do not (yet) decode to an extension of what was sent is held
         back until they do, or until the final call.
         """
-        current = self.text
+        # an unfinished multi-byte character decodes to U+FFFD: never send it, it will change
+        current = self.text.rstrip("\ufffd")
         if not current.startswith(self._emitted):
             return ""
         added = current[len(self._emitted) :]

@@ -64,7 +64,8 @@ class EngineStream:
         self._slot = slot
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._pending = np.zeros(0, dtype=np.float32)
+        # the silence prefix (2.6B model: 1 s) goes in as samples, exactly as Kyutai pads
+        self._pending = np.zeros(engine.prefix_samples, dtype=np.float32)
         self._had_audio = False
         self.finished = False
         self.closed = False
@@ -147,7 +148,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._streaming: ExitStack | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._prefix_frames = round(model.silence_prefix_seconds * model.frame_rate)
+        self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
         self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
         self.steps_run = 0
         self.fault_hook: Callable[[list[int]], None] | None = None
@@ -178,9 +179,13 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker; open streams get EngineClosed instead of hanging."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
+            open_streams = [s.stream for s in self._slots if s.stream is not None]
+        for stream in open_streams:
+            stream._deliver(EngineClosed("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -209,11 +214,6 @@ class Engine:
                     slot.step = 0
                     slot.finishing = False
                     slot.failed = False
-                    if self._prefix_frames:
-                        silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-                        slot.frames.extend(
-                            _Frame(silence, time.monotonic()) for _ in range(self._prefix_frames)
-                        )
                     return stream
         return None
 
@@ -278,6 +278,7 @@ class Engine:
                 if not self._running:
                     return
                 reset = [s.index for s in self._slots if s.stream is not None and s.needs_reset]
+                reset_pairs = [(self._slots[i], self._slots[i].stream) for i in reset]
                 for i in reset:
                     self._slots[i].needs_reset = False
                 batch: list[tuple[_Slot, EngineStream, _Frame]] = []
@@ -295,18 +296,19 @@ class Engine:
                 _LOGGER.error(
                     "Model step failed (%s: %s); failing its streams", type(err).__name__, err
                 )
-                self._fail([s for s, _, _ in batch] + [self._slots[i] for i in reset])
+                self._fail([(s, st) for s, st, _ in batch] + reset_pairs)
 
-    def _fail(self, slots: list[_Slot]) -> None:
+    def _fail(self, pairs: list[tuple[_Slot, EngineStream | None]]) -> None:
+        """Fail the streams that were in the failed step (not whoever holds the slot now)."""
         with self._cond:
-            streams = []
-            for slot in slots:
-                if slot.stream is not None and not slot.failed:
+            failed = []
+            for slot, stream in pairs:
+                slot.needs_reset = True
+                if stream is not None and slot.stream is stream and not slot.failed:
                     slot.failed = True
-                    slot.needs_reset = True
                     slot.frames.clear()
-                    streams.append(slot.stream)
-        for stream in streams:
+                    failed.append(stream)
+        for stream in failed:
             stream._deliver(StreamFailed("the model failed while transcribing this audio"))
 
     def _mask(self, indices: list[int]) -> torch.Tensor:

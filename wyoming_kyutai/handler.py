@@ -37,6 +37,7 @@ from .engine_types import (
     StreamFailed,
     StreamingEngine,
 )
+from .settings import base_language
 from .utterance import Utterance
 
 _LOGGER = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class HandlerSettings:
     max_utterance_seconds: float = 60.0
     """Audio beyond this is discarded after the final transcript, seconds."""
     end_of_turn: EndOfTurnSettings = EndOfTurnSettings()
+    no_speech_timeout: float = 0.0
+    """Seconds of audio without any word that end the turn (0: never)."""
 
 
 class ProtocolError(Exception):
@@ -74,19 +77,32 @@ def _format_of(event: Event) -> PcmFormat:
     return PcmFormat(int(values[0]), int(values[1]), int(values[2]))  # type: ignore[arg-type]
 
 
+OFF_LOOP_BYTES = 65536
+"""Audio payloads at least this large are converted in a worker thread, off the event loop."""
+
+
 class _Utterance:
     """State of the utterance in progress on this connection."""
 
-    def __init__(self, stream: Stream, fmt: PcmFormat, decoder: Utterance, language: str) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        fmt: PcmFormat,
+        converter: PcmConverter,
+        decoder: Utterance,
+        language: str,
+    ) -> None:
         self.stream = stream
         self.format = fmt
-        self.converter = PcmConverter(fmt)
+        self.converter = converter
         self.decoder = decoder
         self.language = language
         self.samples = 0
         self.finishing = False
         self.ended_early = False
+        self.reason = "audio-stop"
         self.voice_started = False
+        self.voice_stopped = False
         self.task: asyncio.Task[None] | None = None
         self.lags: list[float] = []
 
@@ -175,7 +191,7 @@ class SttHandler:
             return
         if not isinstance(language, str):
             raise ProtocolError("bad-event", "transcribe language must be a string")
-        base = language.replace("_", "-").split("-")[0].lower()
+        base = base_language(language)
         if base not in self.languages:
             raise ProtocolError(
                 "unsupported-language",
@@ -189,7 +205,7 @@ class SttHandler:
         self.discarding = False
         fmt = _format_of(event)
         try:
-            fmt.check()
+            converter = PcmConverter(fmt)
         except AudioFormatError as err:
             raise ProtocolError("unsupported-audio-format", str(err)) from None
         try:
@@ -201,7 +217,9 @@ class SttHandler:
         except EngineClosed:
             raise ProtocolError("shutting-down", "the server is shutting down") from None
         language = self.language or self.languages[0]
-        utt = _Utterance(stream, fmt, Utterance(self.model, self.settings.end_of_turn), language)
+        utt = _Utterance(
+            stream, fmt, converter, Utterance(self.model, self.settings.end_of_turn), language
+        )
         self.current = utt
         self.utterances += 1
         await self.send(TranscriptStart(language=language).event())
@@ -221,12 +239,21 @@ class SttHandler:
                 "audio-format-changed",
                 f"audio format changed mid-utterance from {utt.format} to {fmt}",
             )
-        samples = utt.converter.convert(event.payload or b"")
+        payload = event.payload or b""
+        if len(payload) >= OFF_LOOP_BYTES:
+            samples = await asyncio.to_thread(utt.converter.convert, payload)
+        else:
+            samples = utt.converter.convert(payload)
+        if utt.finishing or self.current is not utt:
+            return  # the turn ended while this chunk was being converted
+        budget = int(self.settings.max_utterance_seconds * 24000) - utt.samples
+        samples = samples[: max(0, budget)]
         utt.samples += len(samples)
         utt.stream.push(samples)
-        if utt.samples >= self.settings.max_utterance_seconds * 24000:
+        if len(samples) >= budget:
             limit = self.settings.max_utterance_seconds
             _LOGGER.info("Utterance reached the %.0f s limit: finishing it", limit)
+            utt.reason = "length-limit"
             self._finish(utt, early=True)
             self.discarding = True
 
@@ -256,19 +283,24 @@ class SttHandler:
                 update = utt.decoder.feed(result)
                 if update.delta:
                     await self._send_delta(utt, update.delta)
-                if update.end_of_turn and not utt.finishing:
+                no_speech = (
+                    self.settings.no_speech_timeout > 0
+                    and not utt.decoder.text
+                    and utt.decoder.audio_time(result.step) >= self.settings.no_speech_timeout
+                )
+                if (update.end_of_turn or no_speech) and not utt.finishing:
                     _LOGGER.debug("End of turn at step %d", result.step)
+                    utt.reason = "end-of-turn" if update.end_of_turn else "no-speech"
                     self._finish(utt, early=True)
                     self.discarding = True
+                    # tell the client at once; the transcript follows after the flush
+                    ms = int(utt.decoder.audio_time(result.step) * 1000)
+                    utt.voice_stopped = True
+                    await self.send(VoiceStopped(timestamp=ms).event())
             rest = utt.decoder.final_delta()
             if rest:
                 await self._send_delta(utt, rest)
             text = utt.decoder.text
-            if utt.ended_early:
-                det = utt.decoder.detector
-                step = det.fired_at if det.fired_at is not None else utt.decoder.decoder.last_step
-                ms = int(utt.decoder.audio_time(step) * 1000)
-                await self.send(VoiceStopped(timestamp=ms).event())
             words = [w.as_dict() for w in utt.decoder.words()]
             await self.send(
                 Transcript(
@@ -276,7 +308,8 @@ class SttHandler:
                     language=utt.language,
                     context={
                         "words": words,
-                        "end_of_turn": utt.ended_early,
+                        "end_of_turn": utt.reason == "end-of-turn",
+                        "ended_by": utt.reason,
                         "stats": utt.stats(),
                     },
                 ).event()
@@ -286,6 +319,14 @@ class SttHandler:
         except StreamFailed as err:
             _LOGGER.error("Transcription failed: %s", err)
             await self.send(Error(text=str(err), code="model-error").event())
+            self.request_close()
+        except EngineClosed:
+            await self.send(Error(text="the server is shutting down", code="shutting-down").event())
+            self.request_close()
+        except Exception as err:  # noqa: BLE001 - the client gets an answer, never a hang
+            _LOGGER.error("Internal error while transcribing (%s: %s)", type(err).__name__, err)
+            _LOGGER.debug("Traceback", exc_info=True)
+            await self.send(Error(text="internal server error", code="internal-error").event())
             self.request_close()
         finally:
             utt.stream.close()

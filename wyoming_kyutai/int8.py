@@ -58,7 +58,7 @@ class RowScaledInt8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, self.in_features).float()
+        rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         out = self.quantized(torch.cat([rows / scale, self.guard]))[:-1] * scale
         return out.reshape(*shape[:-1], self.out_features)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,9 +38,9 @@ class ServerLimits:
     audio_timeout: float = 10.0
     """Seconds without any event that abort an open utterance."""
     output_queue_events: int = 512
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = 5.0
     """Seconds in-flight utterances get to finish on shutdown."""
-    drain_timeout: float = 5.0
+    drain_timeout: float = 2.0
     """Seconds to deliver the last events before closing a connection."""
 
 
@@ -171,6 +172,7 @@ class SttServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
         self.address = uri
 
     # ------------------------------------------------------------------ serving
@@ -189,7 +191,7 @@ class SttServer:
             self.address = f"tcp://{host}:{sock[1]}"
         elif self.uri.startswith("unix://"):
             path = Path(self.uri.removeprefix("unix://"))
-            path.unlink(missing_ok=True)
+            _remove_stale_socket(path)
             self._server = await asyncio.start_unix_server(
                 self._on_connect, path=str(path), limit=self.limits.frames.max_header_bytes
             )
@@ -254,7 +256,15 @@ class SttServer:
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self) -> None:
-        """Stop accepting, let utterances in flight finish (up to the grace), close all."""
+        """Stop accepting, let utterances in flight finish (up to the grace), close all.
+
+        Safe to call more than once: later calls wait for the first one.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
         busy = [c for c in self.connections if c.handler and c.handler.busy_transcribing]
@@ -270,9 +280,13 @@ class SttServer:
         for conn in list(self.connections):
             conn.request_close()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.limits.drain_timeout + 1)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=self.limits.drain_timeout)
+            for task in pending:  # e.g. blocked in a flush: cancel, which frees its slot
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         if self.uri.startswith("unix://"):
-            Path(self.uri.removeprefix("unix://")).unlink(missing_ok=True)
+            _remove_stale_socket(Path(self.uri.removeprefix("unix://")))
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:
@@ -284,3 +298,14 @@ class SttServer:
     def _on_signal(self, sig: signal.Signals) -> None:
         _LOGGER.info("Received %s: shutting down", sig.name)
         asyncio.get_running_loop().create_task(self.stop())
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a leftover unix socket; refuse to touch anything else at that path."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    path.unlink()

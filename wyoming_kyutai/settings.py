@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -61,6 +62,9 @@ class Settings:
     end_of_turn_min_words: int = _s("words heard before a turn may end", min=0)
     end_of_turn_ignore_steps: int = _s("80 ms steps at the start that never end a turn", min=0)
     end_of_turn_consecutive_steps: int = _s("steps in a row above the threshold to end", min=1)
+    no_speech_timeout: float = _s(
+        "with end of turn on: seconds of audio without a word that end the turn (0: never)", min=0
+    )
     server_ends_turns: bool = _s(
         "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
     )
@@ -73,7 +77,9 @@ class Settings:
     audio_timeout: float = _s("seconds without audio that abort an utterance", min=0.1)
     max_utterance_seconds: float = _s("longest utterance; then it is finished", min=1)
     output_queue_events: int = _s("events queued for a slow reader before dropping it", min=16)
-    shutdown_grace: float = _s("seconds in-flight utterances get to finish on SIGTERM", min=0)
+    shutdown_grace: float = _s(
+        "seconds in-flight utterances get to finish on SIGTERM (keep under Docker's 10)", min=0
+    )
 
 
 DEFAULTS: dict[str, Any] = {
@@ -96,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
     "end_of_turn_min_words": 1,
     "end_of_turn_ignore_steps": 12,
     "end_of_turn_consecutive_steps": 1,
+    "no_speech_timeout": 8.0,
     "server_ends_turns": False,
     "max_connections": 64,
     "max_header_bytes": 65536,
@@ -105,7 +112,7 @@ DEFAULTS: dict[str, Any] = {
     "audio_timeout": 10.0,
     "max_utterance_seconds": 60.0,
     "output_queue_events": 512,
-    "shutdown_grace": 10.0,
+    "shutdown_grace": 5.0,
 }
 
 
@@ -143,9 +150,12 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise SettingsError(f"setting {name!r}: expected a number, got {raw!r}")
         try:
-            return float(raw)
+            number = float(raw)
         except ValueError:
             raise SettingsError(f"setting {name!r}: expected a number, got {raw!r}") from None
+        if not math.isfinite(number):
+            raise SettingsError(f"setting {name!r}: expected a finite number, got {raw!r}")
+        return number
     if base == "str":
         if not isinstance(raw, str) or not raw:
             raise SettingsError(f"setting {name!r}: expected a non-empty string, got {raw!r}")
@@ -160,6 +170,11 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
             raise SettingsError(f"setting {name!r}: expected a list of strings, got {raw!r}")
         return items
     raise AssertionError(kind)
+
+
+def base_language(code: str) -> str:
+    """``en-US``/``en_us``/``EN`` → ``en``."""
+    return code.strip().replace("_", "-").split("-")[0].lower()
 
 
 def _check(f: dataclasses.Field[Any], value: Any) -> None:

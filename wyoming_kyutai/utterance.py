@@ -42,11 +42,13 @@ class Utterance:
         self.has_heads = eot.head < model.num_vad_heads
 
     def feed(self, result: StepResult) -> Update:
-        new_word = self.decoder.push(result.step, result.token)
+        words_before = len(self.decoder.words)
+        new_text = self.decoder.push(result.step, result.token)
+        started_word = len(self.decoder.words) > words_before
         pause = result.pauses[self.eot.head] if self.has_heads else None
-        fired = self.detector.update(result.step, new_word, pause)
-        delta = self.decoder.delta() if new_word else ""
-        return Update(delta, new_word, fired, pause)
+        fired = self.detector.update(result.step, started_word, pause)
+        delta = self.decoder.delta() if new_text else ""
+        return Update(delta, new_text, fired, pause)
 
     def audio_time(self, step: int) -> float:
         """Seconds of the stream's audio heard once ``step`` has been processed."""
