@@ -81,26 +81,30 @@ class ScriptedStream:
 
 
 class ScriptedEngine:
-    def __init__(self, busy: bool = False) -> None:
+    def __init__(self, busy: bool = False, script: list[tuple[int, float]] = SCRIPT) -> None:
         self.busy = busy
+        self.script = script
         self.streams: list[ScriptedStream] = []
 
     async def open_stream(self, wait: float = 0.0) -> ScriptedStream:
         if self.busy:
             raise EngineBusy("all 1 slots are busy")
-        stream = ScriptedStream(SCRIPT)
+        stream = ScriptedStream(self.script)
         self.streams.append(stream)
         return stream
 
 
-def _handler(engine: ScriptedEngine, eot: EndOfTurnSettings) -> tuple[SttHandler, list[Event]]:
+def _handler(
+    engine: ScriptedEngine, eot: EndOfTurnSettings, no_speech: float = 0.0
+) -> tuple[SttHandler, list[Event]]:
     sent: list[Event] = []
 
     async def send(event: Event) -> None:
         sent.append(event)
 
     info = build_info("scripted", ["en"], False)
-    handler = SttHandler(engine, FakeModel(), info, HandlerSettings(end_of_turn=eot), send, ["en"])
+    settings = HandlerSettings(end_of_turn=eot, no_speech_timeout=no_speech)
+    handler = SttHandler(engine, FakeModel(), info, settings, send, ["en"])
     return handler, sent
 
 
@@ -169,3 +173,17 @@ async def test_chunk_before_start_and_format_change_are_errors() -> None:
     changed = AudioChunk(rate=8000, width=2, channels=1, audio=b"\0\0").event()
     assert await handler.handle_event(changed) is False
     assert sent[-1].data["code"] == "audio-format-changed"
+
+
+async def test_no_speech_ends_the_turn_with_an_empty_transcript() -> None:
+    engine = ScriptedEngine(script=[(3, 0.0)] * 20)
+    handler, sent = _handler(engine, EndOfTurnSettings(ignore_steps=0), no_speech=0.4)
+    await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    for _ in range(8):
+        await handler.handle_event(_chunk(1))
+        await _settle()
+    transcript = next(e for e in sent if e.type == "transcript")
+    assert transcript.data["text"] == ""
+    assert transcript.data["context"]["ended_by"] == "no-speech"
+    assert sent[-1].type == "transcript-stop"
+    assert engine.streams[0].steps <= 7  # ended at 0.4 s of audio, not at the end

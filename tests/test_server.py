@@ -243,3 +243,14 @@ async def test_utterance_length_limit_finishes_and_discards_the_rest(tiny_dir: P
         again = await client.utterance(to_pcm(speechlike(0.5)))
         assert again[-1].type == "transcript-stop"
         await client.close()
+
+
+async def test_stopping_the_engine_ends_open_utterances_with_an_error(tiny_dir: Path) -> None:
+    async with running_app(tiny_dir, end_of_turn=False) as app:
+        client = await Client.connect(app.server.address)
+        await client.start_audio()
+        await client.read_until("transcript-start")
+        await asyncio.to_thread(app.engine.stop)
+        events = await client.read_until("error", timeout=10)
+        assert events[-1].data["code"] == "shutting-down"
+        await client.close()

@@ -86,3 +86,10 @@ def test_default_yaml_lists_every_setting_with_its_default() -> None:
     assert loaded == DEFAULTS
     assert set(DEFAULTS) == set(Settings.__dataclass_fields__)
     assert build_settings(loaded) == build_settings()
+
+
+def test_languages_are_normalised_and_numbers_must_be_finite() -> None:
+    assert build_settings({"languages": ["en-US", "EN", "fr_FR"]}).languages == ["en", "fr"]
+    for bad in ("nan", "inf"):
+        with pytest.raises(SettingsError, match="expected a finite number"):
+            build_settings({}, {"WYOMING_KYUTAI_AUDIO_TIMEOUT": bad}, {})

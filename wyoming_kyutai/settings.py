@@ -165,9 +165,11 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
         if (
             not isinstance(items, list)
             or not items
-            or not all(isinstance(x, str) and x for x in items)
+            or not all(isinstance(x, str) and x.strip() for x in items)
         ):
             raise SettingsError(f"setting {name!r}: expected a list of strings, got {raw!r}")
+        if name == "languages":  # "en-US", "EN" → "en": what Home Assistant matches on
+            items = list(dict.fromkeys(base_language(x) for x in items))
         return items
     raise AssertionError(kind)
 
