@@ -380,6 +380,36 @@ def server_runs(ckpt: Path, max_n: int, seconds: float, eos_runs: int) -> dict[s
     return out
 
 
+PHASES: dict[str, Any] = {
+    "reference": lambda c, d, f: reference_loop(Path(c), d, f),
+    "engine": lambda c, f, q, b: engine_steps(Path(c), f, q, b),
+    "deviation": lambda c, f: int8_deviation(Path(c), f),
+}
+
+
+def phase(name: str, *args: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh process, so each model's memory is returned after it."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--phase",
+            name,
+            "--phase-args",
+            json.dumps(args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"phase {name} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 # --------------------------------------------------------------------------- report
 def markdown(result: dict[str, Any]) -> str:
     ref = {r["dtype"]: r for r in result["reference"]}
@@ -455,7 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="audio per stream in trials")
     parser.add_argument("--name", help="result name (default: preset[-quick])")
     parser.add_argument("--checkpoint", type=Path, help="use this checkpoint directory")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--phase-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](*json.loads(args.phase_args))))
+        return 0
     quick = args.quick
     name = args.name or (args.preset + ("-quick" if quick else ""))
     ckpt = args.checkpoint or ROOT / "benchmarks" / "checkpoints" / args.preset

@@ -26,7 +26,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "end_of_turn": "end_of_turn",
     "end_of_turn_threshold": "end_of_turn_threshold",
     "server_ends_turns": "server_ends_turns",
-    "dtype": "dtype",
+    "quantize": "quantize",
     "threads": "threads",
     "offline": "offline",
     "debug_logging": "debug",
