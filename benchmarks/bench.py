@@ -510,20 +510,21 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     print("reference loop...", file=sys.stderr, flush=True)
+    c = str(ckpt)  # every model-loading measurement runs in a fresh process (memory)
     result["reference"] = [
-        reference_loop(ckpt, "bfloat16", frames),
-        reference_loop(ckpt, "float32", frames),
+        phase("reference", c, "bfloat16", frames),
+        phase("reference", c, "float32", frames),
     ]
     print("engine...", file=sys.stderr, flush=True)
-    result["engine_batch1"] = engine_steps(ckpt, frames * 2, "auto", 1)
+    result["engine_batch1"] = phase("engine", c, frames * 2, "auto", 1)
     result["engine_levers"] = [
-        engine_steps(ckpt, frames, "none", 1),
+        phase("engine", c, frames, "none", 1),
         result["engine_batch1"],
-        engine_steps(ckpt, frames, "auto", 4),
-        engine_steps(ckpt, frames, "auto", 8),
+        phase("engine", c, frames, "auto", 4),
+        phase("engine", c, frames, "auto", 8),
     ]
     print("int8 deviation...", file=sys.stderr, flush=True)
-    result["int8_deviation"] = int8_deviation(ckpt, frames * 2)
+    result["int8_deviation"] = phase("deviation", c, frames * 2)
     print("server trials...", file=sys.stderr, flush=True)
     result["server"] = server_runs(ckpt, max_n, seconds, 3 if quick else 5)
     out_dir = ROOT / "benchmarks" / "results"
