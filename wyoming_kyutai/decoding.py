@@ -89,27 +89,23 @@ class TranscriptDecoder:
             self.words[-1].ids.append(token)
         return True
 
-    def _word_texts(self) -> list[str]:
-        texts = []
-        for w in self.words:
-            text = self.tokenizer.decode(w.ids).strip()
-            if text:
-                texts.append(text)
-        return texts
+    def _decoded(self) -> list[tuple[_OpenWord, str]]:
+        """Each word with its text; words whose pieces decode to nothing are left out."""
+        pairs = [(w, self.tokenizer.decode(w.ids).strip()) for w in self.words]
+        return [(w, text) for w, text in pairs if text]
 
     @property
     def text(self) -> str:
         """The transcript so far."""
-        return " ".join(self._word_texts())
+        return " ".join(text for _, text in self._decoded())
 
-    def delta(self) -> str:
+    def delta(self, final: bool = False) -> str:
         """Text added since the last call; the deltas concatenate to ``text``.
 
-        A word whose pieces do not (yet) decode to an extension of what was sent is held
-        back until they do, or until the final call.
+        Until the ``final`` call, an unfinished multi-byte character (which decodes to
+        U+FFFD and will change) is held back.
         """
-        # an unfinished multi-byte character decodes to U+FFFD: never send it, it will change
-        current = self.text.rstrip("\ufffd")
+        current = self.text if final else self.text.rstrip("\ufffd")
         if not current.startswith(self._emitted):
             return ""
         added = current[len(self._emitted) :]
@@ -118,20 +114,12 @@ class TranscriptDecoder:
 
     def final_delta(self) -> str:
         """The rest of the text, for the end of the stream (may be "" when all was sent)."""
-        current = self.text
-        if current.startswith(self._emitted):
-            added = current[len(self._emitted) :]
-            self._emitted = current
-            return added
-        return ""
+        return self.delta(final=True)
 
     def word_timings(self) -> list[Word]:
         """Words with start/end seconds; an open word ends at the last step (at most 1 s)."""
         out: list[Word] = []
-        for w in self.words:
-            text = self.tokenizer.decode(w.ids).strip()
-            if not text:
-                continue
+        for w, text in self._decoded():
             end_step = w.end_step
             if end_step is None:
                 end_step = min(self._last_step + 1, w.start_step + round(1.0 / self.step_seconds))

@@ -150,7 +150,6 @@ class Engine:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
         self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
-        self.steps_run = 0
         self.fault_hook: Callable[[list[int]], None] | None = None
         """Test hook: called in the worker with the slots of each batch before it runs."""
 
@@ -168,9 +167,7 @@ class Engine:
             _LOGGER.debug("Fast KV cache on %d layers, fast VQ on %d codebooks", patched, codebooks)
             started = time.monotonic()
             everyone = torch.ones(self.num_slots, dtype=torch.bool)
-            self._run_batch(
-                [np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots, everyone, everyone
-            )
+            self._run_batch([np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots, everyone)
             _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
         for slot in self._slots:
             slot.needs_reset = True
@@ -335,7 +332,7 @@ class Engine:
         self.lm_gen.step(codes)
 
     def _run_batch(
-        self, frames: list[np.ndarray], slots: torch.Tensor, mask: torch.Tensor
+        self, frames: list[np.ndarray], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One batched step. ``frames`` are for the slots set in ``mask``, in order."""
         device = self.model.device
@@ -350,12 +347,11 @@ class Engine:
         tokens, heads = out
         text = tokens[:, 0, 0].cpu()
         pauses = torch.stack([h[:, 0, 0] for h in heads], dim=1).float().cpu() if heads else None
-        self.steps_run += 1
         return text, pauses
 
     def _step(self, batch: list[tuple[_Slot, EngineStream, _Frame]]) -> None:
         mask = self._mask([s.index for s, _, _ in batch])
-        text, pauses = self._run_batch([f.samples for _, _, f in batch], mask, mask)
+        text, pauses = self._run_batch([f.samples for _, _, f in batch], mask)
         done = time.monotonic()
         ended: list[EngineStream] = []
         with self._cond:

@@ -27,7 +27,7 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.vad import VoiceStarted, VoiceStopped
 
-from .audio import AudioFormatError, PcmConverter, PcmFormat
+from .audio import MODEL_RATE, AudioFormatError, PcmConverter, PcmFormat
 from .endpointing import EndOfTurnSettings
 from .engine_types import (
     EngineBusy,
@@ -99,10 +99,8 @@ class _Utterance:
         self.language = language
         self.samples = 0
         self.finishing = False
-        self.ended_early = False
         self.reason = "audio-stop"
         self.voice_started = False
-        self.voice_stopped = False
         self.task: asyncio.Task[None] | None = None
         self.lags: list[float] = []
 
@@ -143,7 +141,6 @@ class SttHandler:
         self.language: str | None = None
         self.current: _Utterance | None = None
         self.discarding = False
-        self.utterances = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -221,7 +218,6 @@ class SttHandler:
             stream, fmt, converter, Utterance(self.model, self.settings.end_of_turn), language
         )
         self.current = utt
-        self.utterances += 1
         await self.send(TranscriptStart(language=language).event())
         utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
 
@@ -246,7 +242,7 @@ class SttHandler:
             samples = utt.converter.convert(payload)
         if utt.finishing or self.current is not utt:
             return  # the turn ended while this chunk was being converted
-        budget = int(self.settings.max_utterance_seconds * 24000) - utt.samples
+        budget = int(self.settings.max_utterance_seconds * MODEL_RATE) - utt.samples
         samples = samples[: max(0, budget)]
         utt.samples += len(samples)
         utt.stream.push(samples)
@@ -254,7 +250,7 @@ class SttHandler:
             limit = self.settings.max_utterance_seconds
             _LOGGER.info("Utterance reached the %.0f s limit: finishing it", limit)
             utt.reason = "length-limit"
-            self._finish(utt, early=True)
+            self._finish(utt)
             self.discarding = True
 
     async def _on_audio_stop(self) -> None:
@@ -262,15 +258,14 @@ class SttHandler:
         if utt is None:
             self.discarding = False  # the end of a turn we already answered (or a repeat)
             return
-        self._finish(utt, early=False)
+        self._finish(utt)
         if utt.task is not None:
             await asyncio.shield(utt.task)
         self.discarding = False
 
-    def _finish(self, utt: _Utterance, early: bool) -> None:
+    def _finish(self, utt: _Utterance) -> None:
         if not utt.finishing:
             utt.finishing = True
-            utt.ended_early = early
             utt.stream.finish()
 
     # ------------------------------------------------------------------ results
@@ -291,11 +286,10 @@ class SttHandler:
                 if (update.end_of_turn or no_speech) and not utt.finishing:
                     _LOGGER.debug("End of turn at step %d", result.step)
                     utt.reason = "end-of-turn" if update.end_of_turn else "no-speech"
-                    self._finish(utt, early=True)
+                    self._finish(utt)
                     self.discarding = True
                     # tell the client at once; the transcript follows after the flush
                     ms = int(utt.decoder.audio_time(result.step) * 1000)
-                    utt.voice_stopped = True
                     await self.send(VoiceStopped(timestamp=ms).event())
             rest = utt.decoder.final_delta()
             if rest:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint import DEFAULT_MODEL, CheckpointError, LoadedModel, load_model
-from .endpointing import EndOfTurnDetector, EndOfTurnSettings
+from .endpointing import EndOfTurnSettings
 from .engine import Engine
 from .utterance import Utterance
 
@@ -36,16 +36,13 @@ async def transcribe_audio(
             stream.push(converter.convert(audio.data[start : start + chunk]))
             await asyncio.sleep(0)
         stream.finish()
-        utterance = Utterance(model, eot)
-        # every place a turn ends, not only the first: re-arm after each
-        detector = EndOfTurnDetector(eot)
+        utterance = Utterance(model, eot, rearm=True)  # every place a turn ends, not only the first
         ends: list[float] = []
         steps: list[dict[str, Any]] = []
         while (result := await stream.get()) is not None:
             update = utterance.feed(result)
-            if detector.update(result.step, update.new_word, update.pause):
+            if update.end_of_turn:
                 ends.append(round(utterance.audio_time(result.step), 3))
-                detector = EndOfTurnDetector(eot)
             pause = None if update.pause is None else round(update.pause, 4)
             steps.append({"token": result.token, "pause": pause})
     finally:

@@ -15,7 +15,7 @@ class Update:
 
     delta: str
     """New transcript text ("" when none); deltas concatenate to the final text."""
-    new_word: bool
+    new_text: bool
     """The step added text."""
     end_of_turn: bool
     """The end-of-turn detector fired on this step."""
@@ -26,8 +26,10 @@ class Update:
 class Utterance:
     """Decoder plus end-of-turn detector for one stream."""
 
-    def __init__(self, model: ModelInfo, eot: EndOfTurnSettings) -> None:
+    def __init__(self, model: ModelInfo, eot: EndOfTurnSettings, rearm: bool = False) -> None:
+        """``rearm``: after the detector fires, watch for the next end of turn too (files)."""
         self.model = model
+        self.rearm = rearm
         self.eot = eot
         self.step_seconds = 1.0 / model.frame_rate
         self.decoder = TranscriptDecoder(
@@ -47,6 +49,8 @@ class Utterance:
         started_word = len(self.decoder.words) > words_before
         pause = result.pauses[self.eot.head] if self.has_heads else None
         fired = self.detector.update(result.step, started_word, pause)
+        if fired and self.rearm:
+            self.detector = EndOfTurnDetector(self.eot)
         delta = self.decoder.delta() if new_text else ""
         return Update(delta, new_text, fired, pause)
 
