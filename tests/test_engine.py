@@ -178,3 +178,37 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir) -> 
         eng.stop()
     assert together[0] == alone
     assert len(set(alone)) > 3
+
+
+async def test_idle_slots_past_the_busiest_one_are_not_computed(tiny_model: LoadedModel) -> None:
+    """One person talking on a 4-slot server pays for one row, and tokens stay the same."""
+    audio_a, audio_b = _audio(2.0, seed=31), _audio(1.5, seed=32)
+    expected_a = reference_tokens(tiny_model, audio_a)
+    expected_b = reference_tokens(tiny_model, audio_b)
+    eng = Engine(tiny_model, slots=4)
+    eng.start()
+    batch_sizes: list[int] = []
+    encode = eng.model.mimi.encode
+
+    def counting_encode(x):  # type: ignore[no-untyped-def]
+        batch_sizes.append(x.shape[0])
+        return encode(x)
+
+    eng.model.mimi.encode = counting_encode  # type: ignore[method-assign]
+    try:
+        assert await _transcribe(eng, audio_a) == expected_a
+        assert set(batch_sizes) == {1}
+        # slots 0 and 1 held but silent, slot 2 talks; then slot 0 joins half-way
+        held = [await eng.open_stream(), await eng.open_stream()]
+        batch_sizes.clear()
+        third = asyncio.ensure_future(_transcribe(eng, audio_a, pause=0.002))
+        await asyncio.sleep(0.3)
+        held[0].close()
+        first = asyncio.ensure_future(_transcribe(eng, audio_b))
+        assert await third == expected_a
+        assert await first == expected_b
+        assert set(batch_sizes) == {3}
+        held[1].close()
+    finally:
+        del eng.model.mimi.encode
+        eng.stop()

@@ -27,6 +27,7 @@ from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .fast_kv import install_fast_kv
 from .fast_vq import install_fast_vq, uninstall_fast_vq
 from .moshi_env import configure_moshi_env
+from .narrow import StateNarrower
 
 configure_moshi_env()
 
@@ -150,6 +151,7 @@ class Engine:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
         self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
+        self._narrower: StateNarrower | None = None
         self.fault_hook: Callable[[list[int]], None] | None = None
         """Test hook: called in the worker with the slots of each batch before it runs."""
 
@@ -164,6 +166,7 @@ class Engine:
             self._streaming.enter_context(self.lm_gen.streaming(self.num_slots))
             patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
             codebooks = install_fast_vq(self.model.mimi)
+            self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
             _LOGGER.debug("Fast KV cache on %d layers, fast VQ on %d codebooks", patched, codebooks)
             started = time.monotonic()
             everyone = torch.ones(self.num_slots, dtype=torch.bool)
@@ -189,6 +192,7 @@ class Engine:
         if self._streaming is not None:
             self._streaming.close()
             self._streaming = None
+            self._narrower = None
             uninstall_fast_vq(self.model.mimi)
         for waiter in self._waiters:
             if not waiter.done():
@@ -313,6 +317,17 @@ class Engine:
         mask[indices] = True
         return mask
 
+    def _rows(self, indices: list[int]) -> int:
+        """How many leading rows of the state a step of these slots has to run."""
+        if self._narrower is None or not self._narrower.enabled:
+            return self.num_slots
+        return max(indices) + 1
+
+    def _narrowed(self, rows: int) -> contextlib.AbstractContextManager[None]:
+        if self._narrower is None:
+            return contextlib.nullcontext()
+        return self._narrower.rows(rows)
+
     def _reset_slots(self, indices: list[int]) -> None:
         """Start slots clean; run the LM once on its start tokens (the first-frame quirk)."""
         mask = self._mask(indices).to(self.model.device)
@@ -321,28 +336,37 @@ class Engine:
         # Step 0 of LMGen replaces its input with the start tokens, so a stream's first frame
         # would never be seen; Kyutai's loop feeds it twice. The input of that step is
         # ignored, so running it now, on nothing, is the same and costs no Mimi encode.
-        self.lm_gen.set_exec_mask(mask)
-        codes = torch.zeros(
-            self.num_slots,
-            self.model.lm.num_audio_codebooks,
-            1,
-            dtype=torch.long,
-            device=self.model.device,
-        )
-        self.lm_gen.step(codes)
+        rows = self._rows(indices)
+        with self._narrowed(rows):
+            self.lm_gen.set_exec_mask(mask[:rows])
+            codes = torch.zeros(
+                rows,
+                self.model.lm.num_audio_codebooks,
+                1,
+                dtype=torch.long,
+                device=self.model.device,
+            )
+            self.lm_gen.step(codes)
 
     def _run_batch(
         self, frames: list[np.ndarray], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One batched step. ``frames`` are for the slots set in ``mask``, in order."""
+        """One batched step. ``frames`` are for the slots set in ``mask``, in order.
+
+        Results have a row for each slot up to the highest one in ``mask``.
+        """
         device = self.model.device
-        audio = torch.zeros(self.num_slots, 1, FRAME_SAMPLES)
+        indices = mask.nonzero().squeeze(1).tolist()
+        rows = self._rows(indices)
+        mask = mask[:rows]
+        audio = torch.zeros(rows, 1, FRAME_SAMPLES)
         audio[mask, 0] = torch.from_numpy(np.stack(frames))
         dmask = mask.to(device)
-        self.model.mimi.set_exec_mask(dmask)
-        codes = self.model.mimi.encode(audio.to(device))
-        self.lm_gen.set_exec_mask(dmask)
-        out = self.lm_gen.step_with_extra_heads(codes)
+        with self._narrowed(rows):
+            self.model.mimi.set_exec_mask(dmask)
+            codes = self.model.mimi.encode(audio.to(device))
+            self.lm_gen.set_exec_mask(dmask)
+            out = self.lm_gen.step_with_extra_heads(codes)
         assert out is not None
         tokens, heads = out
         text = tokens[:, 0, 0].cpu()
