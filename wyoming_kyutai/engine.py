@@ -24,6 +24,7 @@ import numpy as np
 from .audio import FRAME_SAMPLES
 from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
+from .fast_conv import install_fast_conv, uninstall_fast_conv
 from .fast_kv import install_fast_kv
 from .fast_vq import install_fast_vq, uninstall_fast_vq
 from .moshi_env import configure_moshi_env
@@ -166,8 +167,14 @@ class Engine:
             self._streaming.enter_context(self.lm_gen.streaming(self.num_slots))
             patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
             codebooks = install_fast_vq(self.model.mimi)
+            convs = install_fast_conv(self.model.mimi)
             self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
-            _LOGGER.debug("Fast KV cache on %d layers, fast VQ on %d codebooks", patched, codebooks)
+            _LOGGER.debug(
+                "Fast KV cache on %d layers, VQ on %d codebooks, %d convolutions",
+                patched,
+                codebooks,
+                convs,
+            )
             started = time.monotonic()
             everyone = torch.ones(self.num_slots, dtype=torch.bool)
             self._run_batch([np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots, everyone)
@@ -194,6 +201,7 @@ class Engine:
             self._streaming = None
             self._narrower = None
             uninstall_fast_vq(self.model.mimi)
+            uninstall_fast_conv(self.model.mimi)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.get_loop().call_soon_threadsafe(_set_exception, waiter, EngineClosed())
