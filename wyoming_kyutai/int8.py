@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 _LOGGER = logging.getLogger(__name__)
+_INF = float("inf")
 
 
 def _quantize(linear: nn.Linear) -> nn.Module:
@@ -55,12 +56,22 @@ class RowScaledInt8(nn.Module):
         guard[0, 0] = 1.0
         guard[0, 1] = -1.0
         self.register_buffer("guard", guard, persistent=False)
+        # the scaled rows are written straight into a buffer that already ends with the guard
+        # row (one per row count): saves a concatenation per call, ~100 calls per 80 ms frame
+        self._inputs: dict[int, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        out = self.quantized(torch.cat([rows / scale, self.guard]))[:-1] * scale
+        count = rows.shape[0]
+        buffer = self._inputs.get(count)
+        if buffer is None:
+            buffer = torch.cat([torch.zeros(count, self.in_features), self.guard])
+            self._inputs[count] = buffer
+        scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True).clamp_min_(1e-12)
+        torch.div(rows, scale, out=buffer[:count])
+        packed = self.quantized._packed_params._packed_params
+        out = torch.ops.quantized.linear_dynamic(buffer, packed, True)[:count] * scale
         return out.reshape(*shape[:-1], self.out_features)
 
 
