@@ -207,7 +207,7 @@ async def test_idle_slots_past_the_busiest_one_are_not_computed(tiny_model: Load
         first = asyncio.ensure_future(_transcribe(eng, audio_b))
         assert await third == expected_a
         assert await first == expected_b
-        assert set(batch_sizes) == {3}
+        assert max(batch_sizes) == 3  # slot 3 never stepped; 1 once slot 2 is done
         held[1].close()
     finally:
         del eng.model.mimi.encode

@@ -70,7 +70,7 @@ class RowScaledInt8(nn.Module):
             self._inputs[count] = buffer
         scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True).clamp_min_(1e-12)
         torch.div(rows, scale, out=buffer[:count])
-        packed = self.quantized._packed_params._packed_params
+        packed = self.quantized._packed_params._packed_params  # type: ignore[union-attr]
         out = torch.ops.quantized.linear_dynamic(buffer, packed, True)[:count] * scale
         return out.reshape(*shape[:-1], self.out_features)
 
