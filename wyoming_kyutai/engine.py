@@ -138,7 +138,7 @@ class EngineStream:
 class Engine:
     """Owns the model and its batch slots. ``start()`` before use, ``stop()`` at the end."""
 
-    def __init__(self, model: LoadedModel, slots: int = 4) -> None:
+    def __init__(self, model: LoadedModel, slots: int = 4, narrow: bool = True) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.model = model
@@ -152,6 +152,8 @@ class Engine:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
         self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
+        self._narrow = narrow
+        """Step only the rows up to the highest busy slot (off: every row, as moshi does)."""
         self._narrower: StateNarrower | None = None
         self.fault_hook: Callable[[list[int]], None] | None = None
         """Test hook: called in the worker with the slots of each batch before it runs."""
@@ -168,7 +170,8 @@ class Engine:
             patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
             codebooks = install_fast_vq(self.model.mimi)
             convs = install_fast_conv(self.model.mimi)
-            self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
+            if self._narrow:
+                self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
             _LOGGER.debug(
                 "Fast KV cache on %d layers, VQ on %d codebooks, %d convolutions",
                 patched,
