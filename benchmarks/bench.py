@@ -168,6 +168,37 @@ def engine_steps(
     }
 
 
+# --------------------------------------------------------------------------- floor
+def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
+    """The LM's int8 matrix products alone, per step: a floor no engine change gets under.
+
+    Every transformer linear of the LM, called directly on its packed int8 weights with
+    ``batch`` rows (plus the guard row), with no attention, norms or Python around them.
+    """
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.int8 import RowScaledInt8
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8")
+    linears = [m for m in model.lm.transformer.modules() if isinstance(m, RowScaledInt8)]
+    weight_mb = sum(m.in_features * m.out_features for m in linears) / 1e6
+    out: dict[str, Any] = {"linears": len(linears), "int8_weight_mb": round(weight_mb)}
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {m.in_features: torch.rand(batch + 1, m.in_features) for m in linears}
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for m in linears:
+                    packed = m.quantized._packed_params._packed_params
+                    torch.ops.quantized.linear_dynamic(inputs[m.in_features], packed, True)
+                times.append(time.perf_counter() - started)
+            out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
+    out["gb_per_s_batch1"] = round(weight_mb / out[f"batch{batches[0]}_ms"], 1)
+    return out
+
+
 # --------------------------------------------------------------------------- 6. deviation
 def int8_deviation(ckpt: Path, frames: int) -> dict[str, Any]:
     """Token agreement and text-logit cosine of the int8 path against float32, same codes."""
@@ -392,6 +423,7 @@ PHASES: dict[str, Any] = {
     "reference": lambda c, d, f: reference_loop(Path(c), d, f),
     "engine": lambda c, *rest: engine_steps(Path(c), *rest),
     "deviation": lambda c, f: int8_deviation(Path(c), f),
+    "floor": lambda c, b: lm_floor(Path(c), b),
 }
 
 
@@ -458,6 +490,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| engine, {lever['quantize']}, batch {lever['batch']}{where} | {lever['step_ms']}"
             f" ms/step = {lever['streams_worth']} streams' worth of audio per second |"
+        )
+    floor = result.get("lm_floor")
+    if floor:
+        lines.append(
+            f"| floor: the LM's int8 matrix products alone ({floor['int8_weight_mb']} MB of "
+            f"weights) | batch 1 {floor['batch1_ms']} ms/step ({floor['gb_per_s_batch1']} GB/s), "
+            f"batch 8 {floor['batch8_ms']} ms/step |"
         )
     lines += [
         f"| real-time streams that keep up (p99 lag ≤ 160 ms) | **{cap}** "
@@ -539,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         phase("engine", c, frames, "auto", 4),
         phase("engine", c, frames, "auto", 8),
     ]
+    result["lm_floor"] = phase("floor", c, [1, 8])
     print("int8 deviation...", file=sys.stderr, flush=True)
     result["int8_deviation"] = phase("deviation", c, frames * 2)
     print("server trials...", file=sys.stderr, flush=True)
