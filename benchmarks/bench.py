@@ -191,8 +191,7 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
             for _ in range(repeats):
                 started = time.perf_counter()
                 for m in linears:
-                    packed = m.quantized._packed_params._packed_params
-                    torch.ops.quantized.linear_dynamic(inputs[m.in_features], packed, True)
+                    torch.ops.quantized.linear_dynamic(inputs[m.in_features], m.packed, True)
                 times.append(time.perf_counter() - started)
             out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
     out["gb_per_s_batch1"] = round(weight_mb / out[f"batch{batches[0]}_ms"], 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,11 @@ class RowScaledInt8(nn.Module):
         # row (one per row count): saves a concatenation per call, ~100 calls per 80 ms frame
         self._inputs: dict[int, torch.Tensor] = {}
 
+    @property
+    def packed(self) -> Any:
+        """The int8 weights as PyTorch's quantized linear op takes them."""
+        return self.quantized._packed_params._packed_params  # type: ignore[union-attr]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
@@ -70,8 +76,7 @@ class RowScaledInt8(nn.Module):
             self._inputs[count] = buffer
         scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True).clamp_min_(1e-12)
         torch.div(rows, scale, out=buffer[:count])
-        packed = self.quantized._packed_params._packed_params  # type: ignore[union-attr]
-        out = torch.ops.quantized.linear_dynamic(buffer, packed, True)[:count] * scale
+        out = torch.ops.quantized.linear_dynamic(buffer, self.packed, True)[:count] * scale
         return out.reshape(*shape[:-1], self.out_features)
 
 
