@@ -26,6 +26,7 @@ from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .fast_conv import install_fast_conv, uninstall_fast_conv
 from .fast_kv import install_fast_kv
+from .fast_rope import install_fast_rope, uninstall_fast_rope
 from .fast_vq import install_fast_vq, uninstall_fast_vq
 from .moshi_env import configure_moshi_env
 from .narrow import StateNarrower
@@ -170,6 +171,9 @@ class Engine:
             patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
             codebooks = install_fast_vq(self.model.mimi)
             convs = install_fast_conv(self.model.mimi)
+            if str(self.model.device).startswith("cpu"):  # CUDA graphs want no host syncs
+                install_fast_rope(self.model.mimi)
+                install_fast_rope(self.model.lm)
             if self._narrow:
                 self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
             _LOGGER.debug(
@@ -205,6 +209,8 @@ class Engine:
             self._narrower = None
             uninstall_fast_vq(self.model.mimi)
             uninstall_fast_conv(self.model.mimi)
+            uninstall_fast_rope(self.model.mimi)
+            uninstall_fast_rope(self.model.lm)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.get_loop().call_soon_threadsafe(_set_exception, waiter, EngineClosed())
