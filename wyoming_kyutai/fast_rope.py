@@ -76,7 +76,7 @@ def install_fast_rope(module: Any) -> int:
     count = 0
     for sub in module.modules():
         if type(sub) is RotaryEmbedding:
-            sub.forward = types.MethodType(_fast_forward, sub)
+            sub.forward = types.MethodType(_fast_forward, sub)  # type: ignore[method-assign]
             count += 1
     return count
 

@@ -55,7 +55,7 @@ class RowScaledInt8(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.quantized = _quantize(linear)
-        self._packed = self.quantized._packed_params._packed_params  # type: ignore[union-attr]
+        self._packed: Any = self.quantized._packed_params._packed_params  # type: ignore[union-attr]
         guard = torch.zeros(1, linear.in_features)
         guard[0, 0] = 1.0
         guard[0, 1] = -1.0
