@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     result["engine_batch1"] = phase("engine", c, frames * 2, "auto", 1)
     result["engine_levers"] = [
         phase("engine", c, frames, "none", 1),
-        result["engine_batch1"],
+        phase("engine", c, frames, "auto", 1),  # same length as the rows below
         phase("engine", c, frames, "auto", 1, 4, False),
         phase("engine", c, frames, "auto", 1, 4, True),
         phase("engine", c, frames, "auto", 4),

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
@@ -211,4 +212,39 @@ async def test_idle_slots_past_the_busiest_one_are_not_computed(tiny_model: Load
         held[1].close()
     finally:
         del eng.model.mimi.encode
+        eng.stop()
+
+
+def test_a_narrowed_step_leaves_later_rows_alone_and_an_error_inside_restores_the_state(
+    tiny_model: LoadedModel,
+) -> None:
+    eng = Engine(tiny_model, slots=3)
+    eng.start()
+    try:
+        narrower = eng._narrower
+        assert narrower is not None and narrower.enabled
+
+        def batched() -> list[torch.Tensor]:
+            out = []
+            for state in narrower._states:
+                out += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+                cache = getattr(state, "kv_cache", None)
+                if cache is not None:
+                    out += [cache.cache.transpose(0, 1), cache.end_offset]
+            return [t for t in out if t.dim() and t.shape[0] == 3]
+
+        before = [t[1:].clone() for t in batched()]
+        ends_before = [t[0].clone() for t in batched()]
+        frame = _audio(0.08, seed=41)
+        eng._run_batch([frame], eng._mask([0]))
+        assert all(torch.equal(t[1:], b) for t, b in zip(batched(), before, strict=True))
+        assert any(not torch.equal(t[0], b) for t, b in zip(batched(), ends_before, strict=True))
+
+        with pytest.raises(RuntimeError, match="boom"), narrower.rows(1):
+            assert all(s.batch_size == 1 for s in narrower._states)
+            raise RuntimeError("boom")
+        assert all(s.batch_size == 3 for s in narrower._states)
+        assert all(t.shape[0] == 3 for t in batched())
+        assert len(batched()) == len(before)
+    finally:
         eng.stop()

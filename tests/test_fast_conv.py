@@ -34,3 +34,12 @@ def test_matmul_convolution_matches_pytorch_and_keeps_wide_outputs_on_pytorch() 
     for g, e in zip(got_others, expected_others, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert "forward" not in mimi.encoder[0].__dict__
+
+
+def test_the_real_mimi_gets_the_fast_path(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    mimi = tiny_model.mimi
+    try:
+        assert install_fast_conv(mimi) >= 10  # every plain conv of the encoder side
+    finally:
+        uninstall_fast_conv(mimi)
+    assert not any("forward" in m.__dict__ for m in mimi.modules())

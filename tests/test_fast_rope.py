@@ -15,11 +15,21 @@ def test_cached_rotation_is_moshis_rotation(interleave: bool, time_before_heads:
     torch.manual_seed(0)
     holder = torch.nn.Sequential(RotaryEmbedding(interleave=interleave, max_period=10_000))
     rope = holder[0]
-    shape = (3, 4, 2, 16) if time_before_heads else (3, 2, 4, 16)  # 3 streams, 4 steps
 
     def calls() -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
-        for offsets in ([0, 5, 9], [0, 5, 9], [1, 6, 9], [700, 3, 0]):
+        # the same offsets again (cached), then other steps, batch, offsets and head dim
+        for offsets, steps, dim in (
+            ([0, 5, 9], 4, 16),
+            ([0, 5, 9], 4, 16),
+            ([0, 5, 9], 2, 16),
+            ([0, 5], 2, 16),
+            ([0, 5], 2, 8),
+            ([1, 6, 9], 2, 16),
+            ([700, 3, 0], 4, 16),
+        ):
+            batch = len(offsets)
+            shape = (batch, steps, 2, dim) if time_before_heads else (batch, 2, steps, dim)
             q, k = torch.randn(shape), torch.randn(shape)
             out.append(rope(q, k, torch.tensor(offsets), time_before_heads=time_before_heads))
         return out

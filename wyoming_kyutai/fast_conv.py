@@ -25,10 +25,15 @@ MAX_POSITIONS = 4
 
 def _matmul_forward(self: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     kernel, stride = self.kernel_size[0], self.stride[0]
-    batch, channels, length = x.shape
-    positions = (length - kernel) // stride + 1
-    if not 0 < positions <= MAX_POSITIONS or x.dtype != self.weight.dtype or x.device.type != "cpu":
+    positions = (x.shape[-1] - kernel) // stride + 1
+    if (
+        x.dim() != 3
+        or not 0 < positions <= MAX_POSITIONS
+        or x.dtype != self.weight.dtype
+        or x.device.type != "cpu"
+    ):
         return nn.Conv1d.forward(self, x)
+    batch = x.shape[0]
     windows = x.unfold(2, kernel, stride).transpose(1, 2).reshape(batch, positions, -1)
     y = torch.matmul(windows, self.weight.reshape(self.out_channels, -1).t())
     if self.bias is not None:

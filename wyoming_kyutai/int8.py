@@ -13,6 +13,7 @@ own input, bit for bit.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -61,8 +62,9 @@ class RowScaledInt8(nn.Module):
         guard[0, 1] = -1.0
         self.register_buffer("guard", guard, persistent=False)
         # the scaled rows are written straight into a buffer that already ends with the guard
-        # row (one per row count): saves a concatenation per call, ~100 calls per 80 ms frame
-        self._inputs: dict[int, torch.Tensor] = {}
+        # row (one per row count and thread): saves a concatenation per call, ~100 calls per
+        # 80 ms frame
+        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def packed(self) -> Any:
@@ -73,10 +75,11 @@ class RowScaledInt8(nn.Module):
         shape = x.shape
         rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
         count = rows.shape[0]
-        buffer = self._inputs.get(count)
+        key = (threading.get_ident(), count)
+        buffer = self._inputs.get(key)
         if buffer is None:
             buffer = torch.cat([torch.zeros(count, self.in_features), self.guard])
-            self._inputs[count] = buffer
+            self._inputs[key] = buffer
         scale = torch.linalg.vector_norm(rows, _INF, dim=1, keepdim=True).clamp_min_(1e-12)
         torch.div(rows, scale, out=buffer[:count])
         out = _LINEAR_DYNAMIC(buffer, self._packed, True)[:count] * scale

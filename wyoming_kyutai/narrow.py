@@ -3,7 +3,7 @@
 The engine keeps one streaming state with a row per slot. moshi steps every row and masks
 out the idle ones (its exec mask), so a server with 4 slots and one person talking pays for
 4 rows of Mimi convolutions, attention and KV writes. Slots are handed out lowest first, so
-the rows in use are nearly always a prefix: :func:`narrowed` swaps every batched tensor of
+the rows in use are nearly always a prefix: :meth:`StateNarrower.rows` swaps every batched tensor of
 the streaming state for a view of its first ``rows`` rows for the length of one step, and
 puts the full tensors back afterwards. Rows past the prefix are not touched at all, which is
 what the exec mask would have done for them anyway.
@@ -87,13 +87,18 @@ class StateNarrower:
                 state.batch_size = rows
             yield
         finally:
+            # put every full tensor back first, so that even a failed copy below cannot
+            # leave the model with a narrowed state
+            reassigned = []
             for obj, name, full, view, dim in reversed(swapped):
                 now = getattr(obj, name)
-                if now is not view:  # moshi assigned a new tensor: keep its values
-                    full.narrow(dim, 0, rows).copy_(now)
                 setattr(obj, name, full)
+                if now is not view:  # moshi assigned a new tensor: keep its values
+                    reassigned.append((full.narrow(dim, 0, rows), now))
             for state in self._states:
                 state.batch_size = self.batch_size
+            for target, values in reassigned:
+                target.copy_(values)
 
 
 def _swap(

@@ -1,0 +1,47 @@
+"""The benchmark's measurements run (on the tiny checkpoint), so `script/bench` does not rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.bench import markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _phase(name: str, *args: object) -> dict:
+    env = {**os.environ, "NO_TORCH_COMPILE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--phase", name, "--phase-args"]
+    proc = subprocess.run(
+        [*cmd, json.dumps(args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_engine_and_floor_phases_measure_and_render(tiny_dir: Path) -> None:
+    skipped = _phase("engine", str(tiny_dir), 6, "int8", 1, 3, True)
+    stepped = _phase("engine", str(tiny_dir), 6, "int8", 1, 3, False)
+    floor = _phase("floor", str(tiny_dir), [1, 8])
+    assert skipped["quantize"] == "int8" and skipped["slots"] == 3 and skipped["step_ms"] > 0
+    assert stepped["narrow"] is False
+    assert floor["linears"] > 0 and floor["batch1_ms"] >= 0 and "batch8_ms" in floor
+    result = {
+        "name": "t",
+        "preset": "tiny",
+        "command": "script/bench",
+        "machine": {"cpu": "x", "cores": 2, "torch_cpu_capability": "AVX2", "torch": "2"},
+        "reference": [{"dtype": "bfloat16", "frame_ms": 10.0, "mimi_ms": 4.0, "lm_ms": 6.0}],
+        "engine_batch1": skipped,
+        "engine_levers": [stepped, skipped],
+        "lm_floor": floor,
+        "int8_deviation": {"token_agreement": 1.0, "logit_cosine_mean": 1.0, "logit_cosine_min": 1},
+        "server": {"capacity": 0, "trials": [], "end_of_speech_1": {"p50": 0.1, "p95": 0.2}},
+    }
+    table = markdown(result)
+    assert "2 idle slot(s) stepped" in table and "2 idle slot(s) skipped" in table
+    assert "floor: the LM's int8 matrix products alone" in table
