@@ -11,6 +11,8 @@ In one run, on the same machine and checkpoint:
 4. end of speech: audio-stop → final transcript, p50/p95, with 1 stream and with N;
 5. describe latency while N streams run, and the server's resident memory;
 6. the int8 path's deviation from float32: token agreement and text-logit cosine similarity.
+Also the levers one by one (float32 vs int8, batch 1/4/8, idle slots stepped vs skipped) and a
+floor: the LM's int8 matrix products alone per step.
 Writes benchmarks/results/<name>.json and <name>.md.
 """
 

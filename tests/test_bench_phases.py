@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from benchmarks.bench import markdown
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _phase(name: str, *args: object) -> dict:
-    env = {**os.environ, "NO_TORCH_COMPILE": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.bench", "--phase", name, "--phase-args"]
-    proc = subprocess.run(
-        [*cmd, json.dumps(args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from benchmarks.bench import markdown, phase
 
 
 def test_engine_and_floor_phases_measure_and_render(tiny_dir: Path) -> None:
-    skipped = _phase("engine", str(tiny_dir), 6, "int8", 1, 3, True)
-    stepped = _phase("engine", str(tiny_dir), 6, "int8", 1, 3, False)
-    floor = _phase("floor", str(tiny_dir), [1, 8])
+    skipped = phase("engine", str(tiny_dir), 6, "int8", 1, 3, True)
+    stepped = phase("engine", str(tiny_dir), 6, "int8", 1, 3, False)
+    floor = phase("floor", str(tiny_dir), [1, 8])
     assert skipped["quantize"] == "int8" and skipped["slots"] == 3 and skipped["step_ms"] > 0
     assert stepped["narrow"] is False
     assert floor["linears"] > 0 and floor["batch1_ms"] >= 0 and "batch8_ms" in floor

@@ -171,11 +171,11 @@ class Engine:
             patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
             codebooks = install_fast_vq(self.model.mimi)
             convs = install_fast_conv(self.model.mimi)
-            if str(self.model.device).startswith("cpu"):  # CUDA graphs want no host syncs
-                install_fast_rope(self.model.mimi)
-                install_fast_rope(self.model.lm)
+            install_fast_rope(self.model.mimi)
+            install_fast_rope(self.model.lm)
             if self._narrow:
-                self._narrower = StateNarrower(self.model.mimi, self.lm_gen)
+                narrower = StateNarrower(self.model.mimi, self.lm_gen)
+                self._narrower = narrower if narrower.enabled else None
             _LOGGER.debug(
                 "Fast KV cache on %d layers, VQ on %d codebooks, %d convolutions",
                 patched,
@@ -183,8 +183,8 @@ class Engine:
                 convs,
             )
             started = time.monotonic()
-            everyone = torch.ones(self.num_slots, dtype=torch.bool)
-            self._run_batch([np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots, everyone)
+            silence = [np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots
+            self._run_batch(silence, list(range(self.num_slots)))
             _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
         for slot in self._slots:
             slot.needs_reset = True
@@ -336,7 +336,7 @@ class Engine:
 
     def _rows(self, indices: list[int]) -> int:
         """How many leading rows of the state a step of these slots has to run."""
-        if self._narrower is None or not self._narrower.enabled:
+        if self._narrower is None:
             return self.num_slots
         return max(indices) + 1
 
@@ -366,16 +366,15 @@ class Engine:
             self.lm_gen.step(codes)
 
     def _run_batch(
-        self, frames: list[np.ndarray], mask: torch.Tensor
+        self, frames: list[np.ndarray], indices: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One batched step. ``frames`` are for the slots set in ``mask``, in order.
+        """One batched step. ``frames`` are for the slots ``indices``, in ascending order.
 
-        Results have a row for each slot up to the highest one in ``mask``.
+        Results have a row for each slot up to the highest one in ``indices``.
         """
         device = self.model.device
-        indices = mask.nonzero().squeeze(1).tolist()
         rows = self._rows(indices)
-        mask = mask[:rows]
+        mask = self._mask(indices)[:rows]
         audio = torch.zeros(rows, 1, FRAME_SAMPLES)
         audio[mask, 0] = torch.from_numpy(np.stack(frames))
         dmask = mask.to(device)
@@ -391,8 +390,9 @@ class Engine:
         return text, pauses
 
     def _step(self, batch: list[tuple[_Slot, EngineStream, _Frame]]) -> None:
-        mask = self._mask([s.index for s, _, _ in batch])
-        text, pauses = self._run_batch([f.samples for _, _, f in batch], mask)
+        text, pauses = self._run_batch(
+            [f.samples for _, _, f in batch], [s.index for s, _, _ in batch]
+        )
         done = time.monotonic()
         ended: list[EngineStream] = []
         with self._cond:

@@ -72,7 +72,13 @@ def _fast_forward(
 
 
 def install_fast_rope(module: Any) -> int:
-    """Patch every rotary embedding under ``module``; return how many."""
+    """Patch every rotary embedding under a CPU ``module``; return how many.
+
+    Not on other devices: the cache key reads the offsets on the host, and moshi's CUDA
+    graphs allow no host syncs.
+    """
+    if any(p.device.type != "cpu" for p in module.parameters()):
+        return 0
     count = 0
     for sub in module.modules():
         if type(sub) is RotaryEmbedding:

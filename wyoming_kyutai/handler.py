@@ -278,10 +278,10 @@ class SttHandler:
                 update = utt.decoder.feed(result)
                 if update.delta:
                     await self._send_delta(utt, update.delta)
-                no_speech = (
+                no_speech = (  # the text is decoded only once the timeout has passed
                     self.settings.no_speech_timeout > 0
-                    and not utt.decoder.text
                     and utt.decoder.audio_time(result.step) >= self.settings.no_speech_timeout
+                    and not utt.decoder.text
                 )
                 if (update.end_of_turn or no_speech) and not utt.finishing:
                     _LOGGER.debug("End of turn at step %d", result.step)
