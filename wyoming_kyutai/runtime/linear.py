@@ -1,0 +1,102 @@
+"""Matrix products of the runtime: float32, or int8 weights with a per-stream activation grid.
+
+int8 uses PyTorch's dynamic quantized linear (fbgemm/x86 on x86, qnnpack on ARM): int8 weights
+per output channel, activations quantized to uint8 at run time. That op picks one activation
+scale for its whole input, which would make one stream's result depend on the others in the
+batch. So every row (stream) is first scaled into [-1, 1] by its own largest magnitude, and a
+guard row holding exactly -1 and +1 is appended: the activation grid is then the same fixed one
+whatever else is in the batch, and each row's own scale is multiplied back afterwards (the
+layers have no bias). A stream's output depends only on its own input, bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+# the op's overload itself: calling it skips the per-call overload resolution (~4 us a call)
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+_PREPACK = torch.ops.quantized.linear_prepack.default
+
+
+def pick_quantized_engine() -> str:
+    """Select the fastest quantized engine this torch has (x86/fbgemm, else qnnpack)."""
+    engines = torch.backends.quantized.supported_engines
+    for name in ("x86", "fbgemm", "qnnpack"):
+        if name in engines:
+            if torch.backends.quantized.engine != name:
+                torch.backends.quantized.engine = name
+            return name
+    raise RuntimeError("this build of torch has no quantized engine; use quantize none")
+
+
+class Linear:
+    """``y = x @ W.T`` without bias; ``int8`` stores W as int8 per output channel.
+
+    The float32 weight is not kept once the int8 one is made.
+    """
+
+    def __init__(self, weight: torch.Tensor, int8: bool = False) -> None:
+        if weight.dim() != 2:
+            raise ValueError("a linear weight is 2-D [out, in]")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.int8 = int8
+        self.weight: torch.Tensor | None = None
+        self.packed: object | None = None
+        if int8:
+            if self.in_features < 2:
+                raise ValueError("int8 linears need at least 2 input features")
+            self.packed = _prepack(weight.float())
+            # fbgemm needs 7-bit activations (its int16 accumulation); qnnpack has no such
+            # option and warns if asked
+            self._reduce_range = torch.backends.quantized.engine != "qnnpack"
+            guard = torch.zeros(1, self.in_features)
+            guard[0, 0], guard[0, 1] = 1.0, -1.0
+            self._guard = guard
+            self._buffers = threading.local()
+        else:
+            self.weight = weight.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return torch.nn.functional.linear(x, self.weight)
+        shape = x.shape
+        rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
+        count = rows.shape[0]
+        buffer = self._input_buffer(count)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
+        torch.div(rows, scale, out=buffer[:count])
+        out = _LINEAR_DYNAMIC(buffer, self.packed, self._reduce_range)[:count] * scale
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _input_buffer(self, count: int) -> torch.Tensor:
+        """A [count + 1, in] buffer whose last row is the guard (one per row count and thread)."""
+        cache: dict[int, torch.Tensor] | None = getattr(self._buffers, "by_count", None)
+        if cache is None:
+            cache = self._buffers.by_count = {}
+        buffer = cache.get(count)
+        if buffer is None:
+            buffer = torch.cat([torch.zeros(count, self.in_features), self._guard])
+            cache[count] = buffer
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the weights (int8: one byte per weight plus per-channel scales)."""
+        if self.weight is not None:
+            return self.weight.numel() * self.weight.element_size()
+        return self.out_features * self.in_features + self.out_features * 12
+
+
+def _prepack(weight: torch.Tensor) -> object:
+    """Symmetric per-output-channel int8 weights, packed for the current quantized engine."""
+    amax = weight.abs().amax(dim=1).clamp_min(1e-12)
+    scales = (amax / 127.5).double()
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # quantized tensors are deprecated in favour of torchao, but work in the torch we pin
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+    return _PREPACK(qweight, None)

@@ -1,0 +1,63 @@
+"""Read a checkpoint's tensors by moshi's names, one at a time, with shape checks.
+
+Tensors are read lazily from the safetensors file, so a model can be converted (e.g. to int8)
+layer by layer without ever holding the whole float checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class WeightError(ValueError):
+    """A tensor is missing or misshapen; the message is one line naming it."""
+
+
+class WeightFile:
+    """The tensors of one ``.safetensors`` file, converted to ``dtype`` when taken."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            self._file: Any = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
+            raise WeightError(f"{self.path.name}: not a readable safetensors file ({err})") from err
+        self._names = set(self._file.keys())
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Every tensor name starting with ``prefix``, sorted."""
+        return sorted(n for n in self._names if n.startswith(prefix))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._require(name)
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def take(
+        self,
+        name: str,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The tensor ``name`` as ``dtype``; raises WeightError if missing or of another shape."""
+        self._require(name)
+        if shape is not None:
+            actual = self.shape(name)
+            if actual != tuple(shape):
+                raise WeightError(
+                    f"{self.path.name}: tensor {name} has shape {list(actual)}, "
+                    f"expected {list(shape)} (does config.json match the weights?)"
+                )
+        tensor = self._file.get_tensor(name)
+        return tensor.to(dtype).contiguous()
+
+    def _require(self, name: str) -> None:
+        if name not in self._names:
+            raise WeightError(f"{self.path.name}: missing tensor {name}")
