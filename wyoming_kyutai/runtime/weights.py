@@ -44,9 +44,10 @@ class WeightFile:
         self,
         name: str,
         shape: tuple[int, ...] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
     ) -> torch.Tensor:
-        """The tensor ``name`` as ``dtype``; raises WeightError if missing or of another shape."""
+        """The tensor ``name`` as ``dtype`` (None: as stored); raises WeightError if missing or
+        of another shape."""
         self._require(name)
         if shape is not None:
             actual = self.shape(name)
@@ -56,7 +57,9 @@ class WeightFile:
                     f"expected {list(shape)} (does config.json match the weights?)"
                 )
         tensor = self._file.get_tensor(name)
-        return tensor.to(dtype).contiguous()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor.contiguous()
 
     def _require(self, name: str) -> None:
         if name not in self._names:
