@@ -123,18 +123,18 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- 2. engine
 def engine_steps(
-    ckpt: Path, frames: int, quantize: str, batch: int, slots: int = 0, narrow: bool = True
+    ckpt: Path, frames: int, quantize: str, batch: int, slots: int = 0
 ) -> dict[str, Any]:
     """ms per engine step with ``batch`` streams fed as fast as possible.
 
     ``slots`` (default: ``batch``) sets the engine's slot count, so ``batch`` < ``slots``
-    leaves slots idle; ``narrow`` False steps every row as moshi alone would.
+    leaves slots idle.
     """
     from wyoming_kyutai.checkpoint import load_model
     from wyoming_kyutai.engine import Engine
 
     model = load_model(str(ckpt), device="cpu", quantize=quantize)
-    engine = Engine(model, slots=slots or batch, narrow=narrow)
+    engine = Engine(model, slots=slots or batch)
     engine.start()
     clips = [speechlike(frames * 0.08, 24000, 2 + i) for i in range(batch)]
 
@@ -162,7 +162,6 @@ def engine_steps(
         "quantize": "int8" if model.quantized else "none (float32)",
         "batch": batch,
         "slots": slots or batch,
-        "narrow": narrow,
         "frames": frames,
         "step_ms": round(per_step * 1000, 1),
         "frame_ms": round(per_step * 1000, 1),
@@ -483,11 +482,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for lever in result.get("engine_levers", []):
         idle = lever.get("slots", lever["batch"]) - lever["batch"]
-        where = (
-            f", {idle} idle slot(s) {'skipped' if lever.get('narrow', True) else 'stepped'}"
-            if idle
-            else ""
-        )
+        where = f", {idle} idle slot(s)" if idle else ""
         lines.append(
             f"| engine, {lever['quantize']}, batch {lever['batch']}{where} | {lever['step_ms']}"
             f" ms/step = {lever['streams_worth']} streams' worth of audio per second |"

@@ -8,11 +8,11 @@ from benchmarks.bench import markdown, phase
 
 
 def test_engine_and_floor_phases_measure_and_render(tiny_dir: Path) -> None:
-    skipped = phase("engine", str(tiny_dir), 6, "int8", 1, 3, True)
-    stepped = phase("engine", str(tiny_dir), 6, "int8", 1, 3, False)
+    skipped = phase("engine", str(tiny_dir), 6, "int8", 1, 3)
+    stepped = phase("engine", str(tiny_dir), 6, "int8", 2, 2)
     floor = phase("floor", str(tiny_dir), [1, 8])
     assert skipped["quantize"] == "int8" and skipped["slots"] == 3 and skipped["step_ms"] > 0
-    assert stepped["narrow"] is False
+    assert stepped["batch"] == 2 and stepped["slots"] == 2
     assert floor["linears"] > 0 and floor["batch1_ms"] >= 0 and "batch8_ms" in floor
     result = {
         "name": "t",
@@ -27,5 +27,5 @@ def test_engine_and_floor_phases_measure_and_render(tiny_dir: Path) -> None:
         "server": {"capacity": 0, "trials": [], "end_of_speech_1": {"p50": 0.1, "p95": 0.2}},
     }
     table = markdown(result)
-    assert "2 idle slot(s) stepped" in table and "2 idle slot(s) skipped" in table
+    assert "batch 1, 2 idle slot(s)" in table and "batch 2 |" in table
     assert "floor: the LM's int8 matrix products alone" in table

@@ -10,6 +10,7 @@ import torch
 
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
+from wyoming_kyutai.audio import FRAME_SAMPLES
 from wyoming_kyutai.checkpoint import LoadedModel
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
@@ -181,70 +182,71 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir) -> 
     assert len(set(alone)) > 3
 
 
-async def test_idle_slots_past_the_busiest_one_are_not_computed(tiny_model: LoadedModel) -> None:
-    """One person talking on a 4-slot server pays for one row, and tokens stay the same."""
+class _Recorder:
+    """Wraps a started engine's stepper to record which slots each call was given."""
+
+    def __init__(self, eng: Engine) -> None:
+        assert eng.stepper is not None
+        self.stepper = eng.stepper
+        self.encodes: list[tuple[list[int], int]] = []  # (slots, frames per slot)
+        self.steps: list[list[int]] = []
+        self._encode, self._lm_step = self.stepper.encode, self.stepper.lm_step
+        self.stepper.encode = self.encode  # type: ignore[method-assign,assignment]
+        self.stepper.lm_step = self.lm_step  # type: ignore[method-assign,assignment]
+
+    def encode(self, audio: np.ndarray, slots: list[int]) -> torch.Tensor:
+        self.encodes.append((list(slots), audio.shape[1] // FRAME_SAMPLES))
+        return self._encode(audio, slots)
+
+    def lm_step(self, codes: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.steps.append(list(slots))
+        return self._lm_step(codes, slots)
+
+
+async def test_only_slots_with_audio_are_stepped(tiny_model: LoadedModel) -> None:
+    """Slots held by silent streams are never handed to the model; tokens stay the same."""
     audio_a, audio_b = _audio(2.0, seed=31), _audio(1.5, seed=32)
     expected_a = reference_tokens(tiny_model, audio_a)
     expected_b = reference_tokens(tiny_model, audio_b)
     eng = Engine(tiny_model, slots=4)
     eng.start()
-    batch_sizes: list[int] = []
-    encode = eng.model.mimi.encode
-
-    def counting_encode(x):  # type: ignore[no-untyped-def]
-        batch_sizes.append(x.shape[0])
-        return encode(x)
-
-    eng.model.mimi.encode = counting_encode  # type: ignore[method-assign]
     try:
-        assert await _transcribe(eng, audio_a) == expected_a
-        assert set(batch_sizes) == {1}
-        # slots 0 and 1 held but silent, slot 2 talks; then slot 0 joins half-way
-        held = [await eng.open_stream(), await eng.open_stream()]
-        batch_sizes.clear()
-        third = asyncio.ensure_future(_transcribe(eng, audio_a, pause=0.002))
-        await asyncio.sleep(0.3)
+        held = [await eng.open_stream(), await eng.open_stream()]  # slots 0 and 1, silent
+        calls = _Recorder(eng)
+        third = asyncio.ensure_future(_transcribe(eng, audio_a, pause=0.002))  # slot 2
+        while not calls.steps:
+            await asyncio.sleep(0.01)
         held[0].close()
-        first = asyncio.ensure_future(_transcribe(eng, audio_b))
+        first = asyncio.ensure_future(_transcribe(eng, audio_b))  # takes slot 0
         assert await third == expected_a
         assert await first == expected_b
-        assert max(batch_sizes) == 3  # slot 3 never stepped; 1 once slot 2 is done
         held[1].close()
     finally:
-        del eng.model.mimi.encode
         eng.stop()
+    stepped = {s for slots in calls.steps for s in slots}
+    assert stepped == {0, 2}  # slot 1 (held, silent) and slot 3 (free) never computed
+    assert any(len(slots) == 2 for slots in calls.steps)  # both talkers shared steps
 
 
-def test_a_narrowed_step_leaves_later_rows_alone_and_an_error_inside_restores_the_state(
+async def test_a_backlog_is_encoded_in_one_call_and_stepped_frame_by_frame(
     tiny_model: LoadedModel,
 ) -> None:
-    eng = Engine(tiny_model, slots=3)
+    audio = _audio(1.6, seed=33)  # 20 frames
+    expected = reference_tokens(tiny_model, audio)
+    eng = Engine(tiny_model, slots=2, max_frames_per_step=8)
     eng.start()
     try:
-        narrower = eng._narrower
-        assert narrower is not None and narrower.enabled
-
-        def batched() -> list[torch.Tensor]:
-            out = []
-            for state in narrower._states:
-                out += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
-                cache = getattr(state, "kv_cache", None)
-                if cache is not None:
-                    out += [cache.cache.transpose(0, 1), cache.end_offset]
-            return [t for t in out if t.dim() and t.shape[0] == 3]
-
-        before = [t[1:].clone() for t in batched()]
-        ends_before = [t[0].clone() for t in batched()]
-        frame = _audio(0.08, seed=41)
-        eng._run_batch([frame], [0])
-        assert all(torch.equal(t[1:], b) for t, b in zip(batched(), before, strict=True))
-        assert any(not torch.equal(t[0], b) for t, b in zip(batched(), ends_before, strict=True))
-
-        with pytest.raises(RuntimeError, match="boom"), narrower.rows(1):
-            assert all(s.batch_size == 1 for s in narrower._states)
-            raise RuntimeError("boom")
-        assert all(s.batch_size == 3 for s in narrower._states)
-        assert all(t.shape[0] == 3 for t in batched())
-        assert len(batched()) == len(before)
+        calls = _Recorder(eng)
+        stream = await eng.open_stream()
+        # everything at once: 20 audio frames + the flush are queued before the worker runs
+        stream.push(audio)
+        stream.finish()
+        tokens = []
+        while (result := await stream.get()) is not None:
+            tokens.append(result.token)
+        stream.close()
     finally:
         eng.stop()
+    assert tokens == expected
+    assert max(frames for _, frames in calls.encodes) == 8
+    assert len(calls.steps) == len(expected)

@@ -26,6 +26,8 @@ configure_moshi_env()
 
 import torch  # noqa: E402
 
+from .stepper import Stepper  # noqa: E402
+
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
@@ -67,6 +69,12 @@ class LoadedModel:
     text_padding_id: int = 3
     end_of_padding_id: int = 0
     quantized: bool = False
+
+    def make_stepper(self, slots: int) -> Stepper:
+        """A stepper with ``slots`` streams of state over this model (see ``stepper.py``)."""
+        from .moshi_stepper import MoshiStepper
+
+        return MoshiStepper(self.mimi, self.lm, self.device, slots)
 
     @property
     def frame_size(self) -> int:

@@ -1,9 +1,11 @@
 """The batched streaming engine: one model, a fixed number of slots, one worker thread.
 
 Each open stream owns a batch slot. The worker thread steps every slot that has an 80 ms
-frame waiting in one batch (Mimi encode → LM step → VAD heads); slots with nothing waiting
-do not advance (moshi's exec mask). A slot is reset when a new stream takes it, and its
-first frame is fed twice, as Kyutai's own loop does. The asyncio side never runs model code.
+frame waiting in one batch (Mimi encode → LM step → VAD heads) through a :class:`Stepper`;
+slots with nothing waiting are not computed. A slot with several frames waiting (a stream
+that fell behind, or the silent frames that flush the model's delay) has them encoded in one
+Mimi call, then one LM step per frame. A slot is reset when a new stream takes it. The
+asyncio side never runs model code.
 """
 
 from __future__ import annotations
@@ -15,26 +17,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from .audio import FRAME_SAMPLES
 from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
-from .fast_conv import install_fast_conv, uninstall_fast_conv
-from .fast_kv import install_fast_kv
-from .fast_rope import install_fast_rope, uninstall_fast_rope
-from .fast_vq import install_fast_vq, uninstall_fast_vq
-from .moshi_env import configure_moshi_env
-from .narrow import StateNarrower
-
-configure_moshi_env()
-
-import torch  # noqa: E402
-from moshi.models import LMGen  # noqa: E402
+from .stepper import Stepper
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +48,18 @@ class _Slot:
     failed: bool = False
 
 
+@dataclass
+class _Work:
+    """The frames of one slot taken into one worker iteration."""
+
+    slot: _Slot
+    stream: EngineStream
+    frames: list[_Frame]
+
+
 _END = object()
+MAX_FRAMES_PER_STEP = 16
+"""Default for :attr:`Engine.max_frames_per_step` (16 frames: 1.28 s of audio)."""
 
 
 class EngineStream:
@@ -137,54 +140,42 @@ class EngineStream:
 
 
 class Engine:
-    """Owns the model and its batch slots. ``start()`` before use, ``stop()`` at the end."""
+    """Owns the model's stepper and its batch slots; ``start()`` before use, ``stop()`` after."""
 
-    def __init__(self, model: LoadedModel, slots: int = 4, narrow: bool = True) -> None:
+    def __init__(
+        self, model: LoadedModel, slots: int = 4, max_frames_per_step: int = MAX_FRAMES_PER_STEP
+    ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        if max_frames_per_step < 1:
+            raise ValueError("max_frames_per_step must be at least 1")
         self.model = model
         self.num_slots = slots
         self.flush_frames = model.flush_frames
+        self.max_frames_per_step = max_frames_per_step
+        """Most frames of one slot encoded in one Mimi call (a backlog or the flush)."""
         self._slots = [_Slot(i) for i in range(slots)]
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
-        self._streaming: ExitStack | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
-        self.lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
-        self._narrow = narrow
-        """Step only the rows up to the highest busy slot (off: every row, as moshi does)."""
-        self._narrower: StateNarrower | None = None
+        self.stepper: Stepper | None = None
         self.fault_hook: Callable[[list[int]], None] | None = None
         """Test hook: called in the worker with the slots of each batch before it runs."""
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Enter streaming mode, warm up once, start the worker thread."""
+        """Build the stepper, warm up once, start the worker thread."""
         if self._running:
             return
         with torch.no_grad():
-            self._streaming = ExitStack()
-            self._streaming.enter_context(self.model.mimi.streaming(self.num_slots))
-            self._streaming.enter_context(self.lm_gen.streaming(self.num_slots))
-            patched = install_fast_kv(self.model.mimi) + install_fast_kv(self.model.lm)
-            codebooks = install_fast_vq(self.model.mimi)
-            convs = install_fast_conv(self.model.mimi)
-            install_fast_rope(self.model.mimi)
-            install_fast_rope(self.model.lm)
-            if self._narrow:
-                narrower = StateNarrower(self.model.mimi, self.lm_gen)
-                self._narrower = narrower if narrower.enabled else None
-            _LOGGER.debug(
-                "Fast KV cache on %d layers, VQ on %d codebooks, %d convolutions",
-                patched,
-                codebooks,
-                convs,
-            )
+            self.stepper = self.model.make_stepper(self.num_slots)
             started = time.monotonic()
-            silence = [np.zeros(FRAME_SAMPLES, dtype=np.float32)] * self.num_slots
-            self._run_batch(silence, list(range(self.num_slots)))
+            everyone = list(range(self.num_slots))
+            self.stepper.reset(everyone)
+            silence = np.zeros((self.num_slots, FRAME_SAMPLES), dtype=np.float32)
+            self.stepper.lm_step(self.stepper.encode(silence, everyone)[:, :, 0], everyone)
             _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
         for slot in self._slots:
             slot.needs_reset = True
@@ -203,14 +194,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        if self._streaming is not None:
-            self._streaming.close()
-            self._streaming = None
-            self._narrower = None
-            uninstall_fast_vq(self.model.mimi)
-            uninstall_fast_conv(self.model.mimi)
-            uninstall_fast_rope(self.model.mimi)
-            uninstall_fast_rope(self.model.lm)
+        if self.stepper is not None:
+            close = getattr(self.stepper, "close", None)
+            if close is not None:
+                close()
+            self.stepper = None
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.get_loop().call_soon_threadsafe(_set_exception, waiter, EngineClosed())
@@ -299,13 +287,15 @@ class Engine:
                 reset_pairs = [(self._slots[i], self._slots[i].stream) for i in reset]
                 for i in reset:
                     self._slots[i].needs_reset = False
-                batch: list[tuple[_Slot, EngineStream, _Frame]] = []
+                batch: list[_Work] = []
                 for slot in self._slots:
                     if slot.stream is not None and not slot.failed and slot.frames:
-                        batch.append((slot, slot.stream, slot.frames.popleft()))
+                        count = min(len(slot.frames), self.max_frames_per_step)
+                        frames = [slot.frames.popleft() for _ in range(count)]
+                        batch.append(_Work(slot, slot.stream, frames))
             try:
                 if self.fault_hook is not None:
-                    self.fault_hook([s.index for s, _, _ in batch])
+                    self.fault_hook([w.slot.index for w in batch])
                 if reset:
                     self._reset_slots(reset)
                 if batch:
@@ -314,7 +304,7 @@ class Engine:
                 _LOGGER.error(
                     "Model step failed (%s: %s); failing its streams", type(err).__name__, err
                 )
-                self._fail([(s, st) for s, st, _ in batch] + reset_pairs)
+                self._fail([(w.slot, w.stream) for w in batch] + reset_pairs)
 
     def _fail(self, pairs: list[tuple[_Slot, EngineStream | None]]) -> None:
         """Fail the streams that were in the failed step (not whoever holds the slot now)."""
@@ -329,85 +319,60 @@ class Engine:
         for stream in failed:
             stream._deliver(StreamFailed("the model failed while transcribing this audio"))
 
-    def _mask(self, indices: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.num_slots, dtype=torch.bool)
-        mask[indices] = True
-        return mask
-
-    def _rows(self, indices: list[int]) -> int:
-        """How many leading rows of the state a step of these slots has to run."""
-        if self._narrower is None:
-            return self.num_slots
-        return max(indices) + 1
-
-    def _narrowed(self, rows: int) -> contextlib.AbstractContextManager[None]:
-        if self._narrower is None:
-            return contextlib.nullcontext()
-        return self._narrower.rows(rows)
-
     def _reset_slots(self, indices: list[int]) -> None:
-        """Start slots clean; run the LM once on its start tokens (the first-frame quirk)."""
-        mask = self._mask(indices).to(self.model.device)
-        self.model.mimi.reset_streaming(mask)
-        self.lm_gen.reset_streaming(mask)
-        # Step 0 of LMGen replaces its input with the start tokens, so a stream's first frame
-        # would never be seen; Kyutai's loop feeds it twice. The input of that step is
-        # ignored, so running it now, on nothing, is the same and costs no Mimi encode.
-        rows = self._rows(indices)
-        with self._narrowed(rows):
-            self.lm_gen.set_exec_mask(mask[:rows])
-            codes = torch.zeros(
-                rows,
-                self.model.lm.num_audio_codebooks,
-                1,
-                dtype=torch.long,
-                device=self.model.device,
+        assert self.stepper is not None
+        self.stepper.reset(indices)
+
+    def _encode(self, batch: list[_Work]) -> list[torch.Tensor]:
+        """Codes [codebooks, k] of each work item; slots with as many frames share a call."""
+        assert self.stepper is not None
+        codes: list[torch.Tensor | None] = [None] * len(batch)
+        by_count: dict[int, list[int]] = {}
+        for i, work in enumerate(batch):
+            by_count.setdefault(len(work.frames), []).append(i)
+        for members in by_count.values():
+            audio = np.stack(
+                [np.concatenate([f.samples for f in batch[i].frames]) for i in members]
             )
-            self.lm_gen.step(codes)
+            encoded = self.stepper.encode(audio, [batch[i].slot.index for i in members])
+            for row, i in enumerate(members):
+                codes[i] = encoded[row]
+        return [c for c in codes if c is not None]
 
-    def _run_batch(
-        self, frames: list[np.ndarray], indices: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One batched step. ``frames`` are for the slots ``indices``, in ascending order.
+    def _step(self, batch: list[_Work]) -> None:
+        """Encode every item's frames, then one LM step per frame, results out after each."""
+        assert self.stepper is not None
+        codes = self._encode(batch)
+        for j in range(max(len(w.frames) for w in batch)):
+            members = [i for i, w in enumerate(batch) if len(w.frames) > j]
+            step_codes = torch.stack([codes[i][:, j] for i in members])
+            text, pauses = self.stepper.lm_step(step_codes, [batch[i].slot.index for i in members])
+            self._deliver_step([batch[i] for i in members], j, text, pauses)
 
-        Results have a row for each slot up to the highest one in ``indices``.
-        """
-        device = self.model.device
-        rows = self._rows(indices)
-        mask = self._mask(indices)[:rows]
-        audio = torch.zeros(rows, 1, FRAME_SAMPLES)
-        audio[mask, 0] = torch.from_numpy(np.stack(frames))
-        dmask = mask.to(device)
-        with self._narrowed(rows):
-            self.model.mimi.set_exec_mask(dmask)
-            codes = self.model.mimi.encode(audio.to(device))
-            self.lm_gen.set_exec_mask(dmask)
-            out = self.lm_gen.step_with_extra_heads(codes)
-        assert out is not None
-        tokens, heads = out
-        text = tokens[:, 0, 0].cpu()
-        pauses = torch.stack([h[:, 0, 0] for h in heads], dim=1).float().cpu() if heads else None
-        return text, pauses
-
-    def _step(self, batch: list[tuple[_Slot, EngineStream, _Frame]]) -> None:
-        text, pauses = self._run_batch(
-            [f.samples for _, _, f in batch], [s.index for s, _, _ in batch]
-        )
+    def _deliver_step(
+        self, items: list[_Work], j: int, text: torch.Tensor, pauses: torch.Tensor
+    ) -> None:
         done = time.monotonic()
+        tokens = text.tolist()
+        probs = pauses.tolist()
         ended: list[EngineStream] = []
         with self._cond:
-            for slot, stream, frame in batch:
+            for row, work in enumerate(items):
+                slot, stream = work.slot, work.stream
                 if slot.stream is not stream:
                     continue  # closed (and maybe re-used) while the step ran
-                i = slot.index
-                probs = tuple(pauses[i].tolist()) if pauses is not None else ()
-                stream._deliver(StepResult(slot.step, int(text[i]), probs, done - frame.ready_at))
+                lag = done - work.frames[j].ready_at
+                stream._deliver(StepResult(slot.step, int(tokens[row]), tuple(probs[row]), lag))
                 slot.step += 1
-                if slot.finishing and not slot.frames:
+                if j == len(work.frames) - 1 and slot.finishing and not slot.frames:
                     slot.finishing = False
                     ended.append(stream)
         for stream in ended:
             stream._deliver(_END)
+
+
+def _joined(frames: list[_Frame]) -> np.ndarray:
+    return np.concatenate([f.samples for f in frames])
 
 
 def _set_result(fut: asyncio.Future[None]) -> None:

@@ -1,0 +1,44 @@
+"""What the engine asks of a model runtime: reset slots, encode audio, step the LM.
+
+Two runtimes implement it: our own (``lean_stepper.py``, the CPU default) and moshi's modules
+(``moshi_stepper.py``, the CUDA path and the reference). The engine schedules slots over it
+and knows nothing else about the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Stepper(Protocol):
+    """Batched streaming STT over a fixed number of slots, each with its own state."""
+
+    num_slots: int
+    frame_size: int
+    """Samples per frame (80 ms at 24 kHz: 1920)."""
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Start these slots over as new streams.
+
+        Includes the LM's first step, whose input is replaced by start tokens (so the first
+        frame's codes are seen on the next step, as in Kyutai's loop).
+        """
+
+    def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
+        """Mimi codes of ``audio`` float32 [n, k × frame_size] for n distinct slots.
+
+        Returns int64 [n, codebooks, k]; k frames in one call equal k calls of one frame.
+        """
+
+    def lm_step(
+        self, codes: torch.Tensor, slots: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LM step of ``codes`` int64 [n, codebooks] for n distinct slots.
+
+        Returns the greedy text tokens int64 [n] and the class-0 ("pause") probability of each
+        end-of-turn head float32 [n, heads] (heads may be 0).
+        """
