@@ -4,7 +4,8 @@ A model reference is either a local directory holding ``config.json`` and the fi
 or a Hugging Face repo id. Every file is resolved and checked *before* moshi is called, so a
 missing file gives one clear line (and moshi's "Assuming this is a Moshi 7B" path cannot run).
 
-Command line: ``python -m wyoming_kyutai.checkpoint make OUT_DIR --preset tiny``.
+Command line: ``wyoming-kyutai-checkpoint make OUT_DIR --preset tiny`` (or
+``python -m wyoming_kyutai.checkpoint ...``).
 """
 
 from __future__ import annotations
@@ -319,7 +320,12 @@ def load_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wyoming_kyutai.checkpoint")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="wyoming-kyutai-checkpoint", description="Make or check Kyutai STT checkpoints."
+    )
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make", help="write a random-weight checkpoint (tests, benchmarks)")
     make.add_argument("out_dir", type=Path)

@@ -23,6 +23,7 @@ from wyoming.event import Event, async_write_event
 
 from .framing import FrameLimits, FramingError, read_event
 from .handler import SttHandler
+from .uri import WyomingUri, parse_uri
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -178,29 +179,26 @@ class SttServer:
     # ------------------------------------------------------------------ serving
     async def start(self) -> None:
         """Start listening; ``self.address`` is then the real address (port 0 resolved)."""
-        if self.uri.startswith("tcp://"):
-            host, _, port = self.uri.removeprefix("tcp://").rpartition(":")
-            host = host.strip("[]")
+        where = parse_uri(self.uri)
+        if where.scheme == "tcp":
             self._server = await asyncio.start_server(
                 self._on_connect,
-                host=host,
-                port=int(port),
+                host=where.host,
+                port=where.port,
                 limit=self.limits.frames.max_header_bytes,
             )
             sock = self._server.sockets[0].getsockname()
-            self.address = f"tcp://{host}:{sock[1]}"
-        elif self.uri.startswith("unix://"):
-            path = Path(self.uri.removeprefix("unix://"))
+            self.address = str(WyomingUri("tcp", host=where.host, port=sock[1]))
+        elif where.scheme == "unix":
+            path = Path(where.path)
             _remove_stale_socket(path)
             self._server = await asyncio.start_unix_server(
                 self._on_connect, path=str(path), limit=self.limits.frames.max_header_bytes
             )
-        elif self.uri != "stdio://":
-            raise ValueError(f"unsupported uri {self.uri}")
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` (or, for stdio, until stdin closes)."""
-        if self.uri == "stdio://":
+        if parse_uri(self.uri).scheme == "stdio":
             await self._serve_stdio()
             return
         await self._stopped.wait()
@@ -285,8 +283,9 @@ class SttServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        if self.uri.startswith("unix://"):
-            _remove_stale_socket(Path(self.uri.removeprefix("unix://")))
+        where = parse_uri(self.uri)
+        if where.scheme == "unix":
+            _remove_stale_socket(Path(where.path))
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .uri import UriError, parse_uri
+
 ENV_PREFIX = "WYOMING_KYUTAI_"
 DEFAULT_ZEROCONF_NAME = "kyutai"
 
@@ -201,15 +203,10 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
 
 
 def _check_uri(uri: str) -> None:
-    if uri == "stdio://":
-        return
-    if uri.startswith("unix://") and len(uri) > len("unix://"):
-        return
-    if uri.startswith("tcp://"):
-        host, _, port = uri.removeprefix("tcp://").rpartition(":")
-        if host and port.isdigit() and 0 <= int(port) < 65536:
-            return
-    raise SettingsError(f"setting 'uri': use tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
+    try:
+        parse_uri(uri)
+    except UriError as err:
+        raise SettingsError(f"setting 'uri': {err}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
