@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .moshi_env import configure_moshi_env
+from .settings import DEFAULT_MODEL
 
 configure_moshi_env()
 
@@ -29,7 +30,6 @@ import torch  # noqa: E402
 
 _LOGGER = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DEFAULT_MOSHI_NAME = "model.safetensors"
 

@@ -15,7 +15,7 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wyoming.error import Error
@@ -23,6 +23,7 @@ from wyoming.event import Event, async_write_event
 
 from .framing import FrameLimits, FramingError, read_event
 from .handler import SttHandler
+from .settings import DEFAULTS, DRAIN_TIMEOUT
 from .uri import WyomingUri, parse_uri
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,18 +31,18 @@ _LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Connection-level limits (see config/default.yaml for the meaning of each)."""
+    """Connection-level limits (the settings of the same names; defaults: settings.DEFAULTS)."""
 
-    frames: FrameLimits = FrameLimits()
-    max_connections: int = 64
-    idle_timeout: float = 120.0
+    frames: FrameLimits = field(default_factory=FrameLimits)
+    max_connections: int = DEFAULTS["max_connections"]
+    idle_timeout: float = DEFAULTS["idle_timeout"]
     """Seconds a connection may stay silent between utterances."""
-    audio_timeout: float = 10.0
+    audio_timeout: float = DEFAULTS["audio_timeout"]
     """Seconds without any event that abort an open utterance."""
-    output_queue_events: int = 512
-    shutdown_grace: float = 5.0
+    output_queue_events: int = DEFAULTS["output_queue_events"]
+    shutdown_grace: float = DEFAULTS["shutdown_grace"]
     """Seconds in-flight utterances get to finish on shutdown."""
-    drain_timeout: float = 2.0
+    drain_timeout: float = DRAIN_TIMEOUT
     """Seconds to deliver the last events before closing a connection."""
 
 
