@@ -42,4 +42,3 @@ def test_cached_rotation_is_moshis_rotation(interleave: bool, time_before_heads:
     uninstall_fast_rope(holder)
     for (gq, gk), (eq, ek) in zip(got, expected, strict=True):
         assert torch.equal(gq, eq) and torch.equal(gk, ek)
-    assert "forward" not in rope.__dict__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from tests.audio_gen import silence, speechlike, write_wav
+from wyoming_kyutai.audio import MODEL_RATE
+from wyoming_kyutai.checkpoint import LoadedModel
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -21,7 +24,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_json_output_per_file(tiny_dir: Path, tmp_path: Path) -> None:
+def test_json_output_per_file(tiny_dir: Path, tiny_model: LoadedModel, tmp_path: Path) -> None:
     a = write_wav(tmp_path / "a.wav", speechlike(2.0, 16000, seed=1))
     b = write_wav(
         tmp_path / "b.wav",
@@ -43,8 +46,9 @@ def test_json_output_per_file(tiny_dir: Path, tmp_path: Path) -> None:
         assert r["text"] and r["text"] == " ".join(w["word"] for w in r["words"])
         assert all(0 <= w["start"] <= w["end"] for w in r["words"])
         assert all(isinstance(s["token"], int) and 0 <= s["pause"] <= 1 for s in r["steps"])
-    # 2.0 s of audio = 25 frames, plus the 8-frame flush
-    assert len(records[0]["steps"]) == 25 + 8
+    # one step per model frame of the 2.0 s of audio, then the flush
+    frames = math.ceil(2.0 * MODEL_RATE / tiny_model.frame_size)
+    assert len(records[0]["steps"]) == frames + tiny_model.flush_frames
     # the plain output prints the same transcript
     plain = _run("--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", str(a))
     assert plain.stdout.strip() == records[0]["text"]

@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.wav")
     parser.add_argument("--config", help="YAML file with settings (the server's)")
-    parser.add_argument("--slots", type=int, default=0, help="batch slots (default: one per file)")
+    parser.add_argument(  # not the server's `slots` setting: a batch size for these files
+        "--slots",
+        dest="file_slots",
+        type=int,
+        default=0,
+        help="batch slots (default: one per file, at most 8)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per file and line")
     parser.add_argument("--version", action="version", version=__version__)
     add_arguments(parser, (*MODEL_SETTINGS, *TURN_SETTINGS, "debug"))
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     policy = turn_policy(settings, model.num_vad_heads)
-    slots = args.slots if args.slots > 0 else min(len(files), 8)
+    slots = args.file_slots if args.file_slots > 0 else min(len(files), 8)
     results = asyncio.run(transcribe_files(model, files, policy, slots))
     for record in results:
         if args.json:
