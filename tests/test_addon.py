@@ -615,3 +615,70 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
         "Dockerfile",
     ):
         assert _dockerignored(unwanted, lines), unwanted
+
+
+# --- publishing the prebuilt images ------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "addon-publish.yaml"
+
+
+def _builder_args(workflow: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    steps = workflow["jobs"]["publish"]["steps"]
+    (builder,) = [s for s in steps if str(s.get("uses", "")).startswith("home-assistant/builder@")]
+    return builder, shlex.split(builder["with"]["args"].replace("\\\n", " "))
+
+
+def test_publish_workflow_builds_every_declared_arch_into_the_manifest_image(
+    manifest: dict[str, Any],
+) -> None:
+    workflow = _yaml(WORKFLOW)
+    # PyYAML reads the key `on` as True
+    assert workflow[True]["release"]["types"] == ["published"]
+    job = workflow["jobs"]["publish"]
+    assert job["strategy"]["matrix"]["arch"] == manifest["arch"]
+    assert workflow["permissions"]["packages"] == "write"
+    builder, args = _builder_args(workflow)
+    assert args[:3] == ["--${{", "matrix.arch", "}}"] and "--addon" in args  # one arch per job
+    target = args[args.index("--target") + 1]
+    assert target.startswith("/data/")  # the builder mounts the checkout at /data
+    assert (ROOT / target.removeprefix("/data/")).resolve() == ADDON.resolve()
+    hub, image = args[args.index("--docker-hub") + 1], args[args.index("--image") + 1]
+    assert manifest["image"] == f"{hub}/{image}"
+    assert "{arch}" in manifest["image"]
+    # the image's owner is the repository's (repository.yaml, the manifest's url)
+    owner = _yaml(ROOT / "repository.yaml")["url"].removeprefix("https://github.com/")
+    assert hub == f"ghcr.io/{owner.split('/')[0]}"
+    assert manifest["url"] == _yaml(ROOT / "repository.yaml")["url"]
+
+
+def test_publish_workflow_checks_the_release_tag_against_the_versions(
+    manifest: dict[str, Any], tmp_path: Path
+) -> None:
+    """Run the workflow's version check as GitHub would, with a good and a bad tag."""
+    steps = _yaml(WORKFLOW)["jobs"]["publish"]["steps"]
+    (check,) = [s for s in steps if "version" in s.get("name", "")]
+    for tag, ok in ((f"v{manifest['version']}", True), ("v0.0.0-bad", False)):
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", check["run"]],
+            cwd=ROOT,
+            env={**_clean_env(), "GITHUB_REF_NAME": tag},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert (proc.returncode == 0) is ok, (tag, proc.stdout, proc.stderr)
+
+
+def test_builder_build_args_reach_the_addon_dockerfile(manifest: dict[str, Any]) -> None:
+    """The builder passes BUILD_FROM (build.yaml), BUILD_VERSION (config.yaml) and
+    BUILD_ARCH; the Dockerfile must declare the ones it uses."""
+    dockerfile_args = {a.split("=")[0] for a in _instructions(ADDON / "Dockerfile", "ARG")}
+    assert {"BUILD_FROM", "BUILD_VERSION"} <= dockerfile_args
+    runs = " ".join(_instructions(ADDON / "Dockerfile", "RUN"))
+    assert "v${BUILD_VERSION}" in runs  # the sources of the release being published
+
+
+def test_docs_say_what_is_untested_on_arm(manifest: dict[str, Any]) -> None:
+    docs = (ADDON / "DOCS.md").read_text(encoding="utf-8")
+    assert "aarch64" in manifest["arch"]
+    assert "not been tested on ARM" in docs
