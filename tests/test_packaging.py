@@ -142,3 +142,23 @@ def test_no_module_repeats_a_default_model_or_uri() -> None:
         text = path.read_text(encoding="utf-8")
         assert '"kyutai/stt-1b-en_fr-candle"' not in text, path.name
         assert '"tcp://127.0.0.1:10300"' not in text, path.name
+
+
+def test_a_missing_moshi_is_one_line(tmp_path: Path) -> None:
+    """pip does not install moshi (see pyproject.toml): say how, instead of a traceback."""
+    hide = (
+        "import importlib.util, sys; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'moshi' else real(n, *a);"
+    )
+    for module in ("wyoming_kyutai", "wyoming_kyutai.transcribe"):
+        args = ["--model", str(tmp_path)] + (["x.wav"] if "transcribe" in module else [])
+        code = f"{hide} sys.argv = ['x', *{args!r}]; import runpy; "
+        code += f"runpy.run_module({module!r}, run_name='__main__')"
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == (
+            "error: the 'moshi' package is not installed; "
+            "install it with: pip install --no-deps moshi==0.2.13"
+        )

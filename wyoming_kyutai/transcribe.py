@@ -16,13 +16,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
-from .engine import Engine
+from .moshi_env import moshi_missing
 from .settings import (
     MODEL_SETTINGS,
     TURN_SETTINGS,
@@ -31,6 +31,9 @@ from .settings import (
     settings_from_args,
 )
 from .utterance import UtteranceDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 READ_FRAMES = 4000  # input samples per chunk pushed to the engine
 
@@ -72,6 +75,8 @@ async def transcribe_audio(
 async def transcribe_files(
     model: LoadedModel, files: list[WavAudio], policy: TurnPolicy, slots: int
 ) -> list[dict[str, Any]]:
+    from .engine import Engine  # imports moshi: only once it is known to be there
+
     engine = Engine(model, slots=slots)
     engine.start()
     try:
@@ -103,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    missing = moshi_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.DEBUG if settings.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
