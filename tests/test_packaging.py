@@ -90,7 +90,7 @@ def _imported_distributions() -> set[str]:
                 names.add(node.module.split(".")[0])
     local = {"wyoming_kyutai"} | set(sys.stdlib_module_names) | {"__future__"}
     mapping = importlib.metadata.packages_distributions()
-    found = set()
+    found: set[str] = set()
     for name in names - local:
         dists = mapping.get(name)
         assert dists, f"{name} is imported but belongs to no installed distribution"
