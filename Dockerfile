@@ -22,7 +22,7 @@ RUN useradd --system --uid 10300 --user-group --home-dir /data --no-create-home 
     && chown kyutai:kyutai /data
 
 WORKDIR /app
-COPY pyproject.toml README.md requirements.txt ./
+COPY pyproject.toml README.md ./
 COPY script/ script/
 COPY wyoming_kyutai/ wyoming_kyutai/
 COPY config/ config/
@@ -40,9 +40,9 @@ EXPOSE 10300
 # Healthy once the model is loaded and the server answers describe; the first start
 # may download the model for a long while, hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
-    CMD ["/app/.venv/bin/python", "-m", "wyoming_kyutai.health", "--uri", "tcp://127.0.0.1:10300", "--timeout", "5"]
+    CMD ["/app/.venv/bin/wyoming-kyutai-health", "--uri", "tcp://127.0.0.1:10300", "--timeout", "5"]
 
 # Configure with WYOMING_KYUTAI_<SETTING> environment variables (e.g.
 # -e WYOMING_KYUTAI_SLOTS=8) or with extra flags after the image name (--slots 8).
-ENTRYPOINT ["/app/.venv/bin/python", "-m", "wyoming_kyutai", "--uri", "tcp://0.0.0.0:10300", "--config", "/app/config/default.yaml"]
+ENTRYPOINT ["/app/.venv/bin/wyoming-kyutai", "--uri", "tcp://0.0.0.0:10300", "--config", "/app/config/default.yaml"]
 CMD []

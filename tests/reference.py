@@ -1,4 +1,8 @@
-"""Kyutai's plain streaming loop (Mimi encode + LMGen step, first frame fed twice)."""
+"""Kyutai's plain streaming loop (Mimi encode + LMGen step, first frame fed twice).
+
+The independent reference for the engine: moshi's own modules and loop, none of our engine
+code. :func:`reference_text` turns its tokens into the text a client should receive.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import numpy as np
 import torch
 from moshi.models import LMGen
 
+from wyoming_kyutai.audio import PcmConverter, PcmFormat
 from wyoming_kyutai.checkpoint import LoadedModel
+from wyoming_kyutai.decoding import TranscriptDecoder
 
 
 def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
@@ -28,3 +34,27 @@ def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
             assert out is not None
             tokens.append(int(out[0][0, 0, 0]))
     return tokens
+
+
+def reference_text(model: LoadedModel, pcm16k: bytes, chunk_bytes: int = 2048) -> str:
+    """The transcript of 16 kHz 16-bit mono ``pcm16k`` by Kyutai's loop.
+
+    The audio is converted to 24 kHz as the server converts a client's chunks of
+    ``chunk_bytes``; the tokens are decoded into text with our decoder (sentencepiece pieces
+    → words), which the decoding tests check on their own.
+    """
+    converter = PcmConverter(PcmFormat(16000, 2, 1))
+    audio = np.concatenate(
+        [converter.convert(pcm16k[i : i + chunk_bytes]) for i in range(0, len(pcm16k), chunk_bytes)]
+    )
+    decoder = TranscriptDecoder(
+        model.tokenizer,
+        step_seconds=1.0 / model.frame_rate,
+        delay_seconds=model.audio_delay_seconds,
+        prefix_seconds=model.silence_prefix_seconds,
+        padding_id=model.text_padding_id,
+        end_of_padding_id=model.end_of_padding_id,
+    )
+    for step, token in enumerate(reference_tokens(model, audio)):
+        decoder.push(step, token)
+    return decoder.text

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import fields
@@ -39,6 +40,13 @@ ADDON = ROOT / "addon" / "kyutai_stt"
 RUN_SCRIPT = ADDON / "rootfs" / "usr" / "local" / "bin" / "kyutai-run"
 DISCOVERY_SCRIPT = ADDON / "rootfs" / "usr" / "local" / "bin" / "kyutai-discovery"
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+_SCRIPTS = {
+    target: name
+    for name, target in tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"
+    ]["scripts"].items()
+}
+"""Console-script entry point → command name, from pyproject.toml."""
 
 
 def _yaml(path: Path) -> Any:
@@ -367,6 +375,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 async def _start_discovery(env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         "bash",
@@ -386,20 +398,29 @@ async def _finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
 @pytest.mark.skipif(
     not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq (as the add-on)"
 )
-async def test_discovery_announces_once_the_server_answers() -> None:
+async def test_discovery_announces_once_the_server_answers(tmp_path: Path) -> None:
     supervisor = _FakeSupervisor("a0d7b954-kyutai-stt", token="secret")
     port = _free_port()
+    # a python that notes every health check the script runs
+    checks = tmp_path / "checks.log"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {checks}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
     with supervisor.running():
         proc = await _start_discovery(
             _clean_env(
-                KYUTAI_PYTHON=sys.executable,
+                KYUTAI_PYTHON=str(python),
                 KYUTAI_PORT=str(port),
                 KYUTAI_DISCOVERY_POLL="0.1",
                 SUPERVISOR_API=supervisor.url,
                 SUPERVISOR_TOKEN="secret",
             )
         )
-        await asyncio.sleep(0.8)  # the model is still loading: nothing listens yet
+        # the model is still loading, nothing listens yet: the script checks and waits
+        deadline = time.monotonic() + 20
+        while _lines(checks) < 3:
+            assert time.monotonic() < deadline, "the discovery script does not check"
+            await asyncio.sleep(0.02)
         assert proc.returncode is None
         assert supervisor.posts == []
         async with _fake_stt_server(port):
@@ -471,7 +492,7 @@ def test_root_dockerfile() -> None:
     # what script/setup and `pip install -e .` read is in the image
     copied = set(_copy_sources(dockerfile))
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    for needed in ("pyproject.toml", "requirements.txt", pyproject["project"]["readme"]):
+    for needed in ("pyproject.toml", pyproject["project"]["readme"]):
         assert needed in copied, needed
     for needed in ("script/", "wyoming_kyutai/", "config/"):
         assert needed in copied, needed
@@ -484,8 +505,8 @@ def test_root_dockerfile() -> None:
     assert "HF_HOME=/data/hf" in env_text
     (healthcheck,) = _instructions(dockerfile, "HEALTHCHECK")
     command = _exec_form(healthcheck.partition("CMD")[2].strip())
-    assert command[1:4] == ["-m", "wyoming_kyutai.health", "--uri"]
-    assert command[4] == "tcp://127.0.0.1:10300"
+    assert command[:2] == [f"/app/.venv/bin/{_SCRIPTS['wyoming_kyutai.health:main']}", "--uri"]
+    assert command[2] == "tcp://127.0.0.1:10300"
 
 
 def test_root_dockerfile_command_is_accepted_by_the_server() -> None:
@@ -493,9 +514,8 @@ def test_root_dockerfile_command_is_accepted_by_the_server() -> None:
     dockerfile = ROOT / "Dockerfile"
     (entrypoint,) = _instructions(dockerfile, "ENTRYPOINT")
     command = _exec_form(entrypoint)
-    assert command[0] == "/app/.venv/bin/python"
-    assert command[1:3] == ["-m", "wyoming_kyutai"]
-    args = [a.replace("/app/", f"{ROOT}/") for a in command[3:]]
+    assert command[0] == f"/app/.venv/bin/{_SCRIPTS['wyoming_kyutai.__main__:main']}"
+    args = [a.replace("/app/", f"{ROOT}/") for a in command[1:]]
     assert f"{ROOT}/config/default.yaml" in args
     proc = subprocess.run(
         [sys.executable, "-m", "wyoming_kyutai", *args, "--print-config"],
@@ -595,3 +615,70 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
         "Dockerfile",
     ):
         assert _dockerignored(unwanted, lines), unwanted
+
+
+# --- publishing the prebuilt images ------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "addon-publish.yaml"
+
+
+def _builder_args(workflow: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    steps = workflow["jobs"]["publish"]["steps"]
+    (builder,) = [s for s in steps if str(s.get("uses", "")).startswith("home-assistant/builder@")]
+    return builder, shlex.split(builder["with"]["args"].replace("\\\n", " "))
+
+
+def test_publish_workflow_builds_every_declared_arch_into_the_manifest_image(
+    manifest: dict[str, Any],
+) -> None:
+    workflow = _yaml(WORKFLOW)
+    # PyYAML reads the key `on` as True
+    assert workflow[True]["release"]["types"] == ["published"]
+    job = workflow["jobs"]["publish"]
+    assert job["strategy"]["matrix"]["arch"] == manifest["arch"]
+    assert workflow["permissions"]["packages"] == "write"
+    builder, args = _builder_args(workflow)
+    assert args[:3] == ["--${{", "matrix.arch", "}}"] and "--addon" in args  # one arch per job
+    target = args[args.index("--target") + 1]
+    assert target.startswith("/data/")  # the builder mounts the checkout at /data
+    assert (ROOT / target.removeprefix("/data/")).resolve() == ADDON.resolve()
+    hub, image = args[args.index("--docker-hub") + 1], args[args.index("--image") + 1]
+    assert manifest["image"] == f"{hub}/{image}"
+    assert "{arch}" in manifest["image"]
+    # the image's owner is the repository's (repository.yaml, the manifest's url)
+    owner = _yaml(ROOT / "repository.yaml")["url"].removeprefix("https://github.com/")
+    assert hub == f"ghcr.io/{owner.split('/')[0]}"
+    assert manifest["url"] == _yaml(ROOT / "repository.yaml")["url"]
+
+
+def test_publish_workflow_checks_the_release_tag_against_the_versions(
+    manifest: dict[str, Any], tmp_path: Path
+) -> None:
+    """Run the workflow's version check as GitHub would, with a good and a bad tag."""
+    steps = _yaml(WORKFLOW)["jobs"]["publish"]["steps"]
+    (check,) = [s for s in steps if "version" in s.get("name", "")]
+    for tag, ok in ((f"v{manifest['version']}", True), ("v0.0.0-bad", False)):
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", check["run"]],
+            cwd=ROOT,
+            env={**_clean_env(), "GITHUB_REF_NAME": tag},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert (proc.returncode == 0) is ok, (tag, proc.stdout, proc.stderr)
+
+
+def test_builder_build_args_reach_the_addon_dockerfile(manifest: dict[str, Any]) -> None:
+    """The builder passes BUILD_FROM (build.yaml), BUILD_VERSION (config.yaml) and
+    BUILD_ARCH; the Dockerfile must declare the ones it uses."""
+    dockerfile_args = {a.split("=")[0] for a in _instructions(ADDON / "Dockerfile", "ARG")}
+    assert {"BUILD_FROM", "BUILD_VERSION"} <= dockerfile_args
+    runs = " ".join(_instructions(ADDON / "Dockerfile", "RUN"))
+    assert "v${BUILD_VERSION}" in runs  # the sources of the release being published
+
+
+def test_docs_say_what_is_untested_on_arm(manifest: dict[str, Any]) -> None:
+    docs = (ADDON / "DOCS.md").read_text(encoding="utf-8")
+    assert "aarch64" in manifest["arch"]
+    assert "not been tested on ARM" in docs

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from wyoming_kyutai.checkpoint import CheckpointError, load_model, resolve_checkpoint
 
@@ -18,11 +20,16 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_tiny_checkpoint_loads_with_heads_and_languages(tiny_dir: Path) -> None:
     model = load_model(str(tiny_dir), device="cpu", dtype="float32")
+    config = json.loads((tiny_dir / "config.json").read_text())
+    mimi = json.loads((tiny_dir / config["mimi_config_name"]).read_text())
     assert model.num_vad_heads == 4
     assert model.languages == ["en", "fr"]
-    assert model.audio_delay_seconds == 0.5
-    assert model.flush_frames == 8
-    assert model.frame_size == 1920
+    # figures derived from the checkpoint's own config
+    delay = config["stt_config"]["audio_delay_seconds"]
+    assert model.audio_delay_seconds == delay
+    assert model.frame_rate == mimi["frame_rate"]
+    assert model.frame_size == mimi["sample_rate"] / mimi["frame_rate"]
+    assert model.flush_frames == math.ceil(delay * mimi["frame_rate"]) + 1
 
 
 def test_layout_matches_the_real_repo(tiny_dir: Path) -> None:
@@ -92,8 +99,12 @@ def test_path_that_does_not_exist(tmp_path: Path) -> None:
         resolve_checkpoint(str(tmp_path / "nope" / "deeper"))
 
 
-def test_unknown_device_and_dtype(tiny_dir: Path) -> None:
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tiny_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="CUDA is not available"):
         load_model(str(tiny_dir), device="cuda:0")
+
+
+def test_unknown_dtype(tiny_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="choose auto, float32 or bfloat16"):
         load_model(str(tiny_dir), device="cpu", dtype="float16")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,6 +36,35 @@ async def _stream(
     return tokens
 
 
+async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for ``check()`` to hold (polled), failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+class _Batches:
+    """Records how many streams each engine batch held (the engine's ``fault_hook``).
+
+    The worker is held before its first batch until :meth:`release`, so streams started a
+    little apart are sure to share batches rather than run one after the other.
+    """
+
+    def __init__(self, eng: Engine) -> None:
+        self.sizes: list[int] = []
+        self._gate = threading.Event()
+        eng.fault_hook = self._hook
+
+    def _hook(self, slots: list[int]) -> None:
+        if slots:
+            self._gate.wait(30)
+            self.sizes.append(len(slots))
+
+    def release(self) -> None:
+        self._gate.set()
+
+
 async def _transcribe(
     eng: Engine, audio: np.ndarray, start_after: float = 0.0, pause: float = 0.0
 ) -> list[int]:
@@ -60,17 +92,23 @@ async def test_batched_streams_each_match_the_reference(tiny_model: LoadedModel)
     audios = [_audio(3.0, seed=1), _audio(1.2, seed=2), _audio(4.1, seed=3), _audio(0.7, seed=4)]
     expected = [reference_tokens(tiny_model, a) for a in audios]
     eng = Engine(tiny_model, slots=4)
+    batches = _Batches(eng)
     eng.start()
     try:
-        got = await asyncio.gather(
+        work = asyncio.gather(
             _transcribe(eng, audios[0], 0.0, pause=0.002),
             _transcribe(eng, audios[1], 0.05),
             _transcribe(eng, audios[2], 0.01, pause=0.001),
             _transcribe(eng, audios[3], 0.2),
         )
+        await _until(lambda: eng.free_slots == 0)  # all four have started
+        batches.release()
+        got = await work
     finally:
+        batches.release()
         eng.stop()
     assert list(got) == expected
+    assert max(batches.sizes) == 4  # the streams really were stepped together
 
 
 async def test_a_reused_slot_gives_the_tokens_of_a_fresh_engine(tiny_model: LoadedModel) -> None:
@@ -99,7 +137,8 @@ async def test_busy_when_no_slot_frees_in_time(tiny_model: LoadedModel) -> None:
             await eng.open_stream(wait=0.2)
         # a waiter gets the slot as soon as it is freed
         waiting = asyncio.ensure_future(eng.open_stream(wait=5))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one turn of the loop: the waiter is now parked on the slot
+        assert not waiting.done()
         held.close()
         stream = await asyncio.wait_for(waiting, 2)
         stream.close()
@@ -151,13 +190,19 @@ async def test_a_stream_longer_than_the_context_matches_the_reference(
     audio = _audio(7.0, seed=11)
     expected = reference_tokens(tiny_model, audio)
     eng = Engine(tiny_model, slots=2)
+    batches = _Batches(eng)
     eng.start()
     try:
         other = asyncio.ensure_future(_transcribe(eng, _audio(2.0, seed=12), 0.3))
-        assert await _transcribe(eng, audio, pause=0.001) == expected
+        mine = asyncio.ensure_future(_transcribe(eng, audio, pause=0.001))
+        await _until(lambda: eng.free_slots == 0)
+        batches.release()
+        assert await mine == expected
         await other
     finally:
+        batches.release()
         eng.stop()
+    assert max(batches.sizes) == 2
 
 
 async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir) -> None:
@@ -169,16 +214,24 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir) -> 
     target = _audio(2.5, seed=21)
     eng = Engine(model, slots=4)
     eng.start()
+    batches: _Batches | None = None
     try:
         alone = await _transcribe(eng, target)
+        batches = _Batches(eng)
         loud = [_audio(3.0, seed=22) * 8.0, _audio(1.0, seed=23) * 0.01, _audio(2.0, seed=24)]
-        together = await asyncio.gather(
+        work = asyncio.gather(
             _transcribe(eng, target, pause=0.001),
             *(_transcribe(eng, a, 0.02 * i) for i, a in enumerate(loud)),
         )
+        await _until(lambda: eng.free_slots == 0)
+        batches.release()
+        together = await work
     finally:
+        if batches is not None:
+            batches.release()
         eng.stop()
     assert together[0] == alone
+    assert batches is not None and max(batches.sizes) == 4
     assert len(set(alone)) > 3
 
 
@@ -214,8 +267,7 @@ async def test_only_slots_with_audio_are_stepped(tiny_model: LoadedModel) -> Non
         held = [await eng.open_stream(), await eng.open_stream()]  # slots 0 and 1, silent
         calls = _Recorder(eng)
         third = asyncio.ensure_future(_transcribe(eng, audio_a, pause=0.002))  # slot 2
-        while not calls.steps:
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(calls.steps) >= 5)  # slot 2 is well into its audio
         held[0].close()
         first = asyncio.ensure_future(_transcribe(eng, audio_b))  # takes slot 0
         assert await third == expected_a

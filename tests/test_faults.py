@@ -97,7 +97,9 @@ async def test_a_client_that_never_reads_is_dropped_and_others_are_served(
         hog = await Client.connect(app.server.address)
         sock = hog.writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while not app.server.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # until the server has accepted it
         server_side = next(iter(app.server.connections))
         server_side.writer.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
@@ -148,6 +150,18 @@ async def test_a_model_failure_errors_that_stream_and_the_engine_recovers(
         await first.close()
 
 
+def _until_refused(host: str, port: int, timeout: float) -> bool:
+    """Wait until the server stops accepting connections (polled, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_sigterm_lets_the_utterance_in_flight_finish(tiny_dir: Path) -> None:
     pcm = to_pcm(speechlike(1.2, seed=7))
     with server_process(
@@ -172,8 +186,8 @@ def test_sigterm_lets_the_utterance_in_flight_finish(tiny_dir: Path) -> None:
         client.send(AudioChunk(rate=16000, width=2, channels=1, audio=pcm[:half]).event())
         client.read_until("transcript-start")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        # new connections are refused while the old one finishes
+        # new connections are refused (once the signal is handled) while the old one finishes
+        assert _until_refused(host, int(port), timeout=10)
         with pytest.raises(OSError):
             socket.create_connection((host, int(port)), timeout=2).recv(1)
         client.send(AudioChunk(rate=16000, width=2, channels=1, audio=pcm[half:]).event())

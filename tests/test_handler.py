@@ -11,7 +11,7 @@ from wyoming.event import Event
 
 from tests.test_decoding import FakeTokenizer
 from wyoming_kyutai.app import build_info
-from wyoming_kyutai.endpointing import EndOfTurnSettings
+from wyoming_kyutai.endpointing import EndOfTurnSettings, TurnPolicy
 from wyoming_kyutai.engine_types import EngineBusy, StepResult
 from wyoming_kyutai.handler import HandlerSettings, SttHandler
 
@@ -103,7 +103,7 @@ def _handler(
         sent.append(event)
 
     info = build_info("scripted", ["en"], False)
-    settings = HandlerSettings(end_of_turn=eot, no_speech_timeout=no_speech)
+    settings = HandlerSettings(turn=TurnPolicy(end_of_turn=eot, no_speech_timeout=no_speech))
     handler = SttHandler(engine, FakeModel(), info, settings, send, ["en"])
     return handler, sent
 

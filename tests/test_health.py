@@ -113,7 +113,7 @@ async def test_server_without_asr_program() -> None:
         event = await async_read_event(reader)
         assert event is not None and event.type == "describe"
         await async_write_event(Event("info", {"asr": [], "tts": [{"name": "x"}]}), writer)
-        await asyncio.sleep(0.2)
+        await reader.read()  # until the health check hangs up
         writer.close()
 
     async with _fake_server(tts_only) as uri:
@@ -126,7 +126,7 @@ async def test_server_speaking_garbage() -> None:
         await reader.readline()
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(2)
+        await reader.read()  # until the health check hangs up
         writer.close()
 
     async with _fake_server(garbage) as uri:

@@ -1,6 +1,7 @@
 """Server entry point: settings → load model → serve.
 
-``python -m wyoming_kyutai --uri tcp://0.0.0.0:10300 [--config FILE] [--model REF] ...``
+``wyoming-kyutai --uri tcp://0.0.0.0:10300 [--config FILE] [--model REF] ...``
+(or ``python -m wyoming_kyutai ...``)
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .moshi_env import moshi_missing
 from .settings import Settings, SettingsError, add_arguments, as_dict, settings_from_args
+from .uri import parse_uri
 
 _LOGGER = logging.getLogger("wyoming_kyutai")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m wyoming_kyutai",
+        prog="wyoming-kyutai",
         description="Wyoming streaming speech-to-text server powered by Kyutai STT.",
     )
     parser.add_argument("--config", help="YAML file with settings (see config/default.yaml)")
@@ -59,7 +62,7 @@ async def run_server(settings: Settings) -> int:
         return 1
     app.server.install_signal_handlers()
     zeroconf = None
-    if settings.zeroconf and app.server.address.startswith("tcp://"):
+    if settings.zeroconf and parse_uri(app.server.address).scheme == "tcp":
         zeroconf = await _register_zeroconf(settings.zeroconf, app.server.address)
     _LOGGER.info(
         "Ready: listening on %s (%d slots, languages %s, end of turn %s)",
@@ -80,8 +83,7 @@ async def run_server(settings: Settings) -> int:
 
 def zeroconf_host(address: str) -> str | None:
     """The address to announce: the bound host, or None (auto-detect) for wildcard binds."""
-    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    return None if host in ("", "0.0.0.0", "::") else host
+    return parse_uri(address).advertised_host
 
 
 async def _register_zeroconf(name: str, address: str) -> Any:
@@ -90,7 +92,7 @@ async def _register_zeroconf(name: str, address: str) -> Any:
     except ImportError:
         _LOGGER.error("Zeroconf needs the 'zeroconf' package; discovery is off")
         return None
-    port = int(address.rpartition(":")[2])
+    port = parse_uri(address).port
     try:
         zc = HomeAssistantZeroconf(port=port, name=name, host=zeroconf_host(address))
         await zc.register_server()
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(as_dict(settings), sort_keys=False), end="")
         return 0
+    missing = moshi_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.DEBUG if settings.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

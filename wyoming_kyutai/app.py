@@ -9,7 +9,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import LoadedModel
-from .endpointing import EndOfTurnSettings
+from .endpointing import EndOfTurnSettings, turn_policy
 from .engine import Engine
 from .framing import FrameLimits
 from .handler import HandlerSettings, SttHandler
@@ -20,23 +20,6 @@ _LOGGER = logging.getLogger(__name__)
 
 KYUTAI_URL = "https://kyutai.org/next/stt"
 PROJECT_URL = "https://github.com/wyoming-kyutai/wyoming_kyutai"
-
-
-def end_of_turn_settings(settings: Settings, model: LoadedModel) -> EndOfTurnSettings:
-    """End-of-turn settings, switched off when the model has no such VAD head."""
-    has_head = model.num_vad_heads > settings.end_of_turn_head
-    if settings.end_of_turn and not has_head:
-        _LOGGER.warning(
-            "Early end of turn is off: the model has no VAD head %d", settings.end_of_turn_head
-        )
-    return EndOfTurnSettings(
-        enabled=settings.end_of_turn and has_head,
-        head=settings.end_of_turn_head,
-        threshold=settings.end_of_turn_threshold,
-        min_words=settings.end_of_turn_min_words,
-        ignore_steps=settings.end_of_turn_ignore_steps,
-        consecutive_steps=settings.end_of_turn_consecutive_steps,
-    )
 
 
 def build_info(model_ref: str, languages: list[str], ends_turns: bool) -> Any:
@@ -115,18 +98,14 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
             ",".join(unknown),
             ",".join(model.languages),
         )
-    eot = end_of_turn_settings(settings, model)
+    policy = turn_policy(settings, model.num_vad_heads)
+    eot = policy.end_of_turn
     ends_turns = settings.server_ends_turns and eot.enabled
     if settings.server_ends_turns and not ends_turns:
         _LOGGER.warning("server_ends_turns ignored: early end of turn is off")
     info = build_info(model.ref, languages, ends_turns)
     engine = Engine(model, slots=settings.slots)
-    handler_settings = HandlerSettings(
-        slot_wait=settings.slot_wait,
-        max_utterance_seconds=settings.max_utterance_seconds,
-        end_of_turn=eot,
-        no_speech_timeout=settings.no_speech_timeout if eot.enabled else 0.0,
-    )
+    handler_settings = HandlerSettings(slot_wait=settings.slot_wait, turn=policy)
 
     def make_handler(conn: Connection) -> SttHandler:
         return SttHandler(

@@ -4,7 +4,8 @@ A model reference is either a local directory holding ``config.json`` and the fi
 or a Hugging Face repo id. Every file is resolved and checked *before* moshi is called, so a
 missing file gives one clear line (and moshi's "Assuming this is a Moshi 7B" path cannot run).
 
-Command line: ``python -m wyoming_kyutai.checkpoint make OUT_DIR --preset tiny``.
+Command line: ``wyoming-kyutai-checkpoint make OUT_DIR --preset tiny`` (or
+``python -m wyoming_kyutai.checkpoint ...``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .moshi_env import configure_moshi_env
+from .settings import DEFAULT_MODEL
 
 configure_moshi_env()
 
@@ -30,7 +32,6 @@ from .stepper import Stepper  # noqa: E402
 
 _LOGGER = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DEFAULT_MOSHI_NAME = "model.safetensors"
 
@@ -327,7 +328,12 @@ def load_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wyoming_kyutai.checkpoint")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="wyoming-kyutai-checkpoint", description="Make or check Kyutai STT checkpoints."
+    )
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make", help="write a random-weight checkpoint (tests, benchmarks)")
     make.add_argument("out_dir", type=Path)

@@ -1,6 +1,7 @@
 """Stream WAV files to a Wyoming STT server as a satellite would.
 
-``python -m wyoming_kyutai.client [--uri tcp://127.0.0.1:10300] [--realtime] FILE.wav...``
+``wyoming-kyutai-client [--uri tcp://127.0.0.1:10300] [--realtime] FILE.wav...``
+(or ``python -m wyoming_kyutai.client ...``)
 
 Each file is sent as 16 kHz 16-bit mono chunks (paced in real time with ``--realtime``);
 deltas are printed as they arrive, then the final transcript. Like Home Assistant 2026.10+,
@@ -24,7 +25,10 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import async_read_event, async_write_event
 from wyoming.info import Describe
 
+from . import __version__
 from .audio import PcmConverter, WavError, float_to_int16, read_wav
+from .settings import DEFAULTS
+from .uri import UriError, open_connection, parse_uri
 
 RATE = 16000
 CHUNK_SAMPLES = 1024
@@ -63,19 +67,14 @@ def _round(x: float | None) -> float | None:
 
 async def _connect(uri: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        if uri.startswith("tcp://"):
-            host, _, port = uri.removeprefix("tcp://").rpartition(":")
-            return await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port)), CONNECT_TIMEOUT
-            )
-        if uri.startswith("unix://"):
-            return await asyncio.wait_for(
-                asyncio.open_unix_connection(uri.removeprefix("unix://")), CONNECT_TIMEOUT
-            )
-    except (OSError, TimeoutError, ValueError) as err:
+        where = parse_uri(uri, listen=False)
+    except UriError as err:
+        raise ClientError(f"bad uri: {err}") from None
+    try:
+        return await asyncio.wait_for(open_connection(where), CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
         raise ClientError(f"cannot connect to {uri}: {reason}") from None
-    raise ClientError(f"unsupported uri {uri!r} (use tcp://HOST:PORT or unix://PATH)")
 
 
 def pcm16k(path: Path) -> bytes:
@@ -200,15 +199,18 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m wyoming_kyutai.client",
+        prog="wyoming-kyutai-client",
         description="Stream WAV files to a Wyoming speech-to-text server.",
     )
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE.wav")
-    parser.add_argument("--uri", default="tcp://127.0.0.1:10300")
+    parser.add_argument(
+        "--uri", default=DEFAULTS["uri"], help=f"server address ({DEFAULTS['uri']})"
+    )
     parser.add_argument("--realtime", action="store_true", help="pace audio in real time")
     parser.add_argument("--language", help="language to ask for (e.g. en, fr)")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--describe", action="store_true", help="print the server's info")
+    parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
     if not args.files and not args.describe:
         parser.error("give at least one FILE.wav, or --describe")

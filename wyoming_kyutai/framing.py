@@ -14,16 +14,18 @@ from typing import Any
 
 from wyoming.event import Event
 
+from .settings import DEFAULTS
+
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """Caps on one event, checked before anything is read."""
+    """Caps on one event, checked before anything is read (defaults: settings.DEFAULTS)."""
 
-    max_header_bytes: int = 65536
+    max_header_bytes: int = DEFAULTS["max_header_bytes"]
     """Longest header line (JSON + newline), bytes."""
-    max_data_bytes: int = 65536
+    max_data_bytes: int = DEFAULTS["max_data_bytes"]
     """Largest ``data_length`` block, bytes."""
-    max_payload_bytes: int = 1048576
+    max_payload_bytes: int = DEFAULTS["max_payload_bytes"]
     """Largest ``payload_length`` (audio), bytes."""
 
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -27,8 +27,8 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.vad import VoiceStarted, VoiceStopped
 
-from .audio import MODEL_RATE, AudioFormatError, PcmConverter, PcmFormat
-from .endpointing import EndOfTurnSettings
+from .audio import AudioFormatError, PcmConverter, PcmFormat
+from .endpointing import AUDIO_STOP, END_OF_TURN, LENGTH_LIMIT, TurnPolicy
 from .engine_types import (
     EngineBusy,
     EngineClosed,
@@ -37,8 +37,8 @@ from .engine_types import (
     StreamFailed,
     StreamingEngine,
 )
-from .settings import base_language
-from .utterance import Utterance
+from .settings import DEFAULTS, base_language
+from .utterance import UtteranceDecoder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,13 +49,10 @@ Send = Callable[[Event], Awaitable[None]]
 class HandlerSettings:
     """What one connection needs to know."""
 
-    slot_wait: float = 2.0
+    slot_wait: float = DEFAULTS["slot_wait"]
     """Seconds to wait for a free slot before answering ``busy``."""
-    max_utterance_seconds: float = 60.0
-    """Audio beyond this is discarded after the final transcript, seconds."""
-    end_of_turn: EndOfTurnSettings = EndOfTurnSettings()
-    no_speech_timeout: float = 0.0
-    """Seconds of audio without any word that end the turn (0: never)."""
+    turn: TurnPolicy = field(default_factory=TurnPolicy)
+    """What ends an utterance before ``audio-stop`` (end of turn, no speech, length limit)."""
 
 
 class ProtocolError(Exception):
@@ -81,15 +78,16 @@ OFF_LOOP_BYTES = 65536
 """Audio payloads at least this large are converted in a worker thread, off the event loop."""
 
 
-class _Utterance:
-    """State of the utterance in progress on this connection."""
+class _OpenUtterance:
+    """The utterance in progress on this connection: its engine stream, audio converter,
+    decoder and what the client has been sent."""
 
     def __init__(
         self,
         stream: Stream,
         fmt: PcmFormat,
         converter: PcmConverter,
-        decoder: Utterance,
+        decoder: UtteranceDecoder,
         language: str,
     ) -> None:
         self.stream = stream
@@ -97,9 +95,8 @@ class _Utterance:
         self.converter = converter
         self.decoder = decoder
         self.language = language
-        self.samples = 0
         self.finishing = False
-        self.reason = "audio-stop"
+        self.reason = AUDIO_STOP
         self.voice_started = False
         self.task: asyncio.Task[None] | None = None
         self.lags: list[float] = []
@@ -139,7 +136,7 @@ class SttHandler:
         self.languages = languages
         self.request_close = request_close
         self.language: str | None = None
-        self.current: _Utterance | None = None
+        self.current: _OpenUtterance | None = None
         self.discarding = False
 
     # ------------------------------------------------------------------ state
@@ -214,9 +211,8 @@ class SttHandler:
         except EngineClosed:
             raise ProtocolError("shutting-down", "the server is shutting down") from None
         language = self.language or self.languages[0]
-        utt = _Utterance(
-            stream, fmt, converter, Utterance(self.model, self.settings.end_of_turn), language
-        )
+        decoder = UtteranceDecoder(self.model, self.settings.turn)
+        utt = _OpenUtterance(stream, fmt, converter, decoder, language)
         self.current = utt
         await self.send(TranscriptStart(language=language).event())
         utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
@@ -242,14 +238,12 @@ class SttHandler:
             samples = utt.converter.convert(payload)
         if utt.finishing or self.current is not utt:
             return  # the turn ended while this chunk was being converted
-        budget = int(self.settings.max_utterance_seconds * MODEL_RATE) - utt.samples
-        samples = samples[: max(0, budget)]
-        utt.samples += len(samples)
-        utt.stream.push(samples)
-        if len(samples) >= budget:
-            limit = self.settings.max_utterance_seconds
+        keep, limit_reached = utt.decoder.turn.take_audio(len(samples))
+        utt.stream.push(samples[:keep])
+        if limit_reached:
+            limit = self.settings.turn.max_utterance_seconds
             _LOGGER.info("Utterance reached the %.0f s limit: finishing it", limit)
-            utt.reason = "length-limit"
+            utt.reason = LENGTH_LIMIT
             self._finish(utt)
             self.discarding = True
 
@@ -263,13 +257,13 @@ class SttHandler:
             await asyncio.shield(utt.task)
         self.discarding = False
 
-    def _finish(self, utt: _Utterance) -> None:
+    def _finish(self, utt: _OpenUtterance) -> None:
         if not utt.finishing:
             utt.finishing = True
             utt.stream.finish()
 
     # ------------------------------------------------------------------ results
-    async def _consume(self, utt: _Utterance) -> None:
+    async def _consume(self, utt: _OpenUtterance) -> None:
         """Turn the engine's results into events, until the stream ends."""
         try:
             while (result := await utt.stream.get()) is not None:
@@ -278,14 +272,9 @@ class SttHandler:
                 update = utt.decoder.feed(result)
                 if update.delta:
                     await self._send_delta(utt, update.delta)
-                no_speech = (  # the text is decoded only once the timeout has passed
-                    self.settings.no_speech_timeout > 0
-                    and utt.decoder.audio_time(result.step) >= self.settings.no_speech_timeout
-                    and not utt.decoder.text
-                )
-                if (update.end_of_turn or no_speech) and not utt.finishing:
-                    _LOGGER.debug("End of turn at step %d", result.step)
-                    utt.reason = "end-of-turn" if update.end_of_turn else "no-speech"
+                if update.ended_by is not None and not utt.finishing:
+                    _LOGGER.debug("Turn ended (%s) at step %d", update.ended_by, result.step)
+                    utt.reason = update.ended_by
                     self._finish(utt)
                     self.discarding = True
                     # tell the client at once; the transcript follows after the flush
@@ -302,7 +291,7 @@ class SttHandler:
                     language=utt.language,
                     context={
                         "words": words,
-                        "end_of_turn": utt.reason == "end-of-turn",
+                        "end_of_turn": utt.reason == END_OF_TURN,
                         "ended_by": utt.reason,
                         "stats": utt.stats(),
                     },
@@ -327,7 +316,7 @@ class SttHandler:
             if self.current is utt:
                 self.current = None
 
-    async def _send_delta(self, utt: _Utterance, delta: str) -> None:
+    async def _send_delta(self, utt: _OpenUtterance, delta: str) -> None:
         if not utt.voice_started:
             utt.voice_started = True
             words = utt.decoder.words()

@@ -1,6 +1,7 @@
 """Is a Wyoming STT server up? For Docker's HEALTHCHECK, the add-on and people.
 
-``python -m wyoming_kyutai.health [--uri tcp://127.0.0.1:10300] [--timeout SECONDS]``
+``wyoming-kyutai-health [--uri tcp://127.0.0.1:10300] [--timeout SECONDS]``
+(or ``python -m wyoming_kyutai.health ...``)
 
 Sends ``describe`` and waits for an ``info`` event that lists at least one installed ASR
 program. Healthy: one line on stdout, exit 0. Anything else: one line on stderr saying
@@ -20,7 +21,11 @@ from typing import Any, NoReturn
 from wyoming.event import async_read_event, async_write_event
 from wyoming.info import Describe
 
-DEFAULT_URI = "tcp://127.0.0.1:10300"
+from . import __version__
+from .settings import DEFAULTS
+from .uri import UriError, open_connection, parse_uri
+
+DEFAULT_URI = DEFAULTS["uri"]
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -28,24 +33,13 @@ class Unhealthy(Exception):
     """The reason the server is not healthy; one line."""
 
 
-def split_uri(uri: str) -> tuple[str, str, int]:
-    """``("tcp", host, port)`` or ``("unix", path, 0)``; raises :class:`Unhealthy`."""
-    if uri.startswith("tcp://"):
-        host, _, port = uri.removeprefix("tcp://").rpartition(":")
-        host = host.strip("[]")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return "tcp", host, int(port)
-    elif uri.startswith("unix://") and len(uri) > len("unix://"):
-        return "unix", uri.removeprefix("unix://"), 0
-    raise Unhealthy(f"bad uri {uri!r}: use tcp://HOST:PORT or unix://PATH")
-
-
 async def _connect(uri: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    kind, where, port = split_uri(uri)
     try:
-        if kind == "tcp":
-            return await asyncio.open_connection(where, port)
-        return await asyncio.open_unix_connection(where)
+        where = parse_uri(uri, listen=False)
+    except UriError as err:
+        raise Unhealthy(f"bad uri: {err}") from None
+    try:
+        return await open_connection(where)
     except ConnectionRefusedError:
         raise Unhealthy(f"connection refused at {uri}") from None
     except FileNotFoundError:
@@ -136,7 +130,7 @@ def _seconds(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m wyoming_kyutai.health",
+        prog="wyoming-kyutai-health",
         description="Exit 0 if a Wyoming server answers describe with an ASR program.",
     )
     parser.add_argument("--uri", default=DEFAULT_URI, help=f"server address ({DEFAULT_URI})")
@@ -146,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_TIMEOUT,
         help=f"seconds for the whole check ({DEFAULT_TIMEOUT:g})",
     )
+    parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
     try:
         line = asyncio.run(check(args.uri, args.timeout))

@@ -15,7 +15,7 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wyoming.error import Error
@@ -23,24 +23,26 @@ from wyoming.event import Event, async_write_event
 
 from .framing import FrameLimits, FramingError, read_event
 from .handler import SttHandler
+from .settings import DEFAULTS, DRAIN_TIMEOUT
+from .uri import WyomingUri, parse_uri
 
 _LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Connection-level limits (see config/default.yaml for the meaning of each)."""
+    """Connection-level limits (the settings of the same names; defaults: settings.DEFAULTS)."""
 
-    frames: FrameLimits = FrameLimits()
-    max_connections: int = 64
-    idle_timeout: float = 120.0
+    frames: FrameLimits = field(default_factory=FrameLimits)
+    max_connections: int = DEFAULTS["max_connections"]
+    idle_timeout: float = DEFAULTS["idle_timeout"]
     """Seconds a connection may stay silent between utterances."""
-    audio_timeout: float = 10.0
+    audio_timeout: float = DEFAULTS["audio_timeout"]
     """Seconds without any event that abort an open utterance."""
-    output_queue_events: int = 512
-    shutdown_grace: float = 5.0
+    output_queue_events: int = DEFAULTS["output_queue_events"]
+    shutdown_grace: float = DEFAULTS["shutdown_grace"]
     """Seconds in-flight utterances get to finish on shutdown."""
-    drain_timeout: float = 2.0
+    drain_timeout: float = DRAIN_TIMEOUT
     """Seconds to deliver the last events before closing a connection."""
 
 
@@ -178,29 +180,26 @@ class SttServer:
     # ------------------------------------------------------------------ serving
     async def start(self) -> None:
         """Start listening; ``self.address`` is then the real address (port 0 resolved)."""
-        if self.uri.startswith("tcp://"):
-            host, _, port = self.uri.removeprefix("tcp://").rpartition(":")
-            host = host.strip("[]")
+        where = parse_uri(self.uri)
+        if where.scheme == "tcp":
             self._server = await asyncio.start_server(
                 self._on_connect,
-                host=host,
-                port=int(port),
+                host=where.host,
+                port=where.port,
                 limit=self.limits.frames.max_header_bytes,
             )
             sock = self._server.sockets[0].getsockname()
-            self.address = f"tcp://{host}:{sock[1]}"
-        elif self.uri.startswith("unix://"):
-            path = Path(self.uri.removeprefix("unix://"))
+            self.address = str(WyomingUri("tcp", host=where.host, port=sock[1]))
+        elif where.scheme == "unix":
+            path = Path(where.path)
             _remove_stale_socket(path)
             self._server = await asyncio.start_unix_server(
                 self._on_connect, path=str(path), limit=self.limits.frames.max_header_bytes
             )
-        elif self.uri != "stdio://":
-            raise ValueError(f"unsupported uri {self.uri}")
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` (or, for stdio, until stdin closes)."""
-        if self.uri == "stdio://":
+        if parse_uri(self.uri).scheme == "stdio":
             await self._serve_stdio()
             return
         await self._stopped.wait()
@@ -285,8 +284,9 @@ class SttServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        if self.uri.startswith("unix://"):
-            _remove_stale_socket(Path(self.uri.removeprefix("unix://")))
+        where = parse_uri(self.uri)
+        if where.scheme == "unix":
+            _remove_stale_socket(Path(where.path))
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

@@ -11,15 +11,20 @@ import argparse
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .uri import UriError, parse_uri
+
 ENV_PREFIX = "WYOMING_KYUTAI_"
 DEFAULT_ZEROCONF_NAME = "kyutai"
+DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
+DRAIN_TIMEOUT = 2.0
+"""Seconds to deliver a connection's last events before closing it (not a setting)."""
 
 
 class SettingsError(Exception):
@@ -86,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "uri": "tcp://127.0.0.1:10300",
     "zeroconf": None,
     "debug": False,
-    "model": "kyutai/stt-1b-en_fr-candle",
+    "model": DEFAULT_MODEL,
     "data_dir": None,
     "offline": False,
     "device": "auto",
@@ -201,15 +206,10 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
 
 
 def _check_uri(uri: str) -> None:
-    if uri == "stdio://":
-        return
-    if uri.startswith("unix://") and len(uri) > len("unix://"):
-        return
-    if uri.startswith("tcp://"):
-        host, _, port = uri.removeprefix("tcp://").rpartition(":")
-        if host and port.isdigit() and 0 <= int(port) < 65536:
-            return
-    raise SettingsError(f"setting 'uri': use tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
+    try:
+        parse_uri(uri)
+    except UriError as err:
+        raise SettingsError(f"setting 'uri': {err}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -257,9 +257,25 @@ def build_settings(
     return Settings(**merged)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; values are parsed by :func:`build_settings`."""
+MODEL_SETTINGS = ("model", "data_dir", "offline", "device", "dtype", "threads", "quantize")
+"""The settings that pick and load the model."""
+TURN_SETTINGS = (
+    "end_of_turn",
+    "end_of_turn_head",
+    "end_of_turn_threshold",
+    "end_of_turn_min_words",
+    "end_of_turn_ignore_steps",
+    "end_of_turn_consecutive_steps",
+    "no_speech_timeout",
+)
+"""The settings of the end-of-turn policy (endpointing.turn_policy)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One flag per setting (or per setting in ``names``); :func:`build_settings` parses them."""
     for name, f in _fields().items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         kind = _kind(f)
         if name == "zeroconf":

@@ -1,7 +1,11 @@
-"""Transcribe WAV files: ``python -m wyoming_kyutai.transcribe --model REF FILE.wav...``.
+"""Transcribe WAV files without a server: ``wyoming-kyutai-transcribe FILE.wav...``
+(or ``python -m wyoming_kyutai.transcribe ...``).
 
-All files run as concurrent streams through one engine. Plain output prints each file's
-transcript; ``--json`` prints one JSON object per file and line.
+All files run as concurrent streams through one engine. The model and end-of-turn settings
+are the server's own (flags, ``WYOMING_KYUTAI_*`` environment variables, ``--config`` YAML,
+through the same settings code), so the ``end_of_turn`` times reported are where the server
+would end the turn. Plain output prints each file's transcript; ``--json`` prints one JSON
+object per file and line.
 """
 
 from __future__ import annotations
@@ -12,19 +16,30 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
-from .checkpoint import DEFAULT_MODEL, CheckpointError, LoadedModel, load_model
-from .endpointing import EndOfTurnSettings
-from .engine import Engine
-from .utterance import Utterance
+from .checkpoint import CheckpointError, LoadedModel, load_model
+from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
+from .moshi_env import moshi_missing
+from .settings import (
+    MODEL_SETTINGS,
+    TURN_SETTINGS,
+    SettingsError,
+    add_arguments,
+    settings_from_args,
+)
+from .utterance import UtteranceDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 READ_FRAMES = 4000  # input samples per chunk pushed to the engine
 
 
 async def transcribe_audio(
-    engine: Engine, audio: WavAudio, eot: EndOfTurnSettings, wait: float = 3600.0
+    engine: Engine, audio: WavAudio, policy: TurnPolicy, wait: float = 3600.0
 ) -> dict[str, Any]:
     """Stream one file through the engine as fast as it goes; return the JSON record."""
     model = engine.model
@@ -36,12 +51,13 @@ async def transcribe_audio(
             stream.push(converter.convert(audio.data[start : start + chunk]))
             await asyncio.sleep(0)
         stream.finish()
-        utterance = Utterance(model, eot, rearm=True)  # every place a turn ends, not only the first
+        # every place a turn would end, not only the first
+        utterance = UtteranceDecoder(model, policy, rearm=True)
         ends: list[float] = []
         steps: list[dict[str, Any]] = []
         while (result := await stream.get()) is not None:
             update = utterance.feed(result)
-            if update.end_of_turn:
+            if update.ended_by == END_OF_TURN:
                 ends.append(round(utterance.audio_time(result.step), 3))
             pause = None if update.pause is None else round(update.pause, 4)
             steps.append({"token": result.token, "pause": pause})
@@ -57,58 +73,67 @@ async def transcribe_audio(
 
 
 async def transcribe_files(
-    model: LoadedModel, files: list[WavAudio], eot: EndOfTurnSettings, slots: int
+    model: LoadedModel, files: list[WavAudio], policy: TurnPolicy, slots: int
 ) -> list[dict[str, Any]]:
+    from .engine import Engine  # imports moshi: only once it is known to be there
+
     engine = Engine(model, slots=slots)
     engine.start()
     try:
-        return list(await asyncio.gather(*(transcribe_audio(engine, f, eot) for f in files)))
+        return list(await asyncio.gather(*(transcribe_audio(engine, f, policy) for f in files)))
     finally:
         engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m wyoming_kyutai.transcribe", description="Transcribe WAV files."
+        prog="wyoming-kyutai-transcribe",
+        description="Transcribe WAV files with the server's model and end-of-turn settings.",
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE.wav")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF repo id or local directory")
-    parser.add_argument("--data-dir", help="download cache (default: Hugging Face's)")
-    parser.add_argument("--offline", action="store_true", help="never touch the network")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    parser.add_argument(
-        "--quantize",
-        default="auto",
-        choices=["auto", "none", "int8"],
-        help="int8 weights for the model's linears (auto: on CPU)",
+    parser.add_argument("--config", help="YAML file with settings (the server's)")
+    parser.add_argument(  # not the server's `slots` setting: a batch size for these files
+        "--slots",
+        dest="file_slots",
+        type=int,
+        default=0,
+        help="batch slots (default: one per file, at most 8)",
     )
-    parser.add_argument("--slots", type=int, default=0, help="batch slots (default: one per file)")
     parser.add_argument("--json", action="store_true", help="one JSON object per file and line")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--version", action="version", version=__version__)
+    add_arguments(parser, (*MODEL_SETTINGS, *TURN_SETTINGS, "debug"))
     args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    missing = moshi_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if settings.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         files = [read_wav(p) for p in args.files]
         model = load_model(
-            args.model,
-            args.data_dir,
-            args.offline,
-            args.device,
-            args.dtype,
-            args.threads,
-            args.quantize,
+            settings.model,
+            settings.data_dir,
+            settings.offline,
+            settings.device,
+            settings.dtype,
+            settings.threads,
+            settings.quantize,
         )
     except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    slots = args.slots if args.slots > 0 else min(len(files), 8)
-    results = asyncio.run(transcribe_files(model, files, EndOfTurnSettings(), slots))
+    policy = turn_policy(settings, model.num_vad_heads)
+    slots = args.file_slots if args.file_slots > 0 else min(len(files), 8)
+    results = asyncio.run(transcribe_files(model, files, policy, slots))
     for record in results:
         if args.json:
             print(json.dumps(record, ensure_ascii=False))

@@ -1,11 +1,12 @@
-"""One utterance's decoding state: engine step results → text deltas and end of turn."""
+"""One utterance's decoding: engine step results → text deltas, word times, and where the
+turn ends (by the policy of :mod:`wyoming_kyutai.endpointing`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .decoding import TranscriptDecoder, Word
-from .endpointing import EndOfTurnDetector, EndOfTurnSettings
+from .endpointing import END_OF_TURN, TurnPolicy, TurnTracker
 from .engine_types import ModelInfo, StepResult
 
 
@@ -17,20 +18,23 @@ class Update:
     """New transcript text ("" when none); deltas concatenate to the final text."""
     new_text: bool
     """The step added text."""
-    end_of_turn: bool
-    """The end-of-turn detector fired on this step."""
+    ended_by: str | None
+    """Why the turn ends on this step (endpointing.END_OF_TURN or NO_SPEECH), else None."""
     pause: float | None
     """The end-of-turn head's pause probability, None without heads."""
 
+    @property
+    def end_of_turn(self) -> bool:
+        """The end-of-turn detector fired on this step."""
+        return self.ended_by == END_OF_TURN
 
-class Utterance:
-    """Decoder plus end-of-turn detector for one stream."""
 
-    def __init__(self, model: ModelInfo, eot: EndOfTurnSettings, rearm: bool = False) -> None:
+class UtteranceDecoder:
+    """Transcript decoder plus turn tracking for one stream."""
+
+    def __init__(self, model: ModelInfo, policy: TurnPolicy, rearm: bool = False) -> None:
         """``rearm``: after the detector fires, watch for the next end of turn too (files)."""
         self.model = model
-        self.rearm = rearm
-        self.eot = eot
         self.step_seconds = 1.0 / model.frame_rate
         self.decoder = TranscriptDecoder(
             model.tokenizer,
@@ -40,19 +44,18 @@ class Utterance:
             padding_id=model.text_padding_id,
             end_of_padding_id=model.end_of_padding_id,
         )
-        self.detector = EndOfTurnDetector(eot)
-        self.has_heads = eot.head < model.num_vad_heads
+        self.turn = TurnTracker(policy, rearm=rearm)
+        self.head = policy.end_of_turn.head
+        self.has_heads = self.head < model.num_vad_heads
 
     def feed(self, result: StepResult) -> Update:
         words_before = len(self.decoder.words)
         new_text = self.decoder.push(result.step, result.token)
         started_word = len(self.decoder.words) > words_before
-        pause = result.pauses[self.eot.head] if self.has_heads else None
-        fired = self.detector.update(result.step, started_word, pause)
-        if fired and self.rearm:
-            self.detector = EndOfTurnDetector(self.eot)
+        pause = result.pauses[self.head] if self.has_heads else None
+        ended_by = self.turn.on_step(result.step, started_word, pause, self.audio_time(result.step))
         delta = self.decoder.delta() if new_text else ""
-        return Update(delta, new_text, fired, pause)
+        return Update(delta, new_text, ended_by, pause)
 
     def audio_time(self, step: int) -> float:
         """Seconds of the stream's audio heard once ``step`` has been processed."""

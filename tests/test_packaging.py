@@ -1,0 +1,164 @@
+"""The package as pip sees it: one version everywhere, the commands, declared dependencies,
+and defaults that live only in settings.py."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+import wyoming_kyutai
+from wyoming_kyutai.app import server_limits
+from wyoming_kyutai.endpointing import EndOfTurnSettings, TurnPolicy, turn_policy
+from wyoming_kyutai.framing import FrameLimits
+from wyoming_kyutai.handler import HandlerSettings
+from wyoming_kyutai.server import ServerLimits
+from wyoming_kyutai.settings import DEFAULTS, build_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+PROJECT = PYPROJECT["project"]
+SCRIPTS: dict[str, str] = PROJECT["scripts"]
+
+
+def test_one_version_everywhere() -> None:
+    version = PROJECT["version"]
+    assert importlib.metadata.version("wyoming_kyutai") == version
+    assert wyoming_kyutai.__version__ == version
+    addon = yaml.safe_load((ROOT / "addon/kyutai_stt/config.yaml").read_text(encoding="utf-8"))
+    assert addon["version"] == version
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    first = re.search(r"^## (\S+)", changelog, re.MULTILINE)
+    assert first is not None and first.group(1) == version
+    # the add-on shows the project's changelog, not a copy of it
+    addon_changelog = ROOT / "addon/kyutai_stt/CHANGELOG.md"
+    assert addon_changelog.is_symlink()
+    assert addon_changelog.resolve() == (ROOT / "CHANGELOG.md").resolve()
+
+
+def test_the_commands() -> None:
+    assert set(SCRIPTS) == {
+        "wyoming-kyutai",
+        "wyoming-kyutai-client",
+        "wyoming-kyutai-transcribe",
+        "wyoming-kyutai-checkpoint",
+        "wyoming-kyutai-health",
+    }
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in SCRIPTS:
+        assert f"`{name}" in readme, f"{name} is not in the README"
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_command_prints_the_version(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module_name, _, function = SCRIPTS[name].partition(":")
+    main = getattr(importlib.import_module(module_name), function)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == wyoming_kyutai.__version__
+
+
+def test_python_dash_m_keeps_working() -> None:
+    for module in ("wyoming_kyutai", "wyoming_kyutai.health"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == wyoming_kyutai.__version__
+
+
+def _imported_distributions() -> set[str]:
+    """Distributions (lower case) of the third-party modules the package imports."""
+    names: set[str] = set()
+    for path in (ROOT / "wyoming_kyutai").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    local = {"wyoming_kyutai"} | set(sys.stdlib_module_names) | {"__future__"}
+    mapping = importlib.metadata.packages_distributions()
+    found: set[str] = set()
+    for name in names - local:
+        dists = mapping.get(name)
+        assert dists, f"{name} is imported but belongs to no installed distribution"
+        found.update(d.lower().replace("_", "-") for d in dists)
+    return found
+
+
+def _declared() -> set[str]:
+    specs = list(PROJECT["dependencies"])
+    for extra in PROJECT["optional-dependencies"].values():
+        specs += extra
+    return {re.split(r"[<>=!~\[ ;]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def test_every_imported_distribution_is_declared() -> None:
+    """What the code imports is in pyproject.toml; moshi is the one known exception
+    (installed with --no-deps, see the comment there), and torch is declared."""
+    missing = _imported_distributions() - _declared()
+    assert missing == {"moshi"}
+    assert "torch" in _declared()
+
+
+def test_no_requirements_files_repeat_the_dependencies() -> None:
+    assert not list(ROOT.glob("requirements*.txt"))
+    setup = (ROOT / "script/setup").read_text(encoding="utf-8")
+    assert '-e ".[$extras]"' in setup and '--no-deps "$MOSHI_SPEC"' in setup
+
+
+def test_defaults_live_only_in_settings() -> None:
+    """Every dataclass built from the default settings equals its own defaults, so no module
+    keeps a default of its own."""
+    settings = build_settings()
+    assert server_limits(settings) == ServerLimits()
+    assert server_limits(settings).frames == FrameLimits()
+    policy = turn_policy(settings, num_vad_heads=4)
+    assert policy == TurnPolicy() and policy.end_of_turn == EndOfTurnSettings()
+    assert HandlerSettings() == HandlerSettings(slot_wait=settings.slot_wait, turn=policy)
+    from wyoming_kyutai import checkpoint, client, health
+
+    assert DEFAULTS["model"] == checkpoint.DEFAULT_MODEL
+    assert DEFAULTS["uri"] == health.DEFAULT_URI
+    assert client.main.__module__ == "wyoming_kyutai.client"
+
+
+def test_no_module_repeats_a_default_model_or_uri() -> None:
+    for path in (ROOT / "wyoming_kyutai").rglob("*.py"):
+        if path.name == "settings.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert '"kyutai/stt-1b-en_fr-candle"' not in text, path.name
+        assert '"tcp://127.0.0.1:10300"' not in text, path.name
+
+
+def test_a_missing_moshi_is_one_line(tmp_path: Path) -> None:
+    """pip does not install moshi (see pyproject.toml): say how, instead of a traceback."""
+    hide = (
+        "import importlib.util, sys; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'moshi' else real(n, *a);"
+    )
+    for module in ("wyoming_kyutai", "wyoming_kyutai.transcribe"):
+        args = ["--model", str(tmp_path)] + (["x.wav"] if "transcribe" in module else [])
+        code = f"{hide} sys.argv = ['x', *{args!r}]; import runpy; "
+        code += f"runpy.run_module({module!r}, run_name='__main__')"
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == (
+            "error: the 'moshi' package is not installed; "
+            "install it with: pip install --no-deps moshi==0.2.13"
+        )
