@@ -204,7 +204,7 @@ def test_missing_or_misshapen_tensor_is_named(
 
 
 def test_default_config_is_kyutais_mimi() -> None:
-    assert DEFAULT_MIMI_CONFIG == loaders._mimi_config
+    assert loaders._mimi_config == DEFAULT_MIMI_CONFIG
     config = MimiConfig.default()
     assert (config.frame_size, config.hop_length, config.downsample_stride) == (1920, 960, 2)
     assert (config.context, config.n_q, config.bins) == (250, 32, 2048)
