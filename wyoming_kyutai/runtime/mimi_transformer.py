@@ -15,12 +15,16 @@ number of frames per call, so k frames in one call give exactly the k one-frame 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from .linear import Linear
 from .weights import WeightError, WeightFile
+
+FRAMES_PER_PASS = 8
+"""Mimi frames a pass of the transformer covers at most (longer calls run in several)."""
 
 
 def _take_first(weights: WeightFile, names: list[str], shape: tuple[int, ...]) -> torch.Tensor:
@@ -60,8 +64,25 @@ class _Layer:
         self.scale2 = weights.take(f"{prefix}.layer_scale_2.scale", (dim,)) if scaled else None
 
 
+@dataclass
+class _Pass:
+    """What every layer of one pass over a chunk of steps shares."""
+
+    rows: torch.Tensor  # the slots, int64 [n, 1]
+    ring: torch.Tensor  # where each step's key goes in its slot's ring, int64 [n, T]
+    mask: torch.Tensor  # which ring entries each step sees, bool [n, 1, T, capacity]
+    cos: torch.Tensor  # rotary cos, [n, T, 1, head_dim / 2]
+    sin: torch.Tensor  # rotary sin, [n, T, 1, head_dim / 2]
+    window: slice | None  # the slots as one slice of the state, when they are consecutive
+
+
 class EncoderTransformer:
-    """Streaming causal transformer over ``[n, T, D]`` latents for slots ``index``."""
+    """Streaming causal transformer over ``[n, T, D]`` latents for slots ``index``.
+
+    A call runs in passes of at most ``chunk`` steps. A pass first writes its keys and values
+    into the slots' rings, then attends over the rings: a ring holds
+    ``context + chunk - 1`` entries, so nothing a step may see is overwritten by the pass.
+    """
 
     def __init__(
         self,
@@ -85,44 +106,50 @@ class EncoderTransformer:
             raise ValueError("the transformer context must hold at least one frame")
         self.dim, self.heads, self.context, self.step = d_model, num_heads, context, step
         self.head_dim = d_model // num_heads
+        self.chunk = step * FRAMES_PER_PASS
+        self.capacity = context + self.chunk - 1
         self.layers = [
             _Layer(weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8)
             for i in range(num_layers)
         ]
         half = torch.arange(self.head_dim // 2, dtype=torch.float32)
         self.freqs = torch.exp(half * (-math.log(max_period) * 2 / self.head_dim))
-        # per slot: positions done so far; per layer and slot: the ring of the last keys/values
+        # per slot: steps done so far and the step held by each ring entry (-1: none);
+        # per layer and slot: the rings of keys and values
         self.offsets = torch.zeros(slots, dtype=torch.long)
-        self.key_positions = torch.full((slots, context), -1, dtype=torch.long)
-        shape = (slots, context, num_heads, self.head_dim)
+        self.key_positions = torch.full((slots, self.capacity), -1, dtype=torch.long)
+        shape = (slots, num_heads, self.capacity, self.head_dim)
         self.keys = [torch.zeros(shape) for _ in self.layers]
         self.values = [torch.zeros(shape) for _ in self.layers]
 
     def reset(self, index: torch.Tensor) -> None:
-        """Start new streams in the slots ``index``: position 0 and an empty ring."""
+        """Start new streams in the slots ``index``: step 0 and empty rings."""
         self.offsets[index] = 0
         self.key_positions[index] = -1
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x`` [n, T, D] (T a multiple of ``step``) → [n, T, D]; advances the slots by T."""
-        n, length, _ = x.shape
-        positions = self.offsets[index].view(-1, 1) + torch.arange(length)  # [n, T]
-        mask = self._mask(positions, self.key_positions[index])
+        window = _as_slice(index)
+        parts = [self._pass(part, index, window) for part in x.split(self.chunk, dim=1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _pass(self, x: torch.Tensor, index: torch.Tensor, window: slice | None) -> torch.Tensor:
+        """All layers over at most ``chunk`` steps ``x`` [n, T, D]."""
+        positions = self.offsets[index].view(-1, 1) + torch.arange(x.shape[1])  # [n, T]
+        rows, ring = index.view(-1, 1), positions % self.capacity
+        self.key_positions[rows, ring] = positions
+        self.offsets[index] += x.shape[1]
         cos, sin = self._rotation(positions)
-        ring = (positions % self.context)[:, -self.context :]
-        rows = index.view(-1, 1)
+        step = _Pass(rows, ring, self._mask(positions, self.key_positions[index]), cos, sin, window)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            x = self._layer(layer, x, keys, values, index, mask, cos, sin, rows, ring)
-        self.key_positions[rows, ring] = positions[:, -self.context :]
-        self.offsets[index] += length
+            x = self._layer(layer, x, keys, values, step)
         return x
 
-    def _mask(self, positions: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-        """Which keys (the ring's, then this call's) each query sees: bool [n, 1, T, C + T]."""
-        keys = torch.cat([cached, positions], dim=1)[:, None, :]
-        delta = positions[:, :, None] - keys
+    def _mask(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Which ring entries (steps ``keys`` [n, R]) each query (``positions`` [n, T]) sees."""
+        delta = positions[:, :, None] - keys[:, None, :]
         limit = (self.context - self.step + 1) + positions[:, :, None] % self.step
-        return ((keys >= 0) & (delta >= 0) & (delta < limit))[:, None]
+        return ((keys[:, None, :] >= 0) & (delta >= 0) & (delta < limit))[:, None]
 
     def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos and sin for ``positions`` [n, T] → each [n, T, 1, head_dim / 2]."""
@@ -135,31 +162,45 @@ class EncoderTransformer:
         real, imag = pairs[..., 0], pairs[..., 1]
         return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
 
-    def _layer(
-        self,
-        layer: _Layer,
-        x: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        index: torch.Tensor,
-        mask: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: torch.Tensor,
-        ring: torch.Tensor,
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
     ) -> torch.Tensor:
-        """One layer on ``x`` [n, T, D]; writes this call's keys and values into the ring."""
+        """Attention of ``q`` [n, H, T, head_dim] over the slots' rings, in place (no copy)."""
+        if step.window is not None:
+            return F.scaled_dot_product_attention(
+                q, keys[step.window], values[step.window], step.mask
+            )
+        slots = step.rows.view(-1).tolist()
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[i : i + 1], keys[s : s + 1], values[s : s + 1], step.mask[i : i + 1]
+                )
+                for i, s in enumerate(slots)
+            ]
+        )
+
+    def _layer(
+        self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
+    ) -> torch.Tensor:
+        """One layer on ``x`` [n, T, D]; writes the pass's keys and values into the rings."""
         n, length, dim = x.shape
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
         q, k, v = layer.in_proj(h).view(n, length, 3, self.heads, self.head_dim).unbind(2)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        all_k = torch.cat([keys[index], k], dim=1).transpose(1, 2)
-        all_v = torch.cat([values[index], v], dim=1).transpose(1, 2)
-        keys[rows, ring] = k[:, -self.context :]
-        values[rows, ring] = v[:, -self.context :]
-        attended = F.scaled_dot_product_attention(q.transpose(1, 2), all_k, all_v, mask)
+        q, k = self._rotate(q, step.cos, step.sin), self._rotate(k, step.cos, step.sin)
+        keys[step.rows, :, step.ring] = k
+        values[step.rows, :, step.ring] = v
+        attended = self._attend(q.transpose(1, 2), keys, values, step)
         update = layer.out_proj(attended.transpose(1, 2).reshape(n, length, dim))
         x = x + (update if layer.scale1 is None else layer.scale1 * update)
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
         update = layer.linear2(F.gelu(layer.linear1(h)))
         return x + (update if layer.scale2 is None else layer.scale2 * update)
+
+
+def _as_slice(index: torch.Tensor) -> slice | None:
+    """``index`` as a slice when it lists consecutive slots in order, else None."""
+    slots = index.tolist()
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
