@@ -15,9 +15,18 @@ from torch.nn import functional as F
 
 from .weights import WeightFile
 
+MIN_TAP_WIDTH = 16
+"""Below this many inputs per tap (stride x input channels), windows are copied out instead."""
+
 
 class StreamingConv:
-    """One causal convolution with per-slot left context, over ``[n, C_in, T]`` inputs."""
+    """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
+
+    Computed as matrix products against the weight laid out once at load, which avoids
+    PyTorch's per-call re-layout of the weight for these short inputs. With ``k = m * s``,
+    the input read as blocks of ``s`` samples gives each output its window as ``m`` consecutive
+    blocks: the output is the sum of ``m`` products of shifted views (no copy of the windows).
+    """
 
     def __init__(
         self,
@@ -28,22 +37,29 @@ class StreamingConv:
         dilation: int = 1,
         replicate: bool = False,
     ) -> None:
-        self.out_channels, self.in_channels, self.kernel_size = (int(s) for s in weight.shape)
-        self.stride = stride
-        self.dilation = dilation
-        self.weight = weight.contiguous()
+        out_channels, in_channels, kernel = (int(s) for s in weight.shape)
+        if kernel % stride or (stride > 1 and dilation > 1):
+            raise ValueError("a streaming convolution needs kernel = m * stride, no dilation")
+        self.kernel_size, self.stride, self.dilation = kernel, stride, dilation
+        self.span = (kernel - 1) * dilation + 1
         self.bias = bias
-        context = (self.kernel_size - 1) * dilation + 1 - stride
-        if context < 0:
-            raise ValueError("a streaming convolution needs kernel >= stride")
-        self.previous = torch.zeros(slots, self.in_channels, context)
+        taps = weight.permute(2, 1, 0)  # [k, C_in, C_out]
+        if stride * in_channels < MIN_TAP_WIDTH:
+            # one product over copied windows [k * C_in]
+            self.taps = [taps.reshape(kernel * in_channels, out_channels).contiguous()]
+            self.windowed = True
+        else:
+            taps = taps.reshape(kernel // stride, stride * in_channels, out_channels)
+            self.taps = [t.contiguous() for t in taps]
+            self.windowed = False
+        self.previous = torch.zeros(slots, self.span - stride, in_channels)
         # replicate: slots whose next call is their stream's first (left context = x[0])
         self.first = torch.ones(slots, dtype=torch.bool) if replicate else None
 
     @property
     def context(self) -> int:
         """Samples of left context kept per slot (at this layer's input rate)."""
-        return int(self.previous.shape[-1])
+        return int(self.previous.shape[1])
 
     def reset(self, index: torch.Tensor) -> None:
         """Start new streams in the slots ``index`` (int64 [m])."""
@@ -52,16 +68,31 @@ class StreamingConv:
             self.first[index] = True
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``x`` [n, C_in, T] (T a multiple of the stride) for slots ``index`` → [n, C_out, T/s]."""
+        """``x`` [n, T, C_in] (T a multiple of the stride) for slots ``index`` → [n, T/s, C_out]."""
         if self.context:
             previous = self.previous[index]
             if self.first is not None:
                 first = self.first[index].view(-1, 1, 1)
-                previous = torch.where(first, x[..., :1], previous)
+                previous = torch.where(first, x[:, :1], previous)
                 self.first[index] = False
-            x = torch.cat([previous, x], dim=-1)
-            self.previous[index] = x[..., -self.context :]
-        return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation)
+            x = torch.cat([previous, x], dim=1)
+            self.previous[index] = x[:, -self.context :]
+        return self._convolve(x)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The valid convolution of ``x`` [n, T_in, C_in] → [n, positions, C_out]."""
+        n, length, channels = x.shape
+        positions = (length - self.span) // self.stride + 1
+        if self.windowed:
+            windows = x.unfold(1, self.kernel_size, self.stride).transpose(2, 3)
+            y = torch.matmul(windows.reshape(n, positions, -1), self.taps[0])
+        else:
+            blocks = x.reshape(n, length // self.stride, self.stride * channels)
+            step = self.dilation
+            y = torch.matmul(blocks[:, :positions], self.taps[0])
+            for j, tap in enumerate(self.taps[1:], start=1):
+                y += torch.matmul(blocks[:, j * step : j * step + positions], tap)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 class ResidualBlock:
@@ -82,7 +113,7 @@ class ResidualBlock:
 
 
 class SEANetEncoder:
-    """Mimi's convolutional encoder: audio [n, 1, T] at 24 kHz → latents [n, D, T / hop]."""
+    """Mimi's convolutional encoder: audio [n, T, 1] at 24 kHz → latents [n, T / hop, D]."""
 
     def __init__(
         self,
@@ -128,7 +159,7 @@ class SEANetEncoder:
             layer.reset(index)
 
     def __call__(self, audio: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``audio`` [n, 1, T] for slots ``index`` → latents [n, D, T / hop]."""
+        """``audio`` [n, T, 1] for slots ``index`` → latents [n, T / hop, D] (channel-last)."""
         x = self.layers[0](audio, index)
         for layer in self.layers[1:]:
             x = layer(x, index) if isinstance(layer, ResidualBlock) else layer(F.elu(x), index)

@@ -259,11 +259,11 @@ class MimiEncoder:
             raise ValueError(
                 f"audio must be [{len(index)}, k * {self.frame_size}], got {list(audio.shape)}"
             )
-        latents = self.seanet(audio.float().view(n, 1, length), index)  # [n, D, 2k]
-        latents = self.transformer(latents.transpose(1, 2), index)  # [n, 2k, D]
-        latents = self.downsample(latents.transpose(1, 2), index)  # [n, D, k]
-        frames = latents.shape[-1]
-        codes = self.quantizer.encode(latents.transpose(1, 2).reshape(n * frames, -1))
+        latents = self.seanet(audio.float().reshape(n, length, 1), index)  # [n, 2k, D]
+        latents = self.transformer(latents, index)  # [n, 2k, D]
+        latents = self.downsample(latents, index)  # [n, k, D]
+        frames = latents.shape[1]
+        codes = self.quantizer.encode(latents.reshape(n * frames, -1))
         return codes.view(n, frames, -1).transpose(1, 2)
 
     def _index(self, slots: Sequence[int]) -> torch.Tensor:
