@@ -25,7 +25,8 @@ class StreamingConv:
     Computed as matrix products against the weight laid out once at load, which avoids
     PyTorch's per-call re-layout of the weight for these short inputs. With ``k = m * s``,
     the input read as blocks of ``s`` samples gives each output its window as ``m`` consecutive
-    blocks: the output is the sum of ``m`` products of shifted views (no copy of the windows).
+    blocks: one product of all blocks by the ``m`` tap groups side by side, then the groups'
+    outputs summed at shifts of 0..m-1 blocks (no copy of the windows).
     """
 
     def __init__(
@@ -43,15 +44,16 @@ class StreamingConv:
         self.kernel_size, self.stride, self.dilation = kernel, stride, dilation
         self.span = (kernel - 1) * dilation + 1
         self.bias = bias
+        self.out_channels = out_channels
         taps = weight.permute(2, 1, 0)  # [k, C_in, C_out]
-        if stride * in_channels < MIN_TAP_WIDTH:
-            # one product over copied windows [k * C_in]
-            self.taps = [taps.reshape(kernel * in_channels, out_channels).contiguous()]
-            self.windowed = True
+        # windowed: one product over copied windows [k * C_in]; else all tap groups at once:
+        # [s * C_in, m * C_out], group j's outputs summed at a shift of j blocks
+        self.windowed = stride * in_channels < MIN_TAP_WIDTH
+        if self.windowed:
+            self.matrix = taps.reshape(kernel * in_channels, out_channels).contiguous()
         else:
-            taps = taps.reshape(kernel // stride, stride * in_channels, out_channels)
-            self.taps = [t.contiguous() for t in taps]
-            self.windowed = False
+            groups = taps.reshape(kernel // stride, stride * in_channels, out_channels)
+            self.matrix = groups.permute(1, 0, 2).reshape(stride * in_channels, -1).contiguous()
         self.previous = torch.zeros(slots, self.span - stride, in_channels)
         # replicate: slots whose next call is their stream's first (left context = x[0])
         self.first = torch.ones(slots, dtype=torch.bool) if replicate else None
@@ -85,14 +87,18 @@ class StreamingConv:
         positions = (length - self.span) // self.stride + 1
         if self.windowed:
             windows = x.unfold(1, self.kernel_size, self.stride).transpose(2, 3)
-            y = torch.matmul(windows.reshape(n, positions, -1), self.taps[0])
-        else:
-            blocks = x.reshape(n, length // self.stride, self.stride * channels)
-            step = self.dilation
-            y = torch.matmul(blocks[:, :positions], self.taps[0])
-            for j, tap in enumerate(self.taps[1:], start=1):
-                y += torch.matmul(blocks[:, j * step : j * step + positions], tap)
-        return y if self.bias is None else y.add_(self.bias)
+            return self._biased(torch.matmul(windows.reshape(n, positions, -1), self.matrix))
+        blocks = x.reshape(n * (length // self.stride), self.stride * channels)
+        products = torch.matmul(blocks, self.matrix).view(n, length // self.stride, -1)
+        groups = products.unflatten(-1, (-1, self.out_channels))  # [n, blocks, m, C_out]
+        y = self._biased(groups[:, :positions, 0])
+        for j in range(1, groups.shape[2]):
+            y += groups[:, j * self.dilation : j * self.dilation + positions, j]
+        return y
+
+    def _biased(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the bias, as a new tensor."""
+        return y.contiguous() if self.bias is None else y + self.bias
 
 
 class ResidualBlock:
