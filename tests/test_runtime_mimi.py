@@ -219,6 +219,8 @@ def test_bad_calls_are_refused(tiny: Mimi) -> None:
         encoder.encode(torch.zeros(1, FRAME), [2])
     with pytest.raises(ValueError):
         encoder.encode(torch.zeros(1, FRAME + 1), [0])
+    assert encoder.encode(torch.zeros(0, 2 * FRAME), []).shape == (0, 32, 2)
+    encoder.reset([])
 
 
 INT8_FLOOR = 0.85

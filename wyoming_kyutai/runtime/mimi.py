@@ -254,11 +254,13 @@ class MimiEncoder:
         """``audio`` float32 [n, k * frame_size] for the n distinct ``slots`` → codes int64
         [n, num_codebooks, k]; the slots' streams advance by k frames."""
         index = self._index(slots)
-        n, length = audio.shape
+        n, length = audio.shape if audio.dim() == 2 else (-1, 0)
         if n != len(index) or length == 0 or length % self.frame_size:
             raise ValueError(
                 f"audio must be [{len(index)}, k * {self.frame_size}], got {list(audio.shape)}"
             )
+        if n == 0:
+            return torch.empty(0, self.num_codebooks, length // self.frame_size, dtype=torch.long)
         latents = self.seanet(audio.float().reshape(n, length, 1), index)  # [n, 2k, D]
         latents = self.transformer(latents, index)  # [n, 2k, D]
         latents = self.downsample(latents, index)  # [n, k, D]
