@@ -228,7 +228,7 @@ INT8_FLOOR = 0.85
 0.895: int8 rounding flips some late acoustic codes, and one flip changes the later residuals)."""
 
 
-def test_int8_stream_alone_equals_batched_and_tracks_float(short: Mimi) -> None:
+def test_int8_alone_equals_batched_and_time_batched_and_tracks_float(short: Mimi) -> None:
     audios = [_audio("speech", 20, seed=10 + i) for i in range(3)]
     alone = [_frame_by_frame(short.encoder(slots=3, int8=True), a, slot=2) for a in audios]
     batched = short.encoder(slots=3, int8=True)
@@ -237,6 +237,12 @@ def test_int8_stream_alone_equals_batched_and_tracks_float(short: Mimi) -> None:
     for one, many in zip(alone, together, strict=True):
         assert torch.equal(one, many)
         _assert_varied(one)
+    encoder = short.encoder(slots=1, int8=True)
+    x = torch.from_numpy(audios[0]).view(1, -1)
+    chunks = [
+        encoder.encode(x[:, a * FRAME : b * FRAME], [0]) for a, b in ((0, 1), (1, 12), (12, 20))
+    ]
+    assert torch.equal(torch.cat(chunks, dim=-1)[0], alone[0])
     float_codes = torch.stack([short.reference(a) for a in audios])
     agreement = (float_codes == torch.stack(alone)).float().mean().item()
     assert agreement >= INT8_FLOOR, agreement

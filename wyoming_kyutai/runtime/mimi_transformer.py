@@ -24,7 +24,12 @@ from .linear import Linear
 from .weights import WeightError, WeightFile
 
 FRAMES_PER_PASS = 8
-"""Mimi frames a pass of the transformer covers at most (longer calls run in several)."""
+"""Mimi frames a float32 pass of the transformer covers at most (longer calls run in several).
+
+int8 passes cover one frame: float products and attention round differently for different
+numbers of rows, and int8's activation rounding can turn that last-bit difference into another
+code; one frame per pass gives the exact codes of one-frame calls. (In float32 such
+differences stay far below the codes' resolution.)"""
 
 
 def _take_first(weights: WeightFile, names: list[str], shape: tuple[int, ...]) -> torch.Tensor:
@@ -106,7 +111,7 @@ class EncoderTransformer:
             raise ValueError("the transformer context must hold at least one frame")
         self.dim, self.heads, self.context, self.step = d_model, num_heads, context, step
         self.head_dim = d_model // num_heads
-        self.chunk = step * FRAMES_PER_PASS
+        self.chunk = step if int8 else step * FRAMES_PER_PASS
         self.capacity = context + self.chunk - 1
         self.layers = [
             _Layer(weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8)
