@@ -60,23 +60,38 @@ def tiny(tiny_dir: Path) -> Mimi:
     return Mimi(tiny_dir / MIMI_NAME, config)
 
 
-@pytest.fixture(scope="module")
-def short(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Mimi:
-    """The tiny Mimi with a 6-step transformer context, so streams outrun the KV ring."""
+def _random_mimi(tiny_dir: Path, out: Path, seed: int, **changes: dict) -> Mimi:
+    """A random Mimi of the tiny config with ``changes`` ({section: {key: value}}), saved."""
     config = copy.deepcopy(json.loads((tiny_dir / TINY_MIMI_CONFIG_NAME).read_text()))
-    config["transformer"]["context"] = SHORT_CONTEXT
-    torch.manual_seed(3)
+    for section, values in changes.items():
+        config[section].update(values)
+    torch.manual_seed(seed)
     model = loaders.get_mimi(None, config, num_codebooks=32)
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("_codebook.embedding_sum"):
                 buf.copy_(torch.randn(buf.shape, generator=generator) * 0.01)
             elif name.endswith("_codebook.cluster_usage"):
                 buf.fill_(1.0)
-    path = tmp_path_factory.mktemp("short") / "mimi.safetensors"
+    path = out / "mimi.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Mimi(path, config)
+
+
+@pytest.fixture(scope="module")
+def short(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Mimi:
+    """The tiny Mimi with a 6-step transformer context, so streams outrun the KV ring."""
+    out = tmp_path_factory.mktemp("short")
+    return _random_mimi(tiny_dir, out, 3, transformer={"context": SHORT_CONTEXT})
+
+
+@pytest.fixture(scope="module")
+def deep(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Mimi:
+    """Two residual units per stage (the second dilated 2x) and replicate padding in SEANet."""
+    out = tmp_path_factory.mktemp("deep")
+    seanet = {"n_residual_layers": 2, "pad_mode": "replicate"}
+    return _random_mimi(tiny_dir, out, 4, seanet=seanet, transformer={"context": SHORT_CONTEXT})
 
 
 def _audio(kind: str, frames: int, seed: int) -> np.ndarray:
@@ -106,7 +121,7 @@ def _frame_by_frame(encoder: MimiEncoder, audio: np.ndarray, slot: int = 0) -> t
     return torch.cat([encoder.encode(f[None], [slot])[0] for f in x.split(FRAME)], dim=-1)
 
 
-@pytest.mark.parametrize("which", ["tiny", "short"])
+@pytest.mark.parametrize("which", ["tiny", "short", "deep"])
 def test_one_stream_frame_by_frame(which: str, request: pytest.FixtureRequest) -> None:
     mimi: Mimi = request.getfixturevalue(which)
     audio = _audio("mixed", 36, seed=1)

@@ -86,7 +86,7 @@ class StreamingConv:
         n, length, channels = x.shape
         positions = (length - self.span) // self.stride + 1
         if self.windowed:
-            windows = x.unfold(1, self.kernel_size, self.stride).transpose(2, 3)
+            windows = x.unfold(1, self.span, self.stride)[..., :: self.dilation].transpose(2, 3)
             return self._biased(torch.matmul(windows.reshape(n, positions, -1), self.matrix))
         blocks = x.reshape(n * (length // self.stride), self.stride * channels)
         products = torch.matmul(blocks, self.matrix).view(n, length // self.stride, -1)
