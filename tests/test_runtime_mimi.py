@@ -219,6 +219,26 @@ def test_missing_or_misshapen_tensor_is_named(
         MimiEncoder(WeightFile(path), MimiConfig.from_dict(tiny.config), slots=1)
 
 
+def test_older_tensor_names_are_read(tiny: Mimi, tmp_path: Path) -> None:
+    """moshi's loader also accepts in_proj_weight, out_proj.weight, embed_sum, cluster_size."""
+    renames = {
+        "self_attn.in_projs.0.weight": "self_attn.in_proj_weight",
+        "self_attn.out_projs.0.weight": "self_attn.out_proj.weight",
+        "_codebook.embedding_sum": "_codebook.embed_sum",
+        "_codebook.cluster_usage": "_codebook.cluster_size",
+    }
+    state = {}
+    for name, tensor in load_file(str(tiny.path)).items():
+        for new, old in renames.items():
+            name = name.replace(new, old)
+        state[name] = tensor
+    path = tmp_path / "old.safetensors"
+    save_file(state, str(path))
+    audio = _audio("speech", 6, seed=11)
+    renamed = MimiEncoder(WeightFile(path), MimiConfig.from_dict(tiny.config), slots=1)
+    assert torch.equal(_frame_by_frame(renamed, audio), tiny.reference(audio))
+
+
 def test_default_config_is_kyutais_mimi() -> None:
     assert loaders._mimi_config == DEFAULT_MIMI_CONFIG
     config = MimiConfig.default()

@@ -26,10 +26,11 @@ from .weights import WeightError, WeightFile
 FRAMES_PER_PASS = 8
 """Mimi frames a float32 pass of the transformer covers at most (longer calls run in several).
 
-int8 passes cover one frame: float products and attention round differently for different
-numbers of rows, and int8's activation rounding can turn that last-bit difference into another
-code; one frame per pass gives the exact codes of one-frame calls. (In float32 such
-differences stay far below the codes' resolution.)"""
+int8 passes cover one frame: products and attention round differently for different numbers
+of rows, and int8's activation rounding can turn such a last-bit difference into another code,
+so one frame per pass keeps the transformer's rounding that of one-frame calls. (In float32
+these differences stay far below the codes' resolution.)
+"""
 
 
 def _take_first(weights: WeightFile, names: list[str], shape: tuple[int, ...]) -> torch.Tensor:
