@@ -153,7 +153,7 @@ class MimiConfig:
             bins=int(quant["bins"]),
             n_q=int(quant["n_q"]),
         )
-        config.downsample_stride  # noqa: B018 - validates the rates
+        _ = config.downsample_stride  # validates the rates
         return config
 
     @classmethod
