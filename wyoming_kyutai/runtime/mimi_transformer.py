@@ -1,0 +1,212 @@
+"""Mimi's encoder transformer, streaming, with a per-slot ring of keys and values.
+
+Each layer: ``x += scale1 * attention(layer_norm1(x))`` then
+``x += scale2 * linear2(gelu(linear1(layer_norm2(x))))``; attention is causal, with
+interleaved rotary embeddings of the absolute position (in 40 ms steps at 25 Hz).
+
+Context, exactly as moshi streams it: moshi's ring holds the last ``context`` keys and is
+written for a whole call before the call attends, so within one Mimi frame (``step`` = 2
+positions) the first position no longer sees the key that the second position's write
+evicted. A query at position ``p`` therefore sees the keys at distance
+``0 <= p - q < context - step + 1 + p % step``. This module keeps that rule whatever the
+number of frames per call, so k frames in one call give exactly the k one-frame calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .linear import Linear
+from .weights import WeightError, WeightFile
+
+FRAMES_PER_PASS = 8
+"""Mimi frames a float32 pass of the transformer covers at most (longer calls run in several).
+
+int8 passes cover one frame: products and attention round differently for different numbers
+of rows, and int8's activation rounding can turn such a last-bit difference into another code,
+so one frame per pass keeps the transformer's rounding that of one-frame calls. (In float32
+these differences stay far below the codes' resolution.)
+"""
+
+
+def _take_first(weights: WeightFile, names: list[str], shape: tuple[int, ...]) -> torch.Tensor:
+    """The first of ``names`` present (checkpoints spell some tensors two ways)."""
+    for name in names:
+        if weights.has(name):
+            return weights.take(name, shape)
+    raise WeightError(f"{weights.path.name}: missing tensor {names[0]}")
+
+
+class _Layer:
+    """One transformer layer's weights."""
+
+    def __init__(
+        self, weights: WeightFile, prefix: str, dim: int, hidden: int, scaled: bool, int8: bool
+    ) -> None:
+        attn = f"{prefix}.self_attn"
+        in_proj = _take_first(
+            weights, [f"{attn}.in_projs.0.weight", f"{attn}.in_proj_weight"], (3 * dim, dim)
+        )
+        out_proj = _take_first(
+            weights, [f"{attn}.out_projs.0.weight", f"{attn}.out_proj.weight"], (dim, dim)
+        )
+        self.in_proj = Linear(in_proj, int8)
+        self.out_proj = Linear(out_proj, int8)
+        self.linear1 = Linear(weights.take(f"{prefix}.linear1.weight", (hidden, dim)), int8)
+        self.linear2 = Linear(weights.take(f"{prefix}.linear2.weight", (dim, hidden)), int8)
+        self.norm1 = (
+            weights.take(f"{prefix}.norm1.weight", (dim,)),
+            weights.take(f"{prefix}.norm1.bias", (dim,)),
+        )
+        self.norm2 = (
+            weights.take(f"{prefix}.norm2.weight", (dim,)),
+            weights.take(f"{prefix}.norm2.bias", (dim,)),
+        )
+        self.scale1 = weights.take(f"{prefix}.layer_scale_1.scale", (dim,)) if scaled else None
+        self.scale2 = weights.take(f"{prefix}.layer_scale_2.scale", (dim,)) if scaled else None
+
+
+@dataclass
+class _Pass:
+    """What every layer of one pass over a chunk of steps shares."""
+
+    rows: torch.Tensor  # the slots, int64 [n, 1]
+    ring: torch.Tensor  # where each step's key goes in its slot's ring, int64 [n, T]
+    mask: torch.Tensor  # which ring entries each step sees, bool [n, 1, T, capacity]
+    cos: torch.Tensor  # rotary cos, [n, T, 1, head_dim / 2]
+    sin: torch.Tensor  # rotary sin, [n, T, 1, head_dim / 2]
+    window: slice | None  # the slots as one slice of the state, when they are consecutive
+
+
+class EncoderTransformer:
+    """Streaming causal transformer over ``[n, T, D]`` latents for slots ``index``.
+
+    A call runs in passes of at most ``chunk`` steps. A pass first writes its keys and values
+    into the slots' rings, then attends over the rings: a ring holds
+    ``context + chunk - 1`` entries, so nothing a step may see is overwritten by the pass.
+    """
+
+    def __init__(
+        self,
+        weights: WeightFile,
+        slots: int,
+        *,
+        d_model: int,
+        num_heads: int,
+        num_layers: int,
+        dim_feedforward: int,
+        context: int,
+        max_period: float,
+        layer_scale: bool,
+        step: int,
+        int8: bool = False,
+        prefix: str = "encoder_transformer.transformer",
+    ) -> None:
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise ValueError("d_model must split into heads of even size")
+        if context < step:
+            raise ValueError("the transformer context must hold at least one frame")
+        self.dim, self.heads, self.context, self.step = d_model, num_heads, context, step
+        self.head_dim = d_model // num_heads
+        self.chunk = step if int8 else step * FRAMES_PER_PASS
+        self.capacity = context + self.chunk - 1
+        self.layers = [
+            _Layer(weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8)
+            for i in range(num_layers)
+        ]
+        half = torch.arange(self.head_dim // 2, dtype=torch.float32)
+        self.freqs = torch.exp(half * (-math.log(max_period) * 2 / self.head_dim))
+        # per slot: steps done so far and the step held by each ring entry (-1: none);
+        # per layer and slot: the rings of keys and values
+        self.offsets = torch.zeros(slots, dtype=torch.long)
+        self.key_positions = torch.full((slots, self.capacity), -1, dtype=torch.long)
+        shape = (slots, num_heads, self.capacity, self.head_dim)
+        self.keys = [torch.zeros(shape) for _ in self.layers]
+        self.values = [torch.zeros(shape) for _ in self.layers]
+
+    def reset(self, index: torch.Tensor) -> None:
+        """Start new streams in the slots ``index``: step 0 and empty rings."""
+        self.offsets[index] = 0
+        self.key_positions[index] = -1
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``x`` [n, T, D] (T a multiple of ``step``) → [n, T, D]; advances the slots by T."""
+        window = _as_slice(index)
+        parts = [self._pass(part, index, window) for part in x.split(self.chunk, dim=1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _pass(self, x: torch.Tensor, index: torch.Tensor, window: slice | None) -> torch.Tensor:
+        """All layers over at most ``chunk`` steps ``x`` [n, T, D]."""
+        positions = self.offsets[index].view(-1, 1) + torch.arange(x.shape[1])  # [n, T]
+        rows, ring = index.view(-1, 1), positions % self.capacity
+        self.key_positions[rows, ring] = positions
+        self.offsets[index] += x.shape[1]
+        cos, sin = self._rotation(positions)
+        step = _Pass(rows, ring, self._mask(positions, self.key_positions[index]), cos, sin, window)
+        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+            x = self._layer(layer, x, keys, values, step)
+        return x
+
+    def _mask(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Which ring entries (steps ``keys`` [n, R]) each query (``positions`` [n, T]) sees."""
+        delta = positions[:, :, None] - keys[:, None, :]
+        limit = (self.context - self.step + 1) + positions[:, :, None] % self.step
+        return ((keys[:, None, :] >= 0) & (delta >= 0) & (delta < limit))[:, None]
+
+    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin for ``positions`` [n, T] → each [n, T, 1, head_dim / 2]."""
+        angles = self.freqs * positions.float()[..., None]
+        return torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Interleaved rotary embedding of ``x`` [n, T, H, head_dim]."""
+        pairs = x.unflatten(-1, (-1, 2))
+        real, imag = pairs[..., 0], pairs[..., 1]
+        return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
+    ) -> torch.Tensor:
+        """Attention of ``q`` [n, H, T, head_dim] over the slots' rings, in place (no copy)."""
+        if step.window is not None:
+            return F.scaled_dot_product_attention(
+                q, keys[step.window], values[step.window], step.mask
+            )
+        slots = step.rows.view(-1).tolist()
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[i : i + 1], keys[s : s + 1], values[s : s + 1], step.mask[i : i + 1]
+                )
+                for i, s in enumerate(slots)
+            ]
+        )
+
+    def _layer(
+        self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
+    ) -> torch.Tensor:
+        """One layer on ``x`` [n, T, D]; writes the pass's keys and values into the rings."""
+        n, length, dim = x.shape
+        h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
+        q, k, v = layer.in_proj(h).view(n, length, 3, self.heads, self.head_dim).unbind(2)
+        q, k = self._rotate(q, step.cos, step.sin), self._rotate(k, step.cos, step.sin)
+        keys[step.rows, :, step.ring] = k
+        values[step.rows, :, step.ring] = v
+        attended = self._attend(q.transpose(1, 2), keys, values, step)
+        update = layer.out_proj(attended.transpose(1, 2).reshape(n, length, dim))
+        x = x + (update if layer.scale1 is None else layer.scale1 * update)
+        h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
+        update = layer.linear2(F.gelu(layer.linear1(h)))
+        return x + (update if layer.scale2 is None else layer.scale2 * update)
+
+
+def _as_slice(index: torch.Tensor) -> slice | None:
+    """``index`` as a slice when it lists consecutive slots in order, else None."""
+    slots = index.tolist()
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
