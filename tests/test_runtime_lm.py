@@ -31,6 +31,10 @@ SMALL = _lm_config(
 )
 
 
+# no end-of-turn heads (as stt-2.6b-en), no LayerScale, the other norm
+PLAIN = {**SMALL, "extra_heads_num_heads": 0, "layer_scale": None, "norm": "rms_norm"}
+
+
 @dataclass
 class Reference:
     """moshi's outputs for one stream, step by step."""
@@ -62,6 +66,11 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
 
 
 @pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    return _write(tmp_path_factory.mktemp("plain"), PLAIN, seed=1)
+
+
+@pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> Checkpoint:
     cfg = json.loads((tiny_dir / "config.json").read_text())
     lm_cfg = {k: v for k, v in cfg.items() if k in _lm_config()}
@@ -89,7 +98,7 @@ def _moshi(ckpt: Checkpoint, codes: torch.Tensor) -> Reference:
             out = gen.step_with_extra_heads(frame[None, :, None])
             assert out is not None
             tokens.append(int(out[0][0, 0, 0]))
-            pauses.append(torch.stack([head[0, 0, 0] for head in out[1]]))
+            pauses.append(torch.tensor([float(head[0, 0, 0]) for head in out[1]]))
     return Reference(tokens, torch.stack(logits), torch.stack(pauses))
 
 
@@ -113,7 +122,7 @@ def _assert_matches(ours: Reference, ref: Reference) -> None:
     torch.testing.assert_close(ours.pauses, ref.pauses, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["small", "tiny"])
+@pytest.mark.parametrize("name", ["small", "plain", "tiny"])
 def test_one_stream_matches_moshi_past_the_context(name: str, request: Any) -> None:
     ckpt: Checkpoint = request.getfixturevalue(name)
     steps = ckpt.config["context"] * 2 + 5

@@ -236,8 +236,7 @@ class LanguageModel:
         out = _rms_norm(x, self._out_norm, self.config.norm_eps)
         logits = self._text_head(out)
         tokens = logits.argmax(dim=-1)
-        vad = F.linear(out, self._vad).view(n, self.num_vad_heads, -1)
-        pauses = torch.softmax(vad, dim=-1)[..., 0] if self.num_vad_heads else vad[..., 0]
+        pauses = self._pauses(out)
         self._text.index_copy_(0, plan.rows, tokens)
         for slot in slots:
             self._positions[slot] += 1
@@ -256,6 +255,13 @@ class LanguageModel:
             "kv_per_slot": per_slot,
             "kv": per_slot * self.slots,
         }
+
+    def _pauses(self, out: torch.Tensor) -> torch.Tensor:
+        """Class-0 probability of each end-of-turn head, float32 [n, num_vad_heads]."""
+        if not self.num_vad_heads:
+            return out.new_zeros(out.shape[0], 0)
+        logits = F.linear(out, self._vad).view(out.shape[0], self.num_vad_heads, -1)
+        return torch.softmax(logits, dim=-1)[..., 0]
 
     def _check_slots(self, slots: Sequence[int]) -> list[int]:
         slots = [int(s) for s in slots]
