@@ -133,6 +133,12 @@ def test_one_stream_matches_moshi_past_the_context(name: str, request: Any) -> N
     assert len(set(ref.tokens)) >= 5, "degenerate tokens make the comparison weak"
 
 
+def test_minus_one_codes_embed_to_zero(small: Checkpoint) -> None:
+    codes = _codes(12, small.config["card"], seed=6)
+    codes[torch.rand(codes.shape, generator=torch.Generator().manual_seed(0)) < 0.3] = -1
+    _assert_matches(_run_alone(_model(small, slots=1), codes), _moshi(small, codes))
+
+
 @dataclass
 class _Stream:
     slot: int

@@ -39,7 +39,7 @@ class Rope:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [n, ..., head_dim] (float32): ``(r, i) -> (r c - i s, r s + i c)``."""
+        """Rotate ``x`` [n, a, b, head_dim] (float32): ``(r, i) -> (r c - i s, r s + i c)``."""
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (i0, r0, i1, r1, ...)
         return x * cos + swapped * sin
 

@@ -222,8 +222,9 @@ class LanguageModel:
 
     @torch.no_grad()
     def step(self, codes: torch.Tensor, slots: Sequence[int]) -> LmStep:
-        """One step of ``slots`` (distinct, any order) with int64 ``codes`` [n, n_q] in
-        [0, card) (-1: no input for that codebook); a slot's codes are ignored at its step 0."""
+        """One step of ``slots`` (distinct, any order; ascending runs of slots attend in one
+        call, so pass them sorted) with int64 ``codes`` [n, n_q] in [0, card) (-1: no input
+        for that codebook); a slot's codes are ignored at its step 0."""
         slots = self._check_slots(slots)
         n = len(slots)
         if tuple(codes.shape) != (n, self.config.n_q):
