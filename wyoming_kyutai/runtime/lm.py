@@ -1,0 +1,305 @@
+"""Kyutai's STT language model, one 80 ms frame per step, for many streams (slots) at once.
+
+Matches moshi's ``LMGen`` with greedy decoding, no depformer and all delays 0: at a slot's
+step 0 the input is the start tokens (text ``text_card``, every audio codebook ``card``); at
+step i >= 1 it is the text token chosen at step i-1 and the 32 audio codes given. The output is
+the argmax text token and, per end-of-turn ("extra") head, the probability of its class 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from .attention import AttentionPlan, KvCache, Rope
+from .linear import Linear
+from .weights import WeightFile
+
+_NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    """The LM architecture, read from the checkpoint's ``config.json``."""
+
+    dim: int  # model width (features)
+    num_heads: int  # attention heads; head width = dim / num_heads
+    num_layers: int
+    hidden_scale: float  # feed-forward width before gating = int(hidden_scale * dim)
+    context: int  # attention window (steps of 80 ms); also the KV ring size
+    max_period: float  # RoPE maximum period (steps)
+    norm: str  # "rms_norm_f32" (eps 1e-8) or "rms_norm" (eps 1e-5), computed in float32
+    n_q: int  # audio codebooks per frame
+    card: int  # audio codes per codebook; code ``card`` is the start token
+    text_card: int  # text vocabulary; token ``text_card`` is the start token
+    layer_scale: float | None  # None: no LayerScale; else the layers have learnt scales
+    extra_heads_num_heads: int  # end-of-turn heads
+    extra_heads_dim: int  # classes per end-of-turn head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def gating_hidden(self) -> int:
+        """Width of the SiLU gate (features), as moshi's ActivationGating derives it."""
+        feedforward = int(self.hidden_scale * self.dim)
+        if feedforward == 4 * self.dim:
+            return (21 * self.dim) // 8
+        return (2 * feedforward) // 3
+
+    @property
+    def norm_eps(self) -> float:
+        return _NORM_EPS[self.norm]
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> LmConfig:
+        """The config of ``config.json``'s dict; ValueError (one line) for what we don't run."""
+        _check_supported(cfg)
+        try:
+            config = cls(
+                dim=int(cfg["dim"]),
+                num_heads=int(cfg["num_heads"]),
+                num_layers=int(cfg["num_layers"]),
+                hidden_scale=float(cfg["hidden_scale"]),
+                context=int(cfg["context"]),
+                max_period=float(cfg.get("max_period", 10_000)),
+                norm=str(cfg["norm"]),
+                n_q=int(cfg["n_q"]),
+                card=int(cfg["card"]),
+                text_card=int(cfg["text_card"]),
+                layer_scale=None if cfg.get("layer_scale") is None else float(cfg["layer_scale"]),
+                extra_heads_num_heads=int(cfg.get("extra_heads_num_heads", 0)),
+                extra_heads_dim=int(cfg.get("extra_heads_dim", 6)),
+            )
+        except KeyError as err:
+            raise ValueError(f"config.json: missing LM setting {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config.json: bad LM setting ({err})") from None
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise ValueError("config.json: dim / num_heads must be an even integer")
+        if min(config.context, config.num_layers, config.n_q, config.card) < 1:
+            raise ValueError("config.json: context, num_layers, n_q and card must be >= 1")
+        return config
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    """Raise a one-line ValueError for a config.json setting this runtime does not implement."""
+    unsupported = [
+        ("dep_q", cfg.get("dep_q", 0) != 0, "a depformer (dep_q > 0)"),
+        ("delays", any(d != 0 for d in cfg.get("delays", [])), "non-zero delays"),
+        ("gating", cfg.get("gating") != "silu", "gating other than silu"),
+        ("norm", cfg.get("norm") not in _NORM_EPS, "norms other than rms_norm(_f32)"),
+        (
+            "positional_embedding",
+            cfg.get("positional_embedding") != "rope",
+            "positional embeddings other than rope",
+        ),
+        ("context", cfg.get("context") is None, "an unlimited context"),
+        ("causal", not cfg.get("causal", True), "non-causal attention"),
+        ("kv_repeat", cfg.get("kv_repeat", 1) != 1, "grouped keys/values (kv_repeat)"),
+        ("bias_proj", bool(cfg.get("bias_proj", False)), "biased output projections"),
+        ("norm_emb", bool(cfg.get("norm_emb", False)), "normalised embeddings"),
+        (
+            "demux_second_stream",
+            bool(cfg.get("demux_second_stream", cfg.get("demux_second_text_stream", False))),
+            "a second text stream",
+        ),
+        ("conditioners", bool(cfg.get("conditioners")), "conditioning"),
+    ]
+    for key, bad, what in unsupported:
+        if bad:
+            raise ValueError(f"config.json: {key}={cfg.get(key)!r}: {what} is not supported")
+
+
+@dataclass
+class LmStep:
+    """The result of one step for its n rows (in the order of the slots given)."""
+
+    tokens: torch.Tensor  # int64 [n]: greedy text token
+    pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
+    text_logits: torch.Tensor  # float32 [n, text_card]
+
+
+def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    """moshi's RMSNorm in float32: ``x * (alpha * rsqrt(eps + mean(x^2)))`` over features."""
+    return x * (alpha * torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True)))
+
+
+def _take_any(weights: WeightFile, names: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 tensor stored under the first of ``names`` present (moshi accepts each)."""
+    for name in names:
+        if weights.has(name):
+            return weights.take(name, shape)
+    return weights.take(names[0], shape)  # raises WeightError naming the canonical name
+
+
+class _Layer:
+    """One transformer layer: ``x + attn(norm1(x))``, then ``x + gate(norm2(x))``."""
+
+    def __init__(self, weights: WeightFile, config: LmConfig, index: int, int8: bool) -> None:
+        dim, hidden = config.dim, config.gating_hidden
+        p = f"transformer.layers.{index}."
+        attn = p + "self_attn."
+        self.norm1 = weights.take(p + "norm1.alpha", (1, 1, dim))[0]
+        self.norm2 = weights.take(p + "norm2.alpha", (1, 1, dim))[0]
+        names = [attn + n for n in ("in_projs.0.weight", "in_proj_weight", "in_proj.weight")]
+        self.in_proj = Linear(_take_any(weights, names, (3 * dim, dim)), int8)
+        names = [attn + n for n in ("out_projs.0.weight", "out_proj.weight")]
+        self.out_proj = Linear(_take_any(weights, names, (dim, dim)), int8)
+        self.gate_in = Linear(weights.take(p + "gating.linear_in.weight", (2 * hidden, dim)), int8)
+        self.gate_out = Linear(weights.take(p + "gating.linear_out.weight", (dim, hidden)), int8)
+        self.scale1: torch.Tensor | None = None
+        self.scale2: torch.Tensor | None = None
+        if config.layer_scale is not None:
+            self.scale1 = weights.take(p + "layer_scale_1.scale", (dim,))
+            self.scale2 = weights.take(p + "layer_scale_2.scale", (dim,))
+        self.eps = config.norm_eps
+        self.heads, self.head_dim, self.hidden = config.num_heads, config.head_dim, hidden
+
+    @property
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.in_proj, self.out_proj, self.gate_in, self.gate_out)
+
+    @property
+    def float_bytes(self) -> int:
+        """Resident bytes of the float32 norms and scales."""
+        extra = [t for t in (self.scale1, self.scale2) if t is not None]
+        return sum(t.numel() * 4 for t in [self.norm1, self.norm2, *extra])
+
+    def forward(
+        self, x: torch.Tensor, index: int, plan: AttentionPlan, cache: KvCache
+    ) -> torch.Tensor:
+        """``x`` float32 [n, dim] -> [n, dim]; stores this step's keys/values in ``cache``."""
+        n = x.shape[0]
+        qkv = self.in_proj(_rms_norm(x, self.norm1, self.eps)).view(n, 3, self.heads, -1)
+        qk = Rope.apply(qkv[:, :2], plan.cos, plan.sin)
+        update = self.out_proj(cache.attend(index, qk[:, 0], qk[:, 1], qkv[:, 2], plan))
+        x = x + (update if self.scale1 is None else self.scale1 * update)
+        gate = self.gate_in(_rms_norm(x, self.norm2, self.eps)).view(n, 2, self.hidden)
+        update = self.gate_out(F.silu(gate[:, 0]) * gate[:, 1])
+        return x + (update if self.scale2 is None else self.scale2 * update)
+
+
+class LanguageModel:
+    """The STT LM with explicit per-slot state: KV rings, positions, previous text tokens."""
+
+    def __init__(
+        self, weights: WeightFile, config: LmConfig, slots: int, int8: bool = False
+    ) -> None:
+        if slots < 1:
+            raise ValueError("the LM needs at least one slot")
+        self.config = config
+        self.slots = slots
+        self._embeddings, self._audio_base, self._text_base = _embedding_table(weights, config)
+        self._zero_row = self._embeddings.shape[0] - 1
+        self._layers = [_Layer(weights, config, i, int8) for i in range(config.num_layers)]
+        dim = config.dim
+        self._out_norm = weights.take("out_norm.alpha", (1, 1, dim))[0]
+        self._text_head = Linear(weights.take("text_linear.weight", (config.text_card, dim)), int8)
+        heads = [
+            weights.take(f"extra_heads.{i}.weight", (config.extra_heads_dim, dim))
+            for i in range(config.extra_heads_num_heads)
+        ]
+        self.num_vad_heads = len(heads)
+        self._vad = torch.cat(heads) if heads else torch.zeros(0, dim)  # [heads * classes, dim]
+        self._rope = Rope(config.head_dim, config.max_period)
+        self._cache = KvCache(
+            config.num_layers, slots, config.num_heads, config.context, config.head_dim
+        )
+        self._positions = [0] * slots  # steps taken since each slot's reset
+        self._text = torch.full((slots,), config.text_card, dtype=torch.long)  # previous token
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Start these slots over at step 0 (their ring entries become unreachable)."""
+        for slot in self._check_slots(slots):
+            self._positions[slot] = 0
+            self._text[slot] = self.config.text_card
+
+    @torch.no_grad()
+    def step(self, codes: torch.Tensor, slots: Sequence[int]) -> LmStep:
+        """One step of ``slots`` (distinct, any order; ascending runs of slots attend in one
+        call, so pass them sorted) with int64 ``codes`` [n, n_q] in [0, card) (-1: no input
+        for that codebook); a slot's codes are ignored at its step 0."""
+        slots = self._check_slots(slots)
+        n = len(slots)
+        if tuple(codes.shape) != (n, self.config.n_q):
+            raise ValueError(f"codes must be [{n}, {self.config.n_q}], got {list(codes.shape)}")
+        positions = [self._positions[s] for s in slots]
+        plan = self._cache.plan(slots, positions, self._rope)
+        x = self._embed(codes, plan.rows, positions)
+        for index, layer in enumerate(self._layers):
+            x = layer.forward(x, index, plan, self._cache)
+        out = _rms_norm(x, self._out_norm, self.config.norm_eps)
+        logits = self._text_head(out)
+        tokens = logits.argmax(dim=-1)
+        pauses = self._pauses(out)
+        self._text.index_copy_(0, plan.rows, tokens)
+        for slot in slots:
+            self._positions[slot] += 1
+        return LmStep(tokens=tokens, pauses=pauses, text_logits=logits)
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
+        ``embeddings`` (file dtype), ``kv_per_slot`` and ``kv`` (all slots)."""
+        linears = [lin for layer in self._layers for lin in layer.linears] + [self._text_head]
+        floats = sum(layer.float_bytes for layer in self._layers)
+        floats += (self._out_norm.numel() + self._vad.numel()) * 4
+        per_slot = self._cache.bytes_per_slot
+        return {
+            "weights": sum(lin.nbytes for lin in linears) + floats,
+            "embeddings": self._embeddings.numel() * self._embeddings.element_size(),
+            "kv_per_slot": per_slot,
+            "kv": per_slot * self.slots,
+        }
+
+    def _pauses(self, out: torch.Tensor) -> torch.Tensor:
+        """Class-0 probability of each end-of-turn head, float32 [n, num_vad_heads]."""
+        if not self.num_vad_heads:
+            return out.new_zeros(out.shape[0], 0)
+        logits = F.linear(out, self._vad).view(out.shape[0], self.num_vad_heads, -1)
+        return torch.softmax(logits, dim=-1)[..., 0]
+
+    def _check_slots(self, slots: Sequence[int]) -> list[int]:
+        slots = [int(s) for s in slots]
+        if not slots:
+            raise ValueError("no slots given")
+        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.slots:
+            raise ValueError(f"slots must be distinct and in [0, {self.slots}), got {slots}")
+        return slots
+
+    def _embed(
+        self, codes: torch.Tensor, rows: torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor:
+        """Sum of the audio then text embeddings of the step's input, float32 [n, dim]."""
+        if 0 in positions:  # start tokens for the slots at their step 0
+            start = torch.tensor([p == 0 for p in positions])[:, None]
+            codes = torch.where(start, self.config.card, codes)
+        audio = torch.where(codes < 0, self._zero_row, codes + self._audio_base)
+        index = torch.cat([audio, (self._text[rows] + self._text_base)[:, None]], dim=1)
+        return self._embeddings[index].float().sum(dim=1)
+
+
+def _embedding_table(
+    weights: WeightFile, config: LmConfig
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All embedding tables in one, in the file's dtype: [n_q * (card + 1) + text_card + 2,
+    dim] (audio codebooks, text, then a zero row); the first row of each audio codebook [n_q]
+    and of the text table."""
+    dim, rows = config.dim, config.card + 1
+    text_base = config.n_q * rows
+    table: torch.Tensor | None = None
+    for k in range(config.n_q):
+        emb = weights.take(f"emb.{k}.weight", (rows, dim), None)
+        if table is None:
+            table = torch.zeros(text_base + config.text_card + 2, dim, dtype=emb.dtype)
+        table[k * rows : (k + 1) * rows] = emb
+    assert table is not None  # n_q >= 1
+    text = weights.take("text_emb.weight", (config.text_card + 1, dim), None)
+    table[text_base : text_base + config.text_card + 1] = text
+    audio_base = torch.arange(config.n_q, dtype=torch.long) * rows
+    return table, audio_base, text_base
