@@ -2,17 +2,19 @@
 
 ``script/bench [--quick] [--preset stt-1b-en_fr|stt-2.6b-en] [--name NAME]``
 
-In one run, on the same machine and checkpoint:
+In one run, on the same machine and checkpoint, each model measurement in a fresh process:
 1. reference: Kyutai's plain loop (Mimi.encode + LMGen.step_with_extra_heads, batch 1), in
    bf16 as Kyutai ships it, and in float32;
-2. our engine at batch 1 (the server's defaults: int8 linears on CPU), ms per 80 ms frame;
-3. capacity: the largest N of clients streaming 16 kHz audio in real time through the real
-   server over TCP at once for which every stream keeps up (p99 lag ≤ 160 ms);
-4. end of speech: audio-stop → final transcript, p50/p95, with 1 stream and with N;
-5. describe latency while N streams run, and the server's resident memory;
-6. the int8 path's deviation from float32: token agreement and text-logit cosine similarity.
-Also the levers one by one (float32 vs int8, batch 1/4/8, idle slots stepped vs skipped) and a
-floor: the LM's int8 matrix products alone per step.
+2. steps: one 80 ms step (Mimi encode + LM step) of the moshi stepper and of our lean runtime
+   (float32 and int8) at batch 1/4/8/16, early in a stream (short commands) and, in the full
+   run, late in a 60 s stream (position ~700, where attention dominates);
+3. the floor: the LM's int8 matrix products alone per step, and the step's ratio to it;
+4. agreement: lean float32 vs moshi float32 (tokens, max |logit difference|, Mimi codes) and
+   lean int8 vs float32 (token agreement, text-logit cosine);
+5. memory: resident memory by part (weights, state per slot) and the loading peak;
+6. through the real server over TCP: real-time capacity (every stream's p99 lag ≤ 160 ms),
+   audio-stop → final transcript with 1 stream and with N, describe latency, for each thread
+   setting tried.
 Writes benchmarks/results/<name>.json and <name>.md.
 """
 
@@ -24,7 +26,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
 
     from wyoming_kyutai.checkpoint import load_model
 
-    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none")
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none", runtime="moshi")
     gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
     audio = speechlike(frames * 0.08 + 0.5, 24000, 1)
     chunks = [torch.from_numpy(audio[i * 1920 : (i + 1) * 1920])[None, None] for i in range(frames)]
@@ -121,138 +122,190 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- 2. engine
-def engine_steps(
-    ckpt: Path, frames: int, quantize: str, batch: int, slots: int = 0
+# --------------------------------------------------------------------------- 2. steps
+def stepper_steps(
+    ckpt: Path, runtime: str, quantize: str, batch: int, frames: int, threads: int = 0
 ) -> dict[str, Any]:
-    """ms per engine step with ``batch`` streams fed as fast as possible.
+    """ms per step (one frame of Mimi + one LM step) of ``batch`` streams, through the stepper.
 
-    ``slots`` (default: ``batch``) sets the engine's slot count, so ``batch`` < ``slots``
-    leaves slots idle.
-    """
-    from wyoming_kyutai.checkpoint import load_model
-    from wyoming_kyutai.engine import Engine
-
-    model = load_model(str(ckpt), device="cpu", quantize=quantize)
-    engine = Engine(model, slots=slots or batch)
-    engine.start()
-    clips = [speechlike(frames * 0.08, 24000, 2 + i) for i in range(batch)]
-
-    async def one(audio: np.ndarray) -> int:
-        stream = await engine.open_stream()
-        stream.push(audio)
-        stream.finish()
-        steps = 0
-        while await stream.get() is not None:
-            steps += 1
-        stream.close()
-        return steps
-
-    async def run() -> float:
-        started = time.perf_counter()
-        steps = await asyncio.gather(*(one(a) for a in clips))
-        return (time.perf_counter() - started) / max(steps)
-
-    try:
-        asyncio.run(run())  # warm
-        per_step = asyncio.run(run())
-    finally:
-        engine.stop()
-    return {
-        "quantize": "int8" if model.quantized else "none (float32)",
-        "batch": batch,
-        "slots": slots or batch,
-        "frames": frames,
-        "step_ms": round(per_step * 1000, 1),
-        "frame_ms": round(per_step * 1000, 1),
-        "streams_worth": round(batch * 80 / (per_step * 1000), 2),
-    }
-
-
-# --------------------------------------------------------------------------- floor
-def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
-    """The LM's int8 matrix products alone, per step: a floor no engine change gets under.
-
-    Every transformer linear of the LM, called directly on its packed int8 weights with
-    ``batch`` rows (plus the guard row), with no attention, norms or Python around them.
+    Reports the mean over steps 3..62 (a 5 s command) and, for runs of more than 100 frames,
+    over the last 50 (late in a long stream).
     """
     import torch
 
     from wyoming_kyutai.checkpoint import load_model
-    from wyoming_kyutai.int8 import RowScaledInt8
 
-    model = load_model(str(ckpt), device="cpu", quantize="int8")
-    linears = [m for m in model.lm.transformer.modules() if isinstance(m, RowScaledInt8)]
+    model = load_model(str(ckpt), device="cpu", quantize=quantize, runtime=runtime, threads=threads)
+    stepper = model.make_stepper(batch)
+    slots = list(range(batch))
+    audio = np.stack([speechlike(frames * 0.08, 24000, 2 + i) for i in range(batch)])
+    mimi_t: list[float] = []
+    lm_t: list[float] = []
+    with torch.inference_mode():
+        stepper.reset(slots)
+        for i in range(frames):
+            t0 = time.perf_counter()
+            codes = stepper.encode(audio[:, i * 1920 : (i + 1) * 1920], slots)
+            t1 = time.perf_counter()
+            stepper.lm_step(codes[:, :, 0], slots)
+            t2 = time.perf_counter()
+            mimi_t.append(t1 - t0)
+            lm_t.append(t2 - t1)
+
+    def window(lo: int, hi: int) -> dict[str, float]:
+        m = float(np.mean(mimi_t[lo:hi])) * 1000
+        lm = float(np.mean(lm_t[lo:hi])) * 1000
+        return {
+            "mimi_ms": round(m, 1),
+            "lm_ms": round(lm, 1),
+            "step_ms": round(m + lm, 1),
+            "streams_worth": round(batch * 80 / (m + lm), 2),
+        }
+
+    out: dict[str, Any] = {
+        "runtime": model.runtime,
+        "quantize": "int8" if model.quantized else "none (float32)",
+        "batch": batch,
+        "frames": frames,
+        "threads": torch.get_num_threads(),
+        "short": window(3, min(frames, 63)),
+    }
+    if frames > 100:
+        out["late"] = {"position": frames - 25, **window(frames - 50, frames)}
+    return out
+
+
+# --------------------------------------------------------------------------- 3. floor
+def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
+    """The LM's int8 matrix products alone, per step: a floor no runtime change gets under.
+
+    Every int8 linear of the lean LM (transformer and text head), called directly on its packed
+    weights with ``batch`` rows (plus the guard row), with nothing around them.
+    """
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    linears = [m for m in model.lm.linears() if m.int8]
     weight_mb = sum(m.in_features * m.out_features for m in linears) / 1e6
     out: dict[str, Any] = {"linears": len(linears), "int8_weight_mb": round(weight_mb)}
-    with torch.no_grad():
+    with torch.inference_mode():
         for batch in batches:
             inputs = {m.in_features: torch.rand(batch + 1, m.in_features) for m in linears}
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
                 for m in linears:
-                    torch.ops.quantized.linear_dynamic(inputs[m.in_features], m.packed, True)
+                    _LINEAR_DYNAMIC(inputs[m.in_features], m.packed, True)
                 times.append(time.perf_counter() - started)
             out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
     out["gb_per_s_batch1"] = round(weight_mb / out[f"batch{batches[0]}_ms"], 1)
     return out
 
 
-# --------------------------------------------------------------------------- 6. deviation
-def int8_deviation(ckpt: Path, frames: int) -> dict[str, Any]:
-    """Token agreement and text-logit cosine of the int8 path against float32, same codes."""
+# --------------------------------------------------------------------------- 4. agreement
+def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
+    """Lean float32 and int8 against moshi float32 on the same audio and the same codes."""
     import torch
     from moshi.models import LMGen
 
     from wyoming_kyutai.checkpoint import load_model
 
-    ref = load_model(str(ckpt), device="cpu", dtype="float32", quantize="none")
-    q = load_model(str(ckpt), device="cpu", quantize="int8")
+    ref = load_model(str(ckpt), device="cpu", dtype="float32", quantize="none", runtime="moshi")
     audio = speechlike(frames * 0.08, 24000, 3)
     with torch.no_grad(), ref.mimi.streaming(1):
-        codes = [
-            ref.mimi.encode(torch.from_numpy(audio[i * 1920 : (i + 1) * 1920])[None, None])
-            for i in range(frames)
-        ]
+        ref_codes = torch.cat(
+            [
+                ref.mimi.encode(torch.from_numpy(audio[i * 1920 : (i + 1) * 1920])[None, None])
+                for i in range(frames)
+            ],
+            dim=-1,
+        )[0]  # [K, frames]
+    logits: list[torch.Tensor] = []
+    gen = LMGen(
+        ref.lm,
+        temp=0.0,
+        temp_text=0.0,
+        on_text_logits_hook=lambda x: logits.append(x[0, 0, 0].float().clone()),
+    )
+    ref_tokens = []
+    with torch.no_grad(), gen.streaming(1):
+        gen.step(ref_codes[None, :, :1])
+        logits.clear()
+        for i in range(frames):
+            out = gen.step_with_extra_heads(ref_codes[None, :, i : i + 1])
+            assert out is not None
+            ref_tokens.append(int(out[0][0, 0, 0]))
+    ref_logits = torch.stack(logits)
+    del ref, gen
 
-    def run(model: Any) -> tuple[list[int], list[torch.Tensor]]:
-        logits: list[torch.Tensor] = []
-        gen = LMGen(
-            model.lm,
-            temp=0.0,
-            temp_text=0.0,
-            on_text_logits_hook=lambda x: logits.append(x[0, 0, 0].float().clone()),
-        )
-        tokens = []
-        with torch.no_grad(), gen.streaming(1):
-            gen.step(codes[0])
-            logits.clear()
-            for c in codes:
-                out = gen.step_with_extra_heads(c)
-                assert out is not None
-                tokens.append(int(out[0][0, 0, 0]))
-        return tokens, logits
+    def lean(quantize: str) -> dict[str, Any]:
+        model = load_model(str(ckpt), device="cpu", quantize=quantize, runtime="lean")
+        model.mimi.allocate(1)
+        model.lm.allocate(1)
+        with torch.inference_mode():
+            model.mimi.reset([0])
+            codes = model.mimi.encode(torch.from_numpy(audio[None, : frames * 1920]), [0])[0]
+            model.lm.reset([0])
+            model.lm.step(ref_codes[None, :, 0], [0])
+            steps = [model.lm.step(ref_codes[None, :, i], [0]) for i in range(frames)]
+        tokens = [int(s.tokens[0]) for s in steps]
+        text_logits = torch.stack([s.text_logits[0] for s in steps])
+        cos = torch.nn.functional.cosine_similarity(text_logits, ref_logits, dim=1)
+        return {
+            "token_agreement": round(_agree(tokens, ref_tokens), 4),
+            "max_abs_logit_diff": float(f"{float((text_logits - ref_logits).abs().max()):.3g}"),
+            "logit_cosine_mean": round(float(cos.mean()), 5),
+            "logit_cosine_min": round(float(cos.min()), 5),
+            "mimi_code_agreement": round(float((codes == ref_codes).float().mean()), 4),
+        }
 
-    ref_tokens, ref_logits = run(ref)
-    q_tokens, q_logits = run(q)
-    agree = sum(a == b for a, b in zip(ref_tokens, q_tokens, strict=True)) / len(ref_tokens)
-    cos = [
-        float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-        for a, b in zip(ref_logits, q_logits, strict=True)
-    ]
+    return {"frames": frames, "float32": lean("none"), "int8": lean("int8")}
+
+
+def _agree(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+# --------------------------------------------------------------------------- 5. memory
+def _rss_mb(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory now (VmRSS) and at its peak (VmHWM) of a process, MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    out = {}
+    for key in ("VmRSS", "VmHWM"):
+        found = re.search(rf"{key}:\s+(\d+)", status)
+        out[key] = round(int(found.group(1)) / 1024, 1) if found else 0.0
+    return out
+
+
+def memory(ckpt: Path, slots: int) -> dict[str, Any]:
+    """Resident memory by part for the server's default model (lean, int8) with ``slots``."""
+    from wyoming_kyutai.checkpoint import load_model
+
+    before = _rss_mb()["VmRSS"]
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    loaded = _rss_mb()
+    stepper = model.make_stepper(slots)
+    serving = _rss_mb()
+    parts = {f"lm_{k}": round(v / 1e6, 1) for k, v in model.lm.nbytes().items()}
+    parts.update({f"mimi_{k}": round(v / 1e6, 1) for k, v in model.mimi.nbytes().items()})
+    del stepper
     return {
-        "against": "float32",
-        "frames": frames,
-        "token_agreement": round(agree, 4),
-        "logit_cosine_mean": round(statistics.mean(cos), 5),
-        "logit_cosine_min": round(min(cos), 5),
+        "slots": slots,
+        "parts_mb": parts,
+        "model_resident_mb": round(loaded["VmRSS"] - before, 1),
+        "with_state_mb": round(serving["VmRSS"] - before, 1),
+        "process_resident_mb": serving["VmRSS"],
+        "loading_peak_mb": loaded["VmHWM"],
+        "peak_over_serving": round(loaded["VmHWM"] / serving["VmRSS"], 2),
     }
 
 
 # --------------------------------------------------------------------------- server runs
 class Server:
-    def __init__(self, ckpt: Path, slots: int) -> None:
+    def __init__(self, ckpt: Path, slots: int, threads: int = 0) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -267,6 +320,8 @@ class Server:
                 "--no-end-of-turn",
                 "--slot-wait",
                 "30",
+                "--threads",
+                str(threads),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -289,12 +344,7 @@ class Server:
         threading.Thread(target=lambda: [None for _ in self.proc.stderr or []], daemon=True).start()
 
     def rss_mb(self) -> dict[str, float]:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        out = {}
-        for key in ("VmRSS", "VmHWM"):
-            m = re.search(rf"{key}:\s+(\d+)", status)
-            out[key] = round(int(m.group(1)) / 1024, 1) if m else 0.0
-        return out
+        return _rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -375,10 +425,12 @@ async def concurrent_trial(address: str, n: int, seconds: float) -> dict[str, An
     }
 
 
-def server_runs(ckpt: Path, max_n: int, seconds: float, eos_runs: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"trials": []}
-    # end of speech with a single stream
-    server = Server(ckpt, slots=1)
+def server_runs(
+    ckpt: Path, max_n: int, seconds: float, eos_runs: int, threads: int, long_seconds: float
+) -> dict[str, Any]:
+    """Through the real server: end of speech alone, then N real-time streams up to capacity."""
+    out: dict[str, Any] = {"threads": threads, "trials": []}
+    server = Server(ckpt, slots=1, threads=threads)
     try:
 
         async def single() -> list[float]:
@@ -399,7 +451,7 @@ def server_runs(ckpt: Path, max_n: int, seconds: float, eos_runs: int) -> dict[s
         server.stop()
     best = 0
     for n in range(1, max_n + 1):
-        server = Server(ckpt, slots=n)
+        server = Server(ckpt, slots=n, threads=threads)
         try:
             trial = asyncio.run(concurrent_trial(server.address, n, seconds))
             trial["rss_mb"] = server.rss_mb()
@@ -407,8 +459,8 @@ def server_runs(ckpt: Path, max_n: int, seconds: float, eos_runs: int) -> dict[s
             server.stop()
         out["trials"].append(trial)
         print(
-            f"  {n} stream(s): lag p99 {trial['lag_p99_worst'] * 1000:.0f} ms, "
-            f"keeps up: {trial['keeps_up']}",
+            f"  threads {threads or 'default'}, {n} stream(s) of {seconds:.0f} s: lag p99 "
+            f"{trial['lag_p99_worst'] * 1000:.0f} ms, keeps up: {trial['keeps_up']}",
             file=sys.stderr,
             flush=True,
         )
@@ -416,14 +468,21 @@ def server_runs(ckpt: Path, max_n: int, seconds: float, eos_runs: int) -> dict[s
             break
         best = n
     out["capacity"] = best
+    if long_seconds and best:
+        server = Server(ckpt, slots=best, threads=threads)
+        try:
+            out["long_trial"] = asyncio.run(concurrent_trial(server.address, best, long_seconds))
+        finally:
+            server.stop()
     return out
 
 
 PHASES: dict[str, Any] = {
     "reference": lambda c, d, f: reference_loop(Path(c), d, f),
-    "engine": lambda c, *rest: engine_steps(Path(c), *rest),
-    "deviation": lambda c, f: int8_deviation(Path(c), f),
+    "steps": lambda c, *rest: stepper_steps(Path(c), *rest),
+    "agreement": lambda c, f: agreement(Path(c), f),
     "floor": lambda c, b: lm_floor(Path(c), b),
+    "memory": lambda c, n: memory(Path(c), n),
 }
 
 
@@ -451,78 +510,104 @@ def phase(name: str, *args: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    ref = {r["dtype"]: r for r in result["reference"]}
-    eng = result["engine_batch1"]
-    srv = result["server"]
-    cap = srv["capacity"]
-    at_n = next((t for t in srv["trials"] if t["streams"] == cap), None)
-    if at_n is None and srv["trials"]:
-        at_n = srv["trials"][0]  # nothing kept up: show the 1-stream trial
-    dev = result["int8_deviation"]
+    """The result as the table the README quotes."""
+    m = result["machine"]
     lines = [
         f"### {result['name']} — {result['preset']} shape, random weights",
         "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores "
-        f"({result['machine']['torch_cpu_capability']}), torch {result['machine']['torch']}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores (torch CPU capability "
+        f"{m['torch_cpu_capability']}; {' '.join(m.get('cpu_flags', []))}), torch {m['torch']}. "
         f"Command: `{result['command']}`",
         "",
         "| measure | value |",
         "| --- | --- |",
     ]
-    for dtype, r in ref.items():
+    for r in result["reference"]:
         lines.append(
-            f"| reference loop, {dtype}, batch 1 | {r['frame_ms']} ms/frame "
+            f"| Kyutai's loop (moshi), {r['dtype']}, batch 1 | {r['frame_ms']} ms/frame "
             f"(Mimi {r['mimi_ms']} + LM {r['lm_ms']}) |"
         )
-    base = ref.get("bfloat16", next(iter(ref.values())))
-    lines += [
-        f"| our engine, batch 1 ({eng['quantize']}) | {eng['frame_ms']} ms/frame "
-        f"({base['frame_ms'] / eng['frame_ms']:.2f}× the bf16 reference's speed) |",
-    ]
-    for lever in result.get("engine_levers", []):
-        idle = lever.get("slots", lever["batch"]) - lever["batch"]
-        where = f", {idle} idle slot(s)" if idle else ""
-        lines.append(
-            f"| engine, {lever['quantize']}, batch {lever['batch']}{where} | {lever['step_ms']}"
-            f" ms/step = {lever['streams_worth']} streams' worth of audio per second |"
-        )
-    floor = result.get("lm_floor")
+    floor = result.get("lm_floor", {})
+    for row in result["steps"]:
+        for where in ("short", "late"):
+            w = row.get(where)
+            if not w:
+                continue
+            label = "early (5 s command)" if where == "short" else f"at position {w['position']}"
+            ratio = ""
+            floor_ms = floor.get(f"batch{row['batch']}_ms")
+            if floor_ms and row["quantize"] == "int8":
+                ratio = f"; LM {w['lm_ms'] / floor_ms:.2f}× the int8 floor"
+            lines.append(
+                f"| {row['runtime']} {row['quantize']}, batch {row['batch']}, {label} | "
+                f"{w['step_ms']} ms/step (Mimi {w['mimi_ms']} + LM {w['lm_ms']}) = "
+                f"{w['streams_worth']} streams' worth{ratio} |"
+            )
     if floor:
-        lines.append(
-            f"| floor: the LM's int8 matrix products alone ({floor['int8_weight_mb']} MB of "
-            f"weights) | batch 1 {floor['batch1_ms']} ms/step ({floor['gb_per_s_batch1']} GB/s), "
-            f"batch 8 {floor['batch8_ms']} ms/step |"
+        per_batch = ", ".join(
+            f"batch {k.removeprefix('batch').removesuffix('_ms')} {v} ms"
+            for k, v in floor.items()
+            if k.startswith("batch")
         )
-    lines += [
-        f"| real-time streams that keep up (p99 lag ≤ 160 ms) | **{cap}** "
-        f"(reference: {80 / base['frame_ms']:.2f}) |",
-        f"| audio-stop → transcript, 1 stream | p50 {srv['end_of_speech_1']['p50'] * 1000:.0f}"
-        f" ms, p95 {srv['end_of_speech_1']['p95'] * 1000:.0f} ms |",
-    ]
-    if at_n:
-        n = at_n["streams"]
+        lines.append(
+            f"| floor: the LM's {floor['linears']} int8 matrix products alone "
+            f"({floor['int8_weight_mb']} MB) | {per_batch} |"
+        )
+    agree = result.get("agreement")
+    if agree:
+        f32, q = agree["float32"], agree["int8"]
         lines += [
-            f"| audio-stop → transcript, {n} real-time stream(s) | p50 "
-            f"{at_n['end_of_speech_p50'] * 1000:.0f} ms, p95 {at_n['end_of_speech_p95'] * 1000:.0f}"
-            " ms |",
-            f"| describe latency with {n} stream(s) running | p50 "
-            f"{at_n['describe_p50'] * 1000:.1f} ms, max {at_n['describe_max'] * 1000:.1f} ms |",
-            f"| server memory with {n} slot(s) | {at_n['rss_mb']['VmRSS']:.0f} MB resident "
-            f"(peak {at_n['rss_mb']['VmHWM']:.0f} MB) |",
+            f"| lean float32 vs moshi float32 ({agree['frames']} frames) | tokens "
+            f"{f32['token_agreement'] * 100:.1f} %, max |logit diff| {f32['max_abs_logit_diff']},"
+            f" Mimi codes {f32['mimi_code_agreement'] * 100:.1f} % |",
+            f"| lean int8 vs moshi float32 | tokens {q['token_agreement'] * 100:.1f} %, "
+            f"text-logit cosine mean {q['logit_cosine_mean']}, min {q['logit_cosine_min']}, "
+            f"Mimi codes {q['mimi_code_agreement'] * 100:.1f} % |",
         ]
-    lines += [
-        f"| int8 vs float32 | token agreement {dev['token_agreement'] * 100:.1f} %, text-logit "
-        f"cosine mean {dev['logit_cosine_mean']}, min {dev['logit_cosine_min']} |",
-        "",
-        "Trials: "
-        + "; ".join(
-            f"{t['streams']}: p99 lag {t['lag_p99_worst'] * 1000:.0f} ms"
-            f"{'' if t['keeps_up'] else ' (falls behind)'}"
-            for t in srv["trials"]
-        ),
-        "",
-    ]
+    mem = result.get("memory")
+    if mem:
+        parts = ", ".join(f"{k} {v}" for k, v in mem["parts_mb"].items())
+        lines += [
+            f"| memory, lean int8, {mem['slots']} slots | model {mem['model_resident_mb']} MB "
+            f"resident, {mem['with_state_mb']} MB with state; parts (MB): {parts} |",
+            f"| loading peak | {mem['loading_peak_mb']} MB = {mem['peak_over_serving']}× the "
+            "serving size |",
+        ]
+    for srv in result["server"]:
+        t = srv["threads"] or "default"
+        cap = srv["capacity"]
+        at_n = next((x for x in srv["trials"] if x["streams"] == cap), None)
+        if at_n is None and srv["trials"]:
+            at_n = srv["trials"][0]
+        eos = srv["end_of_speech_1"]
+        lines.append(
+            f"| server, threads {t}: audio-stop → transcript, 1 stream | p50 {_ms(eos['p50'])}, "
+            f"p95 {_ms(eos['p95'])} |"
+        )
+        lines.append(
+            f"| server, threads {t}: real-time streams that keep up "
+            f"({srv['trials'][0]['seconds']:.0f} s each, p99 lag ≤ 160 ms) | **{cap}** |"
+        )
+        if at_n:
+            lines += [
+                f"| server, threads {t}: audio-stop → transcript, {at_n['streams']} stream(s) | "
+                f"p50 {_ms(at_n['end_of_speech_p50'])}, p95 {_ms(at_n['end_of_speech_p95'])} |",
+                f"| server, threads {t}: describe with {at_n['streams']} stream(s) running | "
+                f"p50 {at_n['describe_p50'] * 1000:.1f} ms, max "
+                f"{at_n['describe_max'] * 1000:.1f} ms |",
+            ]
+        long = srv.get("long_trial")
+        if long:
+            lines.append(
+                f"| server, threads {t}: {long['streams']} stream(s) of {long['seconds']:.0f} s |"
+                f" p99 lag {_ms(long['lag_p99_worst'])}, keeps up: {long['keeps_up']} |"
+            )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -548,9 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         from wyoming_kyutai.random_checkpoint import make_checkpoint
 
         make_checkpoint(ckpt, args.preset)
-    frames = 20 if quick else 50
-    seconds = args.seconds or (8.0 if quick else 20.0)
-    max_n = args.max_streams or (3 if quick else 8)
+    frames = 20 if quick else 40
+    seconds = args.seconds or (5.0 if quick else 20.0)
+    max_n = args.max_streams or (4 if quick else 12)
+    cores = os.cpu_count() or 2
     result: dict[str, Any] = {
         "name": name,
         "preset": args.preset,
@@ -558,27 +644,40 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
     }
-    print("reference loop...", file=sys.stderr, flush=True)
-    c = str(ckpt)  # every model-loading measurement runs in a fresh process (memory)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    c = str(ckpt)
+    say("reference loop...")
     result["reference"] = [
         phase("reference", c, "bfloat16", frames),
         phase("reference", c, "float32", frames),
     ]
-    print("engine...", file=sys.stderr, flush=True)
-    result["engine_batch1"] = phase("engine", c, frames * 2, "auto", 1)
-    result["engine_levers"] = [
-        phase("engine", c, frames, "none", 1),
-        phase("engine", c, frames, "auto", 1),  # same length as the rows below
-        phase("engine", c, frames, "auto", 1, 4, False),
-        phase("engine", c, frames, "auto", 1, 4, True),
-        phase("engine", c, frames, "auto", 4),
-        phase("engine", c, frames, "auto", 8),
+    say("steps...")
+    short = 66  # a 5 s command: steps 3..62 are averaged
+    runs: list[tuple[str, str, int, int]] = [
+        ("moshi", "none", 1, short),
+        ("lean", "none", 1, short),
+        *[("lean", "int8", b, short) for b in (1, 4, 8, 16)],
     ]
-    result["lm_floor"] = phase("floor", c, [1, 8])
-    print("int8 deviation...", file=sys.stderr, flush=True)
-    result["int8_deviation"] = phase("deviation", c, frames * 2)
-    print("server trials...", file=sys.stderr, flush=True)
-    result["server"] = server_runs(ckpt, max_n, seconds, 3 if quick else 5)
+    if not quick:
+        runs += [("lean", "int8", b, 750) for b in (1, 8)]
+    result["steps"] = []
+    for runtime, quantize, batch, n in runs:
+        result["steps"].append(phase("steps", c, runtime, quantize, batch, n))
+        say(f"  {runtime} {quantize} batch {batch}: {result['steps'][-1]['short']}")
+    result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
+    say("agreement...")
+    result["agreement"] = phase("agreement", c, 60 if quick else 150)
+    say("memory...")
+    result["memory"] = phase("memory", c, 8)
+    say("server trials...")
+    thread_settings = [cores - 1, cores] if cores > 1 else [cores]
+    result["server"] = [
+        server_runs(ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0)
+        for t in thread_settings
+    ]
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

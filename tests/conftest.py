@@ -25,6 +25,17 @@ def pause_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("pause"), "tiny", seed=1, pause_on_silence=True)
 
 
+@pytest.fixture(params=["lean", "moshi"])
+def tiny_model(request: pytest.FixtureRequest, tiny_dir: Path) -> LoadedModel:
+    """The tiny checkpoint in float32 under each runtime: our own (lean) and moshi's modules."""
+    return load_model(
+        str(tiny_dir), device="cpu", dtype="float32", quantize="none", runtime=request.param
+    )
+
+
 @pytest.fixture
-def tiny_model(tiny_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_dir), device="cpu", dtype="float32")
+def tiny_moshi(tiny_dir: Path) -> LoadedModel:
+    """The tiny checkpoint through moshi's own modules: what the reference loop runs."""
+    return load_model(
+        str(tiny_dir), device="cpu", dtype="float32", quantize="none", runtime="moshi"
+    )

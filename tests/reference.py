@@ -16,7 +16,11 @@ from wyoming_kyutai.decoding import TranscriptDecoder
 
 
 def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
-    """Text tokens of Kyutai's loop on ``audio24k`` (padded to whole frames) + the flush."""
+    """Text tokens of Kyutai's loop on ``audio24k`` (padded to whole frames) + the flush.
+
+    ``model`` must be loaded with ``runtime="moshi"``: the reference is moshi's own modules.
+    """
+    assert model.runtime == "moshi", "the reference runs moshi's own modules"
     frame = model.frame_size
     padded = np.zeros(-(-len(audio24k) // frame) * frame, dtype=np.float32)
     padded[: len(audio24k)] = audio24k

@@ -7,25 +7,53 @@ from pathlib import Path
 from benchmarks.bench import markdown, phase
 
 
-def test_engine_and_floor_phases_measure_and_render(tiny_dir: Path) -> None:
-    skipped = phase("engine", str(tiny_dir), 6, "int8", 1, 3)
-    stepped = phase("engine", str(tiny_dir), 6, "int8", 2, 2)
-    floor = phase("floor", str(tiny_dir), [1, 8])
-    assert skipped["quantize"] == "int8" and skipped["slots"] == 3 and skipped["step_ms"] > 0
-    assert stepped["batch"] == 2 and stepped["slots"] == 2
-    assert floor["linears"] > 0 and floor["batch1_ms"] >= 0 and "batch8_ms" in floor
+def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Path) -> None:
+    c = str(tiny_dir)
+    lean = phase("steps", c, "lean", "int8", 2, 120)
+    moshi = phase("steps", c, "moshi", "none", 1, 8)
+    floor = phase("floor", c, [1, 2])
+    agree = phase("agreement", c, 20)
+    mem = phase("memory", c, 3)
+    assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
+    assert lean["short"]["step_ms"] > 0 and lean["late"]["position"] == 95
+    assert moshi["runtime"] == "moshi" and "late" not in moshi
+    assert floor["linears"] == 2 * 4 + 1 and floor["batch1_ms"] >= 0 and "batch2_ms" in floor
+    # the tiny float32 runtime equals moshi exactly; int8 is close
+    assert agree["float32"]["token_agreement"] == 1.0
+    assert agree["float32"]["mimi_code_agreement"] == 1.0
+    assert agree["float32"]["max_abs_logit_diff"] < 1e-4
+    assert 0.5 < agree["int8"]["logit_cosine_min"] <= 1.0
+    assert mem["slots"] == 3 and mem["parts_mb"]["lm_kv_per_slot"] >= 0
     result = {
         "name": "t",
         "preset": "tiny",
         "command": "script/bench",
         "machine": {"cpu": "x", "cores": 2, "torch_cpu_capability": "AVX2", "torch": "2"},
         "reference": [{"dtype": "bfloat16", "frame_ms": 10.0, "mimi_ms": 4.0, "lm_ms": 6.0}],
-        "engine_batch1": skipped,
-        "engine_levers": [stepped, skipped],
+        "steps": [moshi, lean],
         "lm_floor": floor,
-        "int8_deviation": {"token_agreement": 1.0, "logit_cosine_mean": 1.0, "logit_cosine_min": 1},
-        "server": {"capacity": 0, "trials": [], "end_of_speech_1": {"p50": 0.1, "p95": 0.2}},
+        "agreement": agree,
+        "memory": mem,
+        "server": [
+            {
+                "threads": 1,
+                "capacity": 0,
+                "trials": [
+                    {
+                        "streams": 1,
+                        "seconds": 5.0,
+                        "end_of_speech_p50": 0.1,
+                        "end_of_speech_p95": 0.2,
+                        "describe_p50": 0.001,
+                        "describe_max": 0.002,
+                    }
+                ],
+                "end_of_speech_1": {"p50": 0.1, "p95": 0.2},
+            }
+        ],
     }
     table = markdown(result)
-    assert "batch 1, 2 idle slot(s)" in table and "batch 2 |" in table
-    assert "floor: the LM's int8 matrix products alone" in table
+    assert "| lean int8, batch 2, at position 95 |" in table
+    assert "× the int8 floor" in table
+    assert "| moshi none (float32), batch 1, early (5 s command) |" in table
+    assert "server, threads 1: real-time streams that keep up" in table

@@ -34,10 +34,10 @@ def _check_order(events: list) -> None:
     assert joined_deltas(events) == final_text(events)
 
 
-def test_tcp_end_to_end(tiny_dir: Path, tiny_model: LoadedModel, tmp_path: Path) -> None:
+def test_tcp_end_to_end(tiny_dir: Path, tiny_moshi: LoadedModel, tmp_path: Path) -> None:
     audio = [np.concatenate([speechlike(2.0, seed=1), silence(0.5)]), speechlike(1.3, seed=2)]
     wavs = [write_wav(tmp_path / f"u{i}.wav", a) for i, a in enumerate(audio)]
-    expected = [reference_text(tiny_model, to_pcm(a)) for a in audio]  # moshi's own loop
+    expected = [reference_text(tiny_moshi, to_pcm(a)) for a in audio]  # moshi's own loop
     assert all(expected) and expected[0] != expected[1]
 
     with server_process("--uri", "tcp://127.0.0.1:0", "--model", str(tiny_dir), *MODEL_ARGS) as (
@@ -92,9 +92,9 @@ def test_tcp_end_to_end(tiny_dir: Path, tiny_model: LoadedModel, tmp_path: Path)
         assert plain.stdout.splitlines()[-1] == f"transcript: {expected[1]}"
 
 
-def test_stdio_end_to_end(tiny_dir: Path, tiny_model: LoadedModel) -> None:
+def test_stdio_end_to_end(tiny_dir: Path, tiny_moshi: LoadedModel) -> None:
     audio = speechlike(1.5, seed=3)
-    expected = reference_text(tiny_model, to_pcm(audio))  # moshi's own loop
+    expected = reference_text(tiny_moshi, to_pcm(audio))  # moshi's own loop
     assert expected
     stdin = io.BytesIO()
     write_event(Describe().event(), stdin)

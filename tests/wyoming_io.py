@@ -112,7 +112,13 @@ async def running_app(model_dir: Path, **overrides: Any) -> AsyncIterator[App]:
     }
     values.update(overrides)
     settings = build_settings(cli_values=values)
-    model = load_model(settings.model, device="cpu", dtype="float32", quantize=settings.quantize)
+    model = load_model(
+        settings.model,
+        device="cpu",
+        dtype="float32",
+        quantize=settings.quantize,
+        runtime=settings.runtime,
+    )
     app = create_app(settings, model)
     await app.start()
     try:

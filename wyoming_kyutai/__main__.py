@@ -50,6 +50,7 @@ async def run_server(settings: Settings) -> int:
             settings.dtype,
             settings.threads,
             settings.quantize,
+            settings.runtime,
         )
     except CheckpointError as err:
         _LOGGER.error("%s", err)

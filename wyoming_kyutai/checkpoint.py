@@ -55,7 +55,11 @@ class CheckpointFiles:
 
 @dataclass
 class LoadedModel:
-    """The model parts the engine needs, on their device."""
+    """A checkpoint ready to serve: its parts, what decoding needs, and how to step it.
+
+    ``runtime`` says what ``mimi`` and ``lm`` are: our own runtime's weights (``lean``, see
+    ``runtime/``) or moshi's modules (``moshi``).
+    """
 
     ref: str
     mimi: Any
@@ -67,28 +71,29 @@ class LoadedModel:
     silence_prefix_seconds: float
     num_vad_heads: int
     languages: list[str]
+    frame_size: int
+    """Samples per frame at 24 kHz (1920: 80 ms)."""
+    frame_rate: float
+    """Frames per second (12.5)."""
+    runtime: str = "moshi"
     text_padding_id: int = 3
     end_of_padding_id: int = 0
     quantized: bool = False
-
-    def make_stepper(self, slots: int) -> Stepper:
-        """A stepper with ``slots`` streams of state over this model (see ``stepper.py``)."""
-        from .moshi_stepper import MoshiStepper
-
-        return MoshiStepper(self.mimi, self.lm, self.device, slots)
-
-    @property
-    def frame_size(self) -> int:
-        return int(self.mimi.frame_size)
-
-    @property
-    def frame_rate(self) -> float:
-        return float(self.mimi.frame_rate)
 
     @property
     def flush_frames(self) -> int:
         """Silent frames to feed after the last audio so the last words come out."""
         return math.ceil(self.audio_delay_seconds * self.frame_rate) + 1
+
+    def make_stepper(self, slots: int) -> Stepper:
+        """A stepper with ``slots`` streams of state over this model (see ``stepper.py``)."""
+        if self.runtime == "lean":
+            from .lean_stepper import LeanStepper
+
+            return LeanStepper(self.mimi, self.lm, slots)
+        from .moshi_stepper import MoshiStepper
+
+        return MoshiStepper(self.mimi, self.lm, self.device, slots)
 
 
 def _read_config(path: Path, ref: str) -> dict[str, Any]:
@@ -242,6 +247,19 @@ def languages_of(config: dict[str, Any], tokenizer_name: str) -> list[str]:
     return ["en"]
 
 
+def pick_runtime(runtime: str, device: torch.device) -> str:
+    """``auto`` → our own runtime on the CPU, moshi's modules (CUDA graphs) on CUDA."""
+    if runtime == "auto":
+        return "lean" if device.type == "cpu" else "moshi"
+    if runtime not in ("lean", "moshi"):
+        raise CheckpointError(f"runtime {runtime}: choose auto, lean or moshi")
+    if runtime == "lean" and device.type != "cpu":
+        raise CheckpointError(
+            "runtime lean runs on the CPU only; use runtime auto or moshi on CUDA"
+        )
+    return runtime
+
+
 def load_model(
     ref: str = DEFAULT_MODEL,
     data_dir: str | Path | None = None,
@@ -249,27 +267,103 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     threads: int = 0,
-    quantize: str = "none",
+    quantize: str = "auto",
+    runtime: str = "auto",
 ) -> LoadedModel:
-    """Resolve, check and load a checkpoint through moshi's own loader.
+    """Resolve, check and load a checkpoint for ``runtime`` (see :func:`pick_runtime`).
 
-    ``quantize``: ``int8`` swaps the transformers' linears for int8 ones (CPU only; the rest
-    of the model then runs in float32); ``auto`` does so on the CPU; ``none`` never.
+    ``quantize``: ``int8`` runs the transformers' matrix products and the text head with int8
+    weights (the lean runtime only, so the CPU); ``auto`` does so with the lean runtime;
+    ``none`` never. The lean runtime otherwise computes in float32; ``dtype`` applies to moshi.
     """
     files = resolve_checkpoint(ref, data_dir, offline)
     dev = pick_device(device)
-    int8 = quantize == "int8" or (quantize == "auto" and dev.type == "cpu")
-    if int8 and dev.type != "cpu":
-        raise CheckpointError("quantize int8 runs on the CPU only; use quantize none on CUDA")
-    torch_dtype = torch.float32 if int8 else pick_dtype(dtype, dev)
-    if int8 and dtype not in ("auto", "float32"):
-        _LOGGER.warning("dtype %s is ignored: with int8 weights the rest runs in float32", dtype)
+    chosen = pick_runtime(runtime, dev)
+    int8 = quantize == "int8" or (quantize == "auto" and chosen == "lean")
+    if int8 and chosen != "lean":
+        raise CheckpointError(
+            "quantize int8 needs the lean runtime (CPU); use quantize none or auto with moshi"
+        )
     if threads > 0:
         torch.set_num_threads(threads)
+    torch_dtype = pick_dtype(dtype, dev)
+    started = time.monotonic()
+    if chosen == "lean":
+        if dtype not in ("auto", "float32"):
+            _LOGGER.warning("dtype %s is ignored: the lean runtime computes in float32", dtype)
+        model = _load_lean(files, int8)
+    else:
+        model = _load_moshi(files, dev, torch_dtype)
+    _LOGGER.info(
+        "Loaded %s on %s (%s runtime, %s) in %.1f s: %d layers, dim %d, %d end-of-turn heads, "
+        "languages %s",
+        files.ref,
+        dev,
+        chosen,
+        "int8 + float32" if int8 else str(model.dtype).removeprefix("torch."),
+        time.monotonic() - started,
+        files.raw_config["num_layers"],
+        files.raw_config["dim"],
+        model.num_vad_heads,
+        ",".join(model.languages),
+    )
+    if model.num_vad_heads == 0:
+        _LOGGER.info("This model has no end-of-turn heads: early end of turn is off")
+    return model
 
+
+def _model_fields(files: CheckpointFiles) -> dict[str, Any]:
+    """What every runtime's LoadedModel takes straight from the checkpoint's config."""
+    stt = files.raw_config.get("stt_config") or {}
+    return {
+        "ref": files.ref,
+        "audio_delay_seconds": float(stt.get("audio_delay_seconds", 0.5)),
+        "silence_prefix_seconds": float(stt.get("audio_silence_prefix_seconds", 0.0)),
+        "languages": languages_of(files.raw_config, files.tokenizer.name),
+        "text_padding_id": int(files.raw_config.get("existing_text_padding_id", 3)),
+    }
+
+
+def _load_lean(files: CheckpointFiles, int8: bool) -> LoadedModel:
+    import sentencepiece
+
+    from .runtime.lm import LanguageModel, LmConfig
+    from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
+    from .runtime.weights import WeightError, WeightFile
+
+    try:
+        raw_mimi = (
+            json.loads(files.mimi_config.read_text(encoding="utf-8"))
+            if files.mimi_config is not None
+            else DEFAULT_MIMI_CONFIG
+        )
+        mimi_config = MimiConfig.from_dict(raw_mimi)
+        lm_config = LmConfig.from_dict(files.raw_config)
+        lm = LanguageModel(WeightFile(files.lm_weights), lm_config, int8=int8)
+        # Mimi stays float32: int8 saves it little time and changes ~10 % of its codes
+        mimi = MimiEncoder(WeightFile(files.mimi_weights), mimi_config, num_codebooks=lm_config.n_q)
+        tokenizer = sentencepiece.SentencePieceProcessor(str(files.tokenizer))
+    except (WeightError, ValueError, KeyError, TypeError, OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}") from err
+    return LoadedModel(
+        mimi=mimi,
+        lm=lm,
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        num_vad_heads=lm.num_vad_heads,
+        frame_size=mimi.frame_size,
+        frame_rate=mimi_config.frame_rate,
+        runtime="lean",
+        quantized=int8,
+        **_model_fields(files),
+    )
+
+
+def _load_moshi(files: CheckpointFiles, dev: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
     from moshi.models import loaders
 
-    started = time.monotonic()
     try:
         info = loaders.CheckpointInfo.from_hf_repo(
             files.ref,
@@ -282,49 +376,22 @@ def load_model(
         mimi = info.get_mimi(device=dev)
         lm = info.get_moshi(device=dev, dtype=torch_dtype)
         tokenizer = info.get_text_tokenizer()
-    except CheckpointError:
-        raise
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}") from err
     lm.eval()
-    if int8:
-        from .int8 import quantize_transformer_int8
-
-        if "x86" in torch.backends.quantized.supported_engines:
-            torch.backends.quantized.engine = "x86"  # fbgemm: the fastest here (see README)
-        quantize_transformer_int8(lm.transformer)
-        if mimi.encoder_transformer is not None:
-            quantize_transformer_int8(mimi.encoder_transformer)
-    stt = info.stt_config or {}
-    model = LoadedModel(
-        quantized=int8,
-        ref=files.ref,
+    return LoadedModel(
         mimi=mimi,
         lm=lm,
         tokenizer=tokenizer,
         device=dev,
         dtype=torch_dtype,
-        audio_delay_seconds=float(stt.get("audio_delay_seconds", 0.5)),
-        silence_prefix_seconds=float(stt.get("audio_silence_prefix_seconds", 0.0)),
         num_vad_heads=len(lm.extra_heads),
-        languages=languages_of(files.raw_config, files.tokenizer.name),
-        text_padding_id=int(files.raw_config.get("existing_text_padding_id", 3)),
+        frame_size=int(mimi.frame_size),
+        frame_rate=float(mimi.frame_rate),
+        runtime="moshi",
+        **_model_fields(files),
     )
-    _LOGGER.info(
-        "Loaded %s on %s (%s) in %.1f s: %d layers, dim %d, %d end-of-turn heads, languages %s",
-        files.ref,
-        dev,
-        "int8 + float32" if int8 else str(torch_dtype).removeprefix("torch."),
-        time.monotonic() - started,
-        files.raw_config["num_layers"],
-        files.raw_config["dim"],
-        model.num_vad_heads,
-        ",".join(model.languages),
-    )
-    if model.num_vad_heads == 0:
-        _LOGGER.info("This model has no end-of-turn heads: early end of turn is off")
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from wyoming.info import Describe
 from . import __version__
 from .audio import PcmConverter, WavError, float_to_int16, read_wav
 from .settings import DEFAULTS
-from .uri import UriError, open_connection, parse_uri
+from .uri import UriError, close_quietly, open_connection, parse_uri
 
 RATE = 16000
 CHUNK_SAMPLES = 1024
@@ -94,7 +94,7 @@ async def describe(uri: str) -> dict[str, Any]:
     except (OSError, TimeoutError) as err:
         raise ClientError(f"{uri}: no answer to describe ({err or 'timeout'})") from None
     finally:
-        writer.close()
+        await close_quietly(writer)
     if event is None or event.type != "info":
         raise ClientError(f"{uri}: no info in answer to describe")
     return event.data
@@ -175,7 +175,7 @@ async def transcribe_file(
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        writer.close()
+        await close_quietly(writer)
     if live:
         print(flush=True)
     return result

@@ -23,7 +23,7 @@ from wyoming.info import Describe
 
 from . import __version__
 from .settings import DEFAULTS
-from .uri import UriError, open_connection, parse_uri
+from .uri import UriError, close_quietly, open_connection, parse_uri
 
 DEFAULT_URI = DEFAULTS["uri"]
 DEFAULT_TIMEOUT = 5.0
@@ -96,7 +96,7 @@ async def _ask(uri: str, progress: list[str]) -> str:
             # bad JSON or an over-long line: not a Wyoming server we understand
             raise Unhealthy(f"{uri} sent something that is not a Wyoming event ({err})") from None
     finally:
-        writer.close()
+        await close_quietly(writer)
 
 
 async def check(uri: str, timeout: float) -> str:

@@ -56,6 +56,11 @@ class Settings:
         "auto (int8 on CPU, none on CUDA), none or int8: int8 weights for the model's linears",
         choices=("auto", "none", "int8"),
     )
+    runtime: str = _s(
+        "auto (lean on CPU, moshi on CUDA), lean (our own CPU forward pass) or moshi (Kyutai's "
+        "Python modules)",
+        choices=("auto", "lean", "moshi"),
+    )
     languages: list[str] | None = _s("languages to advertise (null: those the model supports)")
     # --- engine
     slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=256)
@@ -98,6 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "threads": 0,
     "quantize": "auto",
+    "runtime": "auto",
     "languages": None,
     "slots": 4,
     "slot_wait": 2.0,

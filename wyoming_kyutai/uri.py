@@ -8,6 +8,7 @@ holds them without. Errors are :class:`UriError` with one line that shows the ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,3 +83,14 @@ async def open_connection(
     if uri.scheme == "unix":
         return await asyncio.open_unix_connection(uri.path, limit=limit)
     raise UriError(f"cannot connect to {uri}: use tcp://HOST:PORT or unix://PATH")
+
+
+async def close_quietly(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
+    """Close a client connection and wait for it, ignoring a peer that already hung up.
+
+    Without the wait, a reset by the peer is left in a future nobody reads, and asyncio
+    prints its traceback at exit.
+    """
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), timeout)

@@ -122,7 +122,7 @@ class KvCache:
     @property
     def bytes_per_slot(self) -> int:
         """Resident bytes of one slot's keys and values over all layers."""
-        return self._memory.numel() * self._memory.element_size() // self.slots
+        return self._memory[:, :, :1].numel() * self._memory.element_size()
 
     def plan(self, slots: Sequence[int], positions: Sequence[int], rope: Rope) -> AttentionPlan:
         """The plan of a step of ``slots`` at absolute ``positions`` (steps since their reset)."""

@@ -54,14 +54,23 @@ class StreamingConv:
         else:
             groups = taps.reshape(kernel // stride, stride * in_channels, out_channels)
             self.matrix = groups.permute(1, 0, 2).reshape(stride * in_channels, -1).contiguous()
-        self.previous = torch.zeros(slots, self.span - stride, in_channels)
+        self.in_channels = in_channels
+        self.replicate = replicate
+        self.allocate(slots)
+
+    def allocate(self, slots: int) -> None:
+        """(Re)create the state for ``slots`` streams, all fresh."""
+        self.previous = torch.zeros(slots, self.span - self.stride, self.in_channels)
         # replicate: slots whose next call is their stream's first (left context = x[0])
-        self.first = torch.ones(slots, dtype=torch.bool) if replicate else None
+        self.first = torch.ones(slots, dtype=torch.bool) if self.replicate else None
 
     @property
     def context(self) -> int:
         """Samples of left context kept per slot (at this layer's input rate)."""
         return int(self.previous.shape[1])
+
+    def state_bytes_per_slot(self) -> int:
+        return (self.span - self.stride) * self.in_channels * 4 + 1
 
     def reset(self, index: torch.Tensor) -> None:
         """Start new streams in the slots ``index`` (int64 [m])."""
@@ -106,6 +115,13 @@ class ResidualBlock:
 
     def __init__(self, conv1: StreamingConv, conv2: StreamingConv) -> None:
         self.convs = (conv1, conv2)
+
+    def allocate(self, slots: int) -> None:
+        for conv in self.convs:
+            conv.allocate(slots)
+
+    def state_bytes_per_slot(self) -> int:
+        return sum(conv.state_bytes_per_slot() for conv in self.convs)
 
     def reset(self, index: torch.Tensor) -> None:
         for conv in self.convs:
@@ -159,6 +175,13 @@ class SEANetEncoder:
             self.layers.append(conv(at + 1, "", channels, 2 * channels, 2 * ratio, ratio))
             at, channels = at + 2, channels * 2
         self.layers.append(conv(at + 1, "", channels, dimension, last_kernel_size))
+
+    def allocate(self, slots: int) -> None:
+        for layer in self.layers:
+            layer.allocate(slots)
+
+    def state_bytes_per_slot(self) -> int:
+        return sum(layer.state_bytes_per_slot() for layer in self.layers)
 
     def reset(self, index: torch.Tensor) -> None:
         for layer in self.layers:

@@ -83,7 +83,7 @@ class Linear:
         return buffer
 
     @property
-    def nbytes(self) -> int:
+    def resident_bytes(self) -> int:
         """Resident bytes of the weights (int8: one byte per weight plus per-channel scales)."""
         if self.weight is not None:
             return self.weight.numel() * self.weight.element_size()

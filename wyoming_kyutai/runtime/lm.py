@@ -189,12 +189,9 @@ class LanguageModel:
     """The STT LM with explicit per-slot state: KV rings, positions, previous text tokens."""
 
     def __init__(
-        self, weights: WeightFile, config: LmConfig, slots: int, int8: bool = False
+        self, weights: WeightFile, config: LmConfig, slots: int = 0, int8: bool = False
     ) -> None:
-        if slots < 1:
-            raise ValueError("the LM needs at least one slot")
         self.config = config
-        self.slots = slots
         self._embeddings, self._audio_base, self._text_base = _embedding_table(weights, config)
         self._zero_row = self._embeddings.shape[0] - 1
         self._layers = [_Layer(weights, config, i, int8) for i in range(config.num_layers)]
@@ -208,11 +205,21 @@ class LanguageModel:
         self.num_vad_heads = len(heads)
         self._vad = torch.cat(heads) if heads else torch.zeros(0, dim)  # [heads * classes, dim]
         self._rope = Rope(config.head_dim, config.max_period)
+        self.allocate(slots)
+
+    def allocate(self, slots: int) -> None:
+        """(Re)create the per-slot state for ``slots`` streams, all at step 0."""
+        config = self.config
+        self.slots = slots
         self._cache = KvCache(
             config.num_layers, slots, config.num_heads, config.context, config.head_dim
         )
         self._positions = [0] * slots  # steps taken since each slot's reset
         self._text = torch.full((slots,), config.text_card, dtype=torch.long)  # previous token
+
+    def linears(self) -> list[Linear]:
+        """Every matrix product of a step: the layers' four, then the text head."""
+        return [lin for layer in self._layers for lin in layer.linears] + [self._text_head]
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start these slots over at step 0 (their ring entries become unreachable)."""
@@ -246,12 +253,11 @@ class LanguageModel:
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
         ``embeddings`` (file dtype), ``kv_per_slot`` and ``kv`` (all slots)."""
-        linears = [lin for layer in self._layers for lin in layer.linears] + [self._text_head]
         floats = sum(layer.float_bytes for layer in self._layers)
         floats += (self._out_norm.numel() + self._vad.numel()) * 4
         per_slot = self._cache.bytes_per_slot
         return {
-            "weights": sum(lin.nbytes for lin in linears) + floats,
+            "weights": sum(lin.resident_bytes for lin in self.linears()) + floats,
             "embeddings": self._embeddings.numel() * self._embeddings.element_size(),
             "kv_per_slot": per_slot,
             "kv": per_slot * self.slots,

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .conv import SEANetEncoder, StreamingConv
+from .conv import ResidualBlock, SEANetEncoder, StreamingConv
 from .mimi_transformer import EncoderTransformer
 from .mimi_vq import SplitQuantizer
-from .weights import WeightFile
+from .weights import WeightFile, resident_bytes
 
 DEFAULT_MIMI_CONFIG: dict[str, Any] = {
     "sample_rate": 24000,
@@ -193,7 +193,7 @@ class MimiEncoder:
         self,
         weights: WeightFile,
         config: MimiConfig,
-        slots: int,
+        slots: int = 0,
         num_codebooks: int = 32,
         int8: bool = False,
     ) -> None:
@@ -242,6 +242,29 @@ class MimiEncoder:
             num_codebooks=num_codebooks,
         )
 
+    def allocate(self, slots: int) -> None:
+        """(Re)create the streaming state for ``slots`` streams, all fresh."""
+        self.slots = slots
+        self.seanet.allocate(slots)
+        self.transformer.allocate(slots)
+        self.downsample.allocate(slots)
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes by part: weights, and the streaming state of one slot."""
+        weights = resident_bytes(
+            [layer.matrix for layer in _convs(self.seanet)],
+            [layer.bias for layer in _convs(self.seanet)],
+            self.transformer.layers,
+            self.downsample.matrix,
+            self.quantizer,
+        )
+        state = (
+            self.seanet.state_bytes_per_slot()
+            + self.transformer.state_bytes_per_slot()
+            + self.downsample.state_bytes_per_slot()
+        )
+        return {"weights": weights, "state_per_slot": state}
+
     def reset(self, slots: Sequence[int]) -> None:
         """Start new streams in ``slots``; the other slots are untouched."""
         index = self._index(slots)
@@ -276,3 +299,10 @@ class MimiEncoder:
         ):
             raise ValueError(f"slots must be distinct and in [0, {self.slots}), got {list(slots)}")
         return index
+
+
+def _convs(seanet: SEANetEncoder) -> list[StreamingConv]:
+    out: list[StreamingConv] = []
+    for layer in seanet.layers:
+        out.extend(layer.convs if isinstance(layer, ResidualBlock) else [layer])
+    return out

@@ -120,13 +120,22 @@ class EncoderTransformer:
         ]
         half = torch.arange(self.head_dim // 2, dtype=torch.float32)
         self.freqs = torch.exp(half * (-math.log(max_period) * 2 / self.head_dim))
+        self.allocate(slots)
+
+    def allocate(self, slots: int) -> None:
+        """(Re)create the state for ``slots`` streams, all fresh."""
         # per slot: steps done so far and the step held by each ring entry (-1: none);
         # per layer and slot: the rings of keys and values
         self.offsets = torch.zeros(slots, dtype=torch.long)
         self.key_positions = torch.full((slots, self.capacity), -1, dtype=torch.long)
-        shape = (slots, num_heads, self.capacity, self.head_dim)
+        shape = (slots, self.heads, self.capacity, self.head_dim)
         self.keys = [torch.zeros(shape) for _ in self.layers]
         self.values = [torch.zeros(shape) for _ in self.layers]
+
+    def state_bytes_per_slot(self) -> int:
+        """Resident bytes of one slot's rings and positions."""
+        rings = 2 * len(self.layers) * self.heads * self.capacity * self.head_dim * 4
+        return rings + self.capacity * 8 + 8
 
     def reset(self, index: torch.Tensor) -> None:
         """Start new streams in the slots ``index``: step 0 and empty rings."""

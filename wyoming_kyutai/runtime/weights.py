@@ -12,6 +12,30 @@ from typing import Any
 import torch
 
 
+def resident_bytes(*objects: Any) -> int:
+    """Bytes of every tensor (and int8 weight) held by ``objects``, following attributes,
+    lists, tuples and dicts; each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    todo = list(objects)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif hasattr(obj, "resident_bytes") and not isinstance(obj, type):
+            total += int(obj.resident_bytes)
+        elif isinstance(obj, list | tuple):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            todo.extend(vars(obj).values())
+    return total
+
+
 class WeightError(ValueError):
     """A tensor is missing or misshapen; the message is one line naming it."""
 

@@ -1,0 +1,53 @@
+"""The stepper over our own runtime (``runtime/``): the CPU default.
+
+Only the slots in a call are computed; each keeps its own state in the runtime's
+preallocated tensors, so idle slots cost nothing whatever their position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .runtime.lm import LanguageModel
+from .runtime.mimi import MimiEncoder
+
+
+class LeanStepper:
+    """Batched streaming through our Mimi encoder and LM, ``slots`` streams of state.
+
+    The state lives in the model's runtime objects: one stepper per model at a time.
+    """
+
+    def __init__(self, mimi: MimiEncoder, lm: LanguageModel, slots: int) -> None:
+        self.num_slots = slots
+        self.frame_size = mimi.frame_size
+        self._mimi = mimi
+        self._lm = lm
+        mimi.allocate(slots)
+        lm.allocate(slots)
+        self._start_codes = torch.zeros(1, lm.config.n_q, dtype=torch.long)
+
+    def close(self) -> None:
+        self._mimi.allocate(0)
+        self._lm.allocate(0)
+
+    @torch.inference_mode()
+    def reset(self, slots: Sequence[int]) -> None:
+        self._mimi.reset(slots)
+        self._lm.reset(slots)
+        # step 0 replaces its input with the start tokens: run it now, on nothing
+        self._lm.step(self._start_codes.expand(len(slots), -1), slots)
+
+    @torch.inference_mode()
+    def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
+        return self._mimi.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)), slots)
+
+    @torch.inference_mode()
+    def lm_step(
+        self, codes: torch.Tensor, slots: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._lm.step(codes, slots)
+        return out.tokens, out.pauses
