@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 import wyoming_kyutai
+from tests.audio_gen import speechlike, write_wav
 from wyoming_kyutai.app import server_limits
 from wyoming_kyutai.endpointing import EndOfTurnSettings, TurnPolicy, turn_policy
 from wyoming_kyutai.framing import FrameLimits
@@ -144,21 +146,25 @@ def test_no_module_repeats_a_default_model_or_uri() -> None:
         assert '"tcp://127.0.0.1:10300"' not in text, path.name
 
 
-def test_a_missing_moshi_is_one_line(tmp_path: Path) -> None:
-    """pip does not install moshi (see pyproject.toml): say how, instead of a traceback."""
-    hide = (
-        "import importlib.util, sys; real = importlib.util.find_spec;"
-        "importlib.util.find_spec = lambda n, *a: None if n == 'moshi' else real(n, *a);"
-    )
-    for module in ("wyoming_kyutai", "wyoming_kyutai.transcribe"):
-        args = ["--model", str(tmp_path)] + (["x.wav"] if "transcribe" in module else [])
-        code = f"{hide} sys.argv = ['x', *{args!r}]; import runpy; "
-        code += f"runpy.run_module({module!r}, run_name='__main__')"
+def test_the_cpu_server_path_runs_without_moshi(tiny_dir: Path, tmp_path: Path) -> None:
+    """With moshi unimportable, the transcribe command (the server's model, engine and
+    end-of-turn path) transcribes on the lean runtime; runtime moshi says what to install."""
+    wav = tmp_path / "a.wav"
+    write_wav(wav, speechlike(1.5, 16000, seed=3), 16000)
+    hide = "import sys; sys.modules['moshi'] = None; import runpy; "
+    for extra, code_expected in (([], 0), (["--runtime", "moshi"], 1)):
+        args = ["--model", str(tiny_dir), "--json", *extra, str(wav)]
+        code = f"{hide} sys.argv = ['x', *{args!r}]; "
+        code += "runpy.run_module('wyoming_kyutai.transcribe', run_name='__main__')"
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
         )
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.strip() == (
-            "error: the 'moshi' package is not installed; "
-            "install it with: pip install --no-deps moshi==0.2.13"
-        )
+        assert proc.returncode == code_expected, proc.stderr
+        if code_expected == 0:
+            record = json.loads(proc.stdout)
+            assert record["steps"], record
+        else:
+            assert proc.stderr.strip() == (
+                "error: runtime moshi needs the 'moshi' package; install it with: "
+                "pip install 'wyoming_kyutai[moshi]' && pip install --no-deps moshi==0.2.13"
+            )

@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .moshi_env import moshi_missing
 from .settings import Settings, SettingsError, add_arguments, as_dict, settings_from_args
 from .uri import parse_uri
 
@@ -115,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(as_dict(settings), sort_keys=False), end="")
         return 0
-    missing = moshi_missing()
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
     logging.basicConfig(
         level=logging.DEBUG if settings.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .moshi_env import configure_moshi_env
+from .moshi_env import configure_moshi_env, moshi_missing
 from .settings import DEFAULT_MODEL
 
 configure_moshi_env()
@@ -287,6 +287,10 @@ def load_model(
     if threads > 0:
         torch.set_num_threads(threads)
     torch_dtype = pick_dtype(dtype, dev)
+    if chosen == "moshi":
+        missing = moshi_missing("runtime moshi")
+        if missing:
+            raise CheckpointError(missing)
     started = time.monotonic()
     if chosen == "lean":
         if dtype not in ("auto", "float32"):
@@ -420,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
     if args.command == "make":
+        missing = moshi_missing("making a random checkpoint")
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return 1
         from .random_checkpoint import make_checkpoint
 
         started = time.monotonic()

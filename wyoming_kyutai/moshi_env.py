@@ -14,17 +14,21 @@ def configure_moshi_env() -> None:
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
-MOSHI_INSTALL = "pip install --no-deps moshi==0.2.13"
+MOSHI_INSTALL = "pip install 'wyoming_kyutai[moshi]' && pip install --no-deps moshi==0.2.13"
 
 
-def moshi_missing() -> str | None:
+def moshi_missing(needed_for: str) -> str | None:
     """One line saying how to install moshi when it is missing, else None.
 
-    moshi is not a declared dependency (its metadata pins torch<2.10; see pyproject.toml), so
-    a plain ``pip install .`` does not bring it.
+    moshi is needed only for ``needed_for`` (the moshi runtime, e.g. on CUDA, and making
+    random checkpoints): the CPU server runs without it. It is installed with --no-deps
+    because its metadata pins torch<2.10 (see pyproject.toml).
     """
     import importlib.util
 
-    if importlib.util.find_spec("moshi") is not None:
-        return None
-    return f"the 'moshi' package is not installed; install it with: {MOSHI_INSTALL}"
+    try:
+        if importlib.util.find_spec("moshi") is not None:
+            return None
+    except (ImportError, ValueError):  # a module hidden or broken in sys.modules
+        pass
+    return f"{needed_for} needs the 'moshi' package; install it with: {MOSHI_INSTALL}"

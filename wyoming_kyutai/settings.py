@@ -263,7 +263,16 @@ def build_settings(
     return Settings(**merged)
 
 
-MODEL_SETTINGS = ("model", "data_dir", "offline", "device", "dtype", "threads", "quantize")
+MODEL_SETTINGS = (
+    "model",
+    "data_dir",
+    "offline",
+    "device",
+    "dtype",
+    "threads",
+    "quantize",
+    "runtime",
+)
 """The settings that pick and load the model."""
 TURN_SETTINGS = (
     "end_of_turn",

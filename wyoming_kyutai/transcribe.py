@@ -22,7 +22,6 @@ from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
-from .moshi_env import moshi_missing
 from .settings import (
     MODEL_SETTINGS,
     TURN_SETTINGS,
@@ -75,7 +74,7 @@ async def transcribe_audio(
 async def transcribe_files(
     model: LoadedModel, files: list[WavAudio], policy: TurnPolicy, slots: int
 ) -> list[dict[str, Any]]:
-    from .engine import Engine  # imports moshi: only once it is known to be there
+    from .engine import Engine
 
     engine = Engine(model, slots=slots)
     engine.start()
@@ -108,10 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    missing = moshi_missing()
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
     logging.basicConfig(
         level=logging.DEBUG if settings.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -127,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.dtype,
             settings.threads,
             settings.quantize,
+            settings.runtime,
         )
     except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
