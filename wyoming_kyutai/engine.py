@@ -1,11 +1,13 @@
 """The batched streaming engine: one model, a fixed number of slots, one worker thread.
 
-Each open stream owns a batch slot. The worker thread steps every slot that has an 80 ms
-frame waiting in one batch (Mimi encode → LM step → VAD heads) through a :class:`Stepper`;
-slots with nothing waiting are not computed. A slot with several frames waiting (a stream
-that fell behind, or the silent frames that flush the model's delay) has them encoded in one
-Mimi call, then one LM step per frame. A slot is reset when a new stream takes it. The
-asyncio side never runs model code.
+Each open stream owns a batch slot. The worker thread repeats one iteration: encode the
+audio frames waiting in any slot through Mimi (a slot's several frames — a stream that fell
+behind, or the silent frames that flush the model's delay — in one call), then one LM step
+over every slot that has encoded frames waiting (+ VAD heads), through a :class:`Stepper`.
+Slots with nothing waiting are not computed, and a slot with a backlog advances one LM step
+per iteration beside the others instead of holding them up. A slot is reset when a new stream
+takes it; its first LM step is the model's start step (its input is ignored), batched with
+the others. The asyncio side never runs model code.
 """
 
 from __future__ import annotations
@@ -38,23 +40,29 @@ class _Frame:
 
 
 @dataclass
+class _Encoded:
+    """One frame's Mimi codes waiting for their LM step (no frame: the start step)."""
+
+    codes: torch.Tensor | None
+    frame: _Frame | None
+
+
+@dataclass
 class _Slot:
     index: int
     stream: EngineStream | None = None
     frames: deque[_Frame] = field(default_factory=deque)
+    """Audio waiting for Mimi."""
+    encoded: deque[_Encoded] = field(default_factory=deque)
+    """Codes waiting for the LM."""
     needs_reset: bool = False
     step: int = 0
     finishing: bool = False
     failed: bool = False
 
-
-@dataclass
-class _Work:
-    """The frames of one slot taken into one worker iteration."""
-
-    slot: _Slot
-    stream: EngineStream
-    frames: list[_Frame]
+    def clear(self) -> None:
+        self.frames.clear()
+        self.encoded.clear()
 
 
 _END = object()
@@ -161,6 +169,8 @@ class Engine:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
         self.stepper: Stepper | None = None
+        self._start_codes = torch.zeros(0, dtype=torch.long)
+        """The (ignored) input of a stream's start step: zeros, one per codebook."""
         self.fault_hook: Callable[[list[int]], None] | None = None
         """Test hook: called in the worker with the slots of each batch before it runs."""
 
@@ -175,7 +185,10 @@ class Engine:
             everyone = list(range(self.num_slots))
             self.stepper.reset(everyone)
             silence = np.zeros((self.num_slots, FRAME_SAMPLES), dtype=np.float32)
-            self.stepper.lm_step(self.stepper.encode(silence, everyone)[:, :, 0], everyone)
+            codes = self.stepper.encode(silence, everyone)[:, :, 0]
+            self._start_codes = torch.zeros_like(codes[0])
+            self.stepper.lm_step(codes, everyone)  # the start step (input ignored)
+            self.stepper.lm_step(codes, everyone)
             _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
         for slot in self._slots:
             slot.needs_reset = True
@@ -191,10 +204,14 @@ class Engine:
             open_streams = [s.stream for s in self._slots if s.stream is not None]
         for stream in open_streams:
             stream._deliver(EngineClosed("the server is shutting down"))
+        alive = False
         if self._thread is not None:
             self._thread.join(timeout=10)
+            alive = self._thread.is_alive()
             self._thread = None
-        if self.stepper is not None:
+        if alive:
+            _LOGGER.warning("The model step did not end within 10 s; leaving its state as it is")
+        elif self.stepper is not None:
             close = getattr(self.stepper, "close", None)
             if close is not None:
                 close()
@@ -215,7 +232,7 @@ class Engine:
                 if slot.stream is None:
                     stream = EngineStream(self, slot, loop)
                     slot.stream = stream
-                    slot.frames.clear()
+                    slot.clear()
                     slot.needs_reset = True
                     slot.step = 0
                     slot.finishing = False
@@ -253,7 +270,7 @@ class Engine:
             slot = stream._slot
             if slot.stream is stream:
                 slot.stream = None
-                slot.frames.clear()
+                slot.clear()
                 slot.finishing = False
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -272,99 +289,118 @@ class Engine:
             self._cond.notify()
 
     # ----------------------------------------------------------------- worker
+    def _has_work(self, slot: _Slot) -> bool:
+        return (
+            slot.stream is not None
+            and not slot.failed
+            and bool(slot.frames or slot.encoded or slot.needs_reset)
+        )
+
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while self._running and not any(
-                    s.stream is not None and not s.failed and (s.frames or s.needs_reset)
-                    for s in self._slots
-                ):
+                while self._running and not any(self._has_work(s) for s in self._slots):
                     self._cond.wait()
                 if not self._running:
                     return
-                reset = [s.index for s in self._slots if s.stream is not None and s.needs_reset]
-                reset_pairs = [(self._slots[i], self._slots[i].stream) for i in reset]
-                for i in reset:
-                    self._slots[i].needs_reset = False
-                batch: list[_Work] = []
+                reset: list[tuple[_Slot, EngineStream]] = []
+                audio: list[tuple[_Slot, EngineStream, list[_Frame]]] = []
                 for slot in self._slots:
-                    if slot.stream is not None and not slot.failed and slot.frames:
+                    if slot.stream is None or slot.failed:
+                        continue
+                    if slot.needs_reset:
+                        slot.needs_reset = False
+                        reset.append((slot, slot.stream))
+                    if slot.frames:
                         count = min(len(slot.frames), self.max_frames_per_step)
-                        frames = [slot.frames.popleft() for _ in range(count)]
-                        batch.append(_Work(slot, slot.stream, frames))
+                        audio.append(
+                            (slot, slot.stream, [slot.frames.popleft() for _ in range(count)])
+                        )
+                touched = [*reset, *[(s, st) for s, st, _ in audio]]
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook([w.slot.index for w in batch])
                 if reset:
                     self._reset_slots(reset)
-                if batch:
-                    self._step(batch)
+                if audio:
+                    self._encode(audio)
+                self._lm_step(touched)
             except Exception as err:  # noqa: BLE001 - a model fault must not kill the worker
                 _LOGGER.error(
                     "Model step failed (%s: %s); failing its streams", type(err).__name__, err
                 )
-                self._fail([(w.slot, w.stream) for w in batch] + reset_pairs)
+                self._fail(touched)
 
-    def _fail(self, pairs: list[tuple[_Slot, EngineStream | None]]) -> None:
+    def _fail(self, pairs: list[tuple[_Slot, EngineStream]]) -> None:
         """Fail the streams that were in the failed step (not whoever holds the slot now)."""
         with self._cond:
             failed = []
             for slot, stream in pairs:
-                slot.needs_reset = True
-                if stream is not None and slot.stream is stream and not slot.failed:
+                if slot.stream is stream and not slot.failed:
+                    slot.needs_reset = True
                     slot.failed = True
-                    slot.frames.clear()
+                    slot.clear()
                     failed.append(stream)
         for stream in failed:
             stream._deliver(StreamFailed("the model failed while transcribing this audio"))
 
-    def _reset_slots(self, indices: list[int]) -> None:
+    def _reset_slots(self, pairs: list[tuple[_Slot, EngineStream]]) -> None:
+        """New streams: clean state, and the model's start step queued first."""
         assert self.stepper is not None
-        self.stepper.reset(indices)
+        self.stepper.reset([slot.index for slot, _ in pairs])
+        with self._cond:
+            for slot, stream in pairs:
+                if slot.stream is stream:
+                    slot.encoded.appendleft(_Encoded(None, None))
 
-    def _encode(self, batch: list[_Work]) -> list[torch.Tensor]:
-        """Codes [codebooks, k] of each work item; slots with as many frames share a call."""
+    def _encode(self, audio: list[tuple[_Slot, EngineStream, list[_Frame]]]) -> None:
+        """Mimi codes of the frames taken; slots with as many frames share a call."""
         assert self.stepper is not None
-        codes: list[torch.Tensor | None] = [None] * len(batch)
         by_count: dict[int, list[int]] = {}
-        for i, work in enumerate(batch):
-            by_count.setdefault(len(work.frames), []).append(i)
+        for i, (_, _, frames) in enumerate(audio):
+            by_count.setdefault(len(frames), []).append(i)
         for members in by_count.values():
-            audio = np.stack(
-                [np.concatenate([f.samples for f in batch[i].frames]) for i in members]
-            )
-            encoded = self.stepper.encode(audio, [batch[i].slot.index for i in members])
-            for row, i in enumerate(members):
-                codes[i] = encoded[row]
-        return [c for c in codes if c is not None]
+            samples = np.stack([_joined(audio[i][2]) for i in members])
+            codes = self.stepper.encode(samples, [audio[i][0].index for i in members])
+            with self._cond:
+                for row, i in enumerate(members):
+                    slot, stream, frames = audio[i]
+                    if slot.stream is stream and not slot.failed:
+                        slot.encoded.extend(
+                            _Encoded(codes[row, :, j], f) for j, f in enumerate(frames)
+                        )
 
-    def _step(self, batch: list[_Work]) -> None:
-        """Encode every item's frames, then one LM step per frame, results out after each."""
+    def _lm_step(self, touched: list[tuple[_Slot, EngineStream]]) -> None:
+        """One LM step over every slot with codes waiting (ascending slots); results out.
+
+        The slots stepped are added to ``touched`` first (a failure fails their streams).
+        """
         assert self.stepper is not None
-        codes = self._encode(batch)
-        for j in range(max(len(w.frames) for w in batch)):
-            members = [i for i, w in enumerate(batch) if len(w.frames) > j]
-            step_codes = torch.stack([codes[i][:, j] for i in members])
-            text, pauses = self.stepper.lm_step(step_codes, [batch[i].slot.index for i in members])
-            self._deliver_step([batch[i] for i in members], j, text, pauses)
-
-    def _deliver_step(
-        self, items: list[_Work], j: int, text: torch.Tensor, pauses: torch.Tensor
-    ) -> None:
+        with self._cond:
+            batch = [
+                (slot, slot.stream, slot.encoded.popleft())
+                for slot in self._slots
+                if slot.stream is not None and not slot.failed and slot.encoded
+            ]
+        if not batch:
+            return
+        touched += [(slot, stream) for slot, stream, _ in batch]  # type: ignore[misc]
+        if self.fault_hook is not None:
+            self.fault_hook([slot.index for slot, _, _ in batch])
+        codes = torch.stack(
+            [e.codes if e.codes is not None else self._start_codes for _, _, e in batch]
+        )
+        text, pauses = self.stepper.lm_step(codes, [slot.index for slot, _, _ in batch])
         done = time.monotonic()
-        tokens = text.tolist()
-        probs = pauses.tolist()
+        tokens, probs = text.tolist(), pauses.tolist()
         ended: list[EngineStream] = []
         with self._cond:
-            for row, work in enumerate(items):
-                slot, stream = work.slot, work.stream
-                if slot.stream is not stream:
-                    continue  # closed (and maybe re-used) while the step ran
-                lag = done - work.frames[j].ready_at
+            for row, (slot, stream, entry) in enumerate(batch):
+                if slot.stream is not stream or entry.frame is None:
+                    continue  # closed (maybe re-used) while the step ran; or the start step
+                lag = done - entry.frame.ready_at
                 stream._deliver(StepResult(slot.step, int(tokens[row]), tuple(probs[row]), lag))
                 slot.step += 1
-                if j == len(work.frames) - 1 and slot.finishing and not slot.frames:
+                if slot.finishing and not slot.frames and not slot.encoded:
                     slot.finishing = False
                     ended.append(stream)
         for stream in ended:

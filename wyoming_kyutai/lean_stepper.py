@@ -28,7 +28,6 @@ class LeanStepper:
         self._lm = lm
         mimi.allocate(slots)
         lm.allocate(slots)
-        self._start_codes = torch.zeros(1, lm.config.n_q, dtype=torch.long)
 
     def close(self) -> None:
         self._mimi.allocate(0)
@@ -38,8 +37,6 @@ class LeanStepper:
     def reset(self, slots: Sequence[int]) -> None:
         self._mimi.reset(slots)
         self._lm.reset(slots)
-        # step 0 replaces its input with the start tokens: run it now, on nothing
-        self._lm.step(self._start_codes.expand(len(slots), -1), slots)
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:

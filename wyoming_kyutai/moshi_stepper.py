@@ -48,12 +48,6 @@ class MoshiStepper:
         mask = self._mask(slots)
         self._mimi.reset_streaming(mask)
         self._gen.reset_streaming(mask)
-        # step 0 replaces its input with the start tokens: run it now, on nothing
-        codes = torch.zeros(
-            self.num_slots, self._lm.num_audio_codebooks, 1, dtype=torch.long, device=self._device
-        )
-        self._gen.set_exec_mask(mask)
-        self._gen.step(codes)
 
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
         index = torch.tensor(list(slots), dtype=torch.long)

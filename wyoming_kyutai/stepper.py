@@ -24,8 +24,9 @@ class Stepper(Protocol):
     def reset(self, slots: Sequence[int]) -> None:
         """Start these slots over as new streams.
 
-        Includes the LM's first step, whose input is replaced by start tokens (so the first
-        frame's codes are seen on the next step, as in Kyutai's loop).
+        A slot's first :meth:`lm_step` after this is the model's start step: its input is
+        replaced by start tokens, so the first frame's codes go in the step after (as Kyutai's
+        loop feeds its first frame twice). The engine runs that step with zero codes.
         """
 
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
