@@ -37,20 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_server(settings: Settings) -> int:
     from .app import create_app
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import CheckpointError, load_configured
 
     try:
-        model = await asyncio.to_thread(
-            load_model,
-            settings.model,
-            settings.data_dir,
-            settings.offline,
-            settings.device,
-            settings.dtype,
-            settings.threads,
-            settings.quantize,
-            settings.runtime,
-        )
+        model = await asyncio.to_thread(load_configured, settings)
     except CheckpointError as err:
         _LOGGER.error("%s", err)
         return 1

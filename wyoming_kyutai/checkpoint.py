@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .moshi_env import configure_moshi_env, moshi_missing
-from .settings import DEFAULT_MODEL
+from .settings import DEFAULT_MODEL, Settings
 
 configure_moshi_env()
 
@@ -314,6 +314,20 @@ def load_model(
     if model.num_vad_heads == 0:
         _LOGGER.info("This model has no end-of-turn heads: early end of turn is off")
     return model
+
+
+def load_configured(settings: Settings) -> LoadedModel:
+    """:func:`load_model` with the model settings of the server (and the transcribe command)."""
+    return load_model(
+        settings.model,
+        settings.data_dir,
+        settings.offline,
+        settings.device,
+        settings.dtype,
+        settings.threads,
+        settings.quantize,
+        settings.runtime,
+    )
 
 
 def _model_fields(files: CheckpointFiles) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
-from .checkpoint import CheckpointError, LoadedModel, load_model
+from .checkpoint import CheckpointError, LoadedModel, load_configured
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
 from .settings import (
     MODEL_SETTINGS,
@@ -114,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         files = [read_wav(p) for p in args.files]
-        model = load_model(
-            settings.model,
-            settings.data_dir,
-            settings.offline,
-            settings.device,
-            settings.dtype,
-            settings.threads,
-            settings.quantize,
-            settings.runtime,
-        )
+        model = load_configured(settings)
     except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
