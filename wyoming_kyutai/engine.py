@@ -167,7 +167,9 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self.prefix_samples = int(model.silence_prefix_seconds * FRAME_SAMPLES * model.frame_rate)
+        # Kyutai pads int(seconds × 24000) samples; rounding keeps 0.24 s at 5760, not 5759
+        sample_rate = model.frame_size * model.frame_rate
+        self.prefix_samples = round(model.silence_prefix_seconds * sample_rate)
         self.stepper: Stepper | None = None
         self._start_codes = torch.zeros(0, dtype=torch.long)
         """The (ignored) input of a stream's start step: zeros, one per codebook."""
