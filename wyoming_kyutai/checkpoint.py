@@ -331,10 +331,20 @@ def _model_fields(files: CheckpointFiles) -> dict[str, Any]:
 def _load_lean(files: CheckpointFiles, int8: bool) -> LoadedModel:
     import sentencepiece
 
+    from .runtime.linear import pick_quantized_engine
     from .runtime.lm import LanguageModel, LmConfig
     from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
     from .runtime.weights import WeightError, WeightFile
 
+    if int8:
+        # before any int8 weight is packed: the packing is the engine's, and onednn (torch's
+        # default on some builds) does not compute rows independently, which the int8 Linear's
+        # per-stream guarantee needs
+        try:
+            engine = pick_quantized_engine()
+        except RuntimeError as err:
+            raise CheckpointError(f"quantize int8: {err}") from err
+        _LOGGER.info("int8 matrix products use the %s quantized engine", engine)
     try:
         raw_mimi = (
             json.loads(files.mimi_config.read_text(encoding="utf-8"))
