@@ -76,3 +76,82 @@ def _load_error(directory: Path) -> str:
     message = str(caught.value)
     assert "\n" not in message
     return message
+
+
+_BAD_VALUES: list[Any] = [3, -1, 0, 2.5, True, "x", None, [], [3], {}, {"a": 1}]
+
+
+def _tiny_mimi_config() -> dict[str, Any]:
+    from wyoming_kyutai.random_checkpoint import PRESETS
+
+    config = PRESETS["tiny"].mimi
+    assert config is not None
+    return json.loads(json.dumps(config))
+
+
+def _raises_one_line_or_loads(cfg: Any) -> None:
+    from wyoming_kyutai.runtime.mimi import MimiConfig
+
+    try:
+        MimiConfig.from_dict(cfg)
+    except ValueError as err:
+        assert "\n" not in str(err) and str(err).startswith("Mimi config"), str(err)
+
+
+def test_mimi_config_malformed_anywhere_is_a_one_line_value_error() -> None:
+    base = _tiny_mimi_config()
+    for bad in _BAD_VALUES:
+        _raises_one_line_or_loads(bad)  # the whole config
+    for key in base:
+        for bad in _BAD_VALUES:
+            cfg = _tiny_mimi_config()
+            cfg[key] = bad
+            _raises_one_line_or_loads(cfg)
+        cfg = _tiny_mimi_config()
+        del cfg[key]
+        _raises_one_line_or_loads(cfg)
+        if isinstance(base[key], dict):
+            for field in base[key]:
+                for bad in _BAD_VALUES:
+                    cfg = _tiny_mimi_config()
+                    cfg[key][field] = bad
+                    _raises_one_line_or_loads(cfg)
+                cfg = _tiny_mimi_config()
+                del cfg[key][field]
+                _raises_one_line_or_loads(cfg)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "said"),
+    [
+        ("seanet", None, 3, "seanet must be an object"),
+        ("quantizer", None, ["bins"], "quantizer must be an object"),
+        ("seanet", "ratios", 8, "seanet.ratios must be a list"),
+        ("seanet", "n_filters", "four", "seanet.n_filters must be an integer"),
+        ("transformer", "num_heads", None, "transformer.num_heads must be an integer"),
+        ("", "frame_rate", 0, "top.frame_rate must be > 0"),
+    ],
+)
+def test_a_malformed_mimi_config_is_a_one_line_checkpoint_error(
+    tiny_dir: Path, tmp_path: Path, section: str, field: str | None, value: Any, said: str
+) -> None:
+    from wyoming_kyutai.random_checkpoint import TINY_MIMI_CONFIG_NAME
+
+    def edit(cfg: dict[str, Any]) -> None:
+        if field is None:
+            cfg[section] = value
+        else:
+            (cfg[section] if section else cfg)[field] = value
+
+    broken = _copy_with(tiny_dir, tmp_path / "broken", edit, TINY_MIMI_CONFIG_NAME)
+    message = _load_error(broken)
+    assert "cannot load the checkpoint: Mimi config" in message
+    assert said in message
+
+
+def test_the_default_mimi_config_still_loads() -> None:
+    from wyoming_kyutai.runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig
+
+    config = MimiConfig.from_dict(DEFAULT_MIMI_CONFIG)
+    assert (config.frame_size, config.downsample_stride, config.n_q) == (1920, 2, 32)
+    assert config.ratios == (8, 6, 5, 4) and config.layer_scale
