@@ -155,3 +155,36 @@ def test_the_default_mimi_config_still_loads() -> None:
     config = MimiConfig.from_dict(DEFAULT_MIMI_CONFIG)
     assert (config.frame_size, config.downsample_stride, config.n_q) == (1920, 2, 32)
     assert config.ratios == (8, 6, 5, 4) and config.layer_scale
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"lora": True}, "lora=True: LoRA adapters"),
+        ({"cross_attention": True}, "cross_attention=True: cross-attention"),
+        ({"demux_second_text_stream": True}, "demux_second_text_stream=True: a second text"),
+        ({"demux_second_stream": True}, "demux_second_stream=True: a second text"),
+        (  # moshi's loader lets demux_second_stream override demux_second_text_stream
+            {"demux_second_stream": True, "demux_second_text_stream": False},
+            "demux_second_stream=True",
+        ),
+        ({"extra_heads_num_heads": 0}, "extra_heads_num_heads is 0 but the weights hold"),
+    ],
+)
+def test_lm_settings_moshi_would_honour_are_refused_in_one_line(
+    tiny_dir: Path, tmp_path: Path, settings: dict[str, Any], said: str
+) -> None:
+    broken = _copy_with(tiny_dir, tmp_path / "lm", lambda cfg: cfg.update(settings))
+    assert said in _load_error(broken)
+
+
+def test_lm_settings_that_are_off_still_load(tiny_dir: Path, tmp_path: Path) -> None:
+    off = {
+        "lora": False,
+        "cross_attention": False,
+        "demux_second_text_stream": True,
+        "demux_second_stream": False,  # moved onto demux_second_text_stream by moshi: off
+    }
+    fine = _copy_with(tiny_dir, tmp_path / "off", lambda cfg: cfg.update(off))
+    model = load_model(str(fine), device="cpu", quantize="none", runtime="lean")
+    assert model.num_vad_heads == 4
