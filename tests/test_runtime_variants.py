@@ -130,3 +130,14 @@ def test_make_checkpoint_refuses_unknown_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="silence_prefix_seconds"):
         make_checkpoint(tmp_path / "b", "tiny", silence_prefix_seconds=-1.0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_make_command_takes_dtype_and_prefix(tmp_path: Path) -> None:
+    from wyoming_kyutai.checkpoint import main
+
+    out = tmp_path / "cli"
+    args = ["make", str(out), "--dtype", "bfloat16", "--silence-prefix-seconds", "0.5"]
+    assert main(args) == 0
+    assert _load(out, "lean").silence_prefix_seconds == 0.5
+    with safe_open(str(out / MOSHI_NAME), framework="pt") as f:
+        assert str(f.get_slice("text_linear.weight").get_dtype()) == "BF16"

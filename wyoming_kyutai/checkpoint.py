@@ -425,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="force the end-of-turn head high on silence (end-of-turn tests)",
     )
+    make.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="LM weights dtype (default: the preset's)"
+    )
+    make.add_argument(
+        "--silence-prefix-seconds",
+        type=float,
+        help="stt_config.audio_silence_prefix_seconds (default: the preset's)",
+    )
     check = sub.add_parser("check", help="resolve and load a checkpoint, print what it is")
     check.add_argument("model")
     check.add_argument("--data-dir")
@@ -441,7 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         from .random_checkpoint import make_checkpoint
 
         started = time.monotonic()
-        make_checkpoint(args.out_dir, args.preset, args.seed, args.pause_on_silence)
+        make_checkpoint(
+            args.out_dir,
+            args.preset,
+            args.seed,
+            args.pause_on_silence,
+            dtype=args.dtype,
+            silence_prefix_seconds=args.silence_prefix_seconds,
+        )
         took = time.monotonic() - started
         print(f"wrote {args.preset} checkpoint to {args.out_dir} in {took:.1f} s")
         return 0
