@@ -18,9 +18,14 @@ from wyoming_kyutai.decoding import TranscriptDecoder
 def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
     """Text tokens of Kyutai's loop on ``audio24k`` (padded to whole frames) + the flush.
 
-    ``model`` must be loaded with ``runtime="moshi"``: the reference is moshi's own modules.
+    A checkpoint's silence prefix (``stt_config.audio_silence_prefix_seconds``, 1 s for the
+    2.6B) goes in front as zero samples, counted as Kyutai's ``run_inference`` counts them:
+    ``int(seconds * 24000)``. ``model`` must be loaded with ``runtime="moshi"``: the reference
+    is moshi's own modules.
     """
     assert model.runtime == "moshi", "the reference runs moshi's own modules"
+    prefix = np.zeros(int(model.silence_prefix_seconds * 24000), dtype=np.float32)
+    audio24k = np.concatenate([prefix, np.asarray(audio24k, dtype=np.float32)])
     frame = model.frame_size
     padded = np.zeros(-(-len(audio24k) // frame) * frame, dtype=np.float32)
     padded[: len(audio24k)] = audio24k

@@ -345,10 +345,20 @@ def _model_fields(files: CheckpointFiles) -> dict[str, Any]:
 def _load_lean(files: CheckpointFiles, int8: bool) -> LoadedModel:
     import sentencepiece
 
+    from .runtime.linear import pick_quantized_engine
     from .runtime.lm import LanguageModel, LmConfig
     from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
     from .runtime.weights import WeightError, WeightFile
 
+    if int8:
+        # before any int8 weight is packed: the packing is the engine's, and onednn (torch's
+        # default on some builds) does not compute rows independently, which the int8 Linear's
+        # per-stream guarantee needs
+        try:
+            engine = pick_quantized_engine()
+        except RuntimeError as err:
+            raise CheckpointError(f"quantize int8: {err}") from err
+        _LOGGER.info("int8 matrix products use the %s quantized engine", engine)
     try:
         raw_mimi = (
             json.loads(files.mimi_config.read_text(encoding="utf-8"))
@@ -429,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="force the end-of-turn head high on silence (end-of-turn tests)",
     )
+    make.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="LM weights dtype (default: the preset's)"
+    )
+    make.add_argument(
+        "--silence-prefix-seconds",
+        type=float,
+        help="stt_config.audio_silence_prefix_seconds (default: the preset's)",
+    )
     check = sub.add_parser("check", help="resolve and load a checkpoint, print what it is")
     check.add_argument("model")
     check.add_argument("--data-dir")
@@ -445,7 +463,14 @@ def main(argv: list[str] | None = None) -> int:
         from .random_checkpoint import make_checkpoint
 
         started = time.monotonic()
-        make_checkpoint(args.out_dir, args.preset, args.seed, args.pause_on_silence)
+        make_checkpoint(
+            args.out_dir,
+            args.preset,
+            args.seed,
+            args.pause_on_silence,
+            dtype=args.dtype,
+            silence_prefix_seconds=args.silence_prefix_seconds,
+        )
         took = time.monotonic() - started
         print(f"wrote {args.preset} checkpoint to {args.out_dir} in {took:.1f} s")
         return 0

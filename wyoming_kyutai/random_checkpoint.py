@@ -222,13 +222,33 @@ def _force_pause_on_silence(lm: Any, mimi: Any, generator: torch.Generator) -> N
         lm.text_linear.weight[3] = (u * 50.0).to(lm.text_linear.weight.dtype)
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def make_checkpoint(
-    out_dir: Path, preset: str = "tiny", seed: int = 0, pause_on_silence: bool = False
+    out_dir: Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    pause_on_silence: bool = False,
+    dtype: str | None = None,
+    silence_prefix_seconds: float | None = None,
 ) -> Path:
-    """Write a random-weight checkpoint for ``preset`` into ``out_dir``; return out_dir."""
+    """Write a random-weight checkpoint for ``preset`` into ``out_dir``; return out_dir.
+
+    ``dtype`` (``float32`` or ``bfloat16``) overrides the preset's dtype of the LM weights
+    file; ``silence_prefix_seconds`` its ``stt_config.audio_silence_prefix_seconds``.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    if silence_prefix_seconds is not None and not silence_prefix_seconds >= 0:
+        raise ValueError("silence_prefix_seconds must be >= 0")
     spec = PRESETS[preset]
+    weights_dtype = _DTYPES[dtype] if dtype is not None else spec.dtype
+    stt_config = dict(spec.stt_config)
+    if silence_prefix_seconds is not None:
+        stt_config["audio_silence_prefix_seconds"] = float(silence_prefix_seconds)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -248,7 +268,7 @@ def make_checkpoint(
         if spec.lm["extra_heads_num_heads"] < 3:
             raise ValueError(f"preset {preset} has no end-of-turn head to force")
         _force_pause_on_silence(lm, mimi, generator)
-    state = {k: v.to(spec.dtype).contiguous() for k, v in lm.state_dict().items()}
+    state = {k: v.to(weights_dtype).contiguous() for k, v in lm.state_dict().items()}
     save_file(state, str(out_dir / MOSHI_NAME))
     del lm, state
 
@@ -260,7 +280,7 @@ def make_checkpoint(
             "mimi_name": MIMI_NAME,
             "tokenizer_name": spec.tokenizer_name,
             "lm_gen_config": {"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 25},
-            "stt_config": dict(spec.stt_config),
+            "stt_config": stt_config,
             "model_id": {"sig": f"random-{preset}-seed{seed}", "epoch": 0},
         }
     )

@@ -63,7 +63,7 @@ class Settings:
     )
     languages: list[str] | None = _s("languages to advertise (null: those the model supports)")
     # --- engine
-    slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=256)
+    slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=64)
     slot_wait: float = _s("seconds to wait for a free slot before answering busy", min=0)
     # --- end of turn
     end_of_turn: bool = _s("end utterances early with the model's semantic VAD")

@@ -4,9 +4,11 @@ int8 uses PyTorch's dynamic quantized linear (fbgemm/x86 on x86, qnnpack on ARM)
 per output channel, activations quantized to uint8 at run time. That op picks one activation
 scale for its whole input, which would make one stream's result depend on the others in the
 batch. So every row (stream) is first scaled into [-1, 1] by its own largest magnitude, and a
-guard row holding exactly -1 and +1 is appended: the activation grid is then the same fixed one
-whatever else is in the batch, and each row's own scale is multiplied back afterwards (the
-layers have no bias). A stream's output depends only on its own input, bit for bit.
+guard row holding exactly -1 and +1 goes in front of them: the activation grid is then the same
+fixed one whatever else is in the batch, and each row's own scale is multiplied back afterwards
+(the layers have no bias). A stream's output depends only on its own input, bit for bit. That
+needs an engine whose rows are computed independently: x86/fbgemm or qnnpack, not onednn
+(:func:`pick_quantized_engine`, called before int8 weights are packed).
 """
 
 from __future__ import annotations
@@ -52,9 +54,6 @@ class Linear:
             # fbgemm needs 7-bit activations (its int16 accumulation); qnnpack has no such
             # option and warns if asked
             self._reduce_range = torch.backends.quantized.engine != "qnnpack"
-            guard = torch.zeros(1, self.in_features)
-            guard[0, 0], guard[0, 1] = 1.0, -1.0
-            self._guard = guard
             self._buffers = threading.local()
         else:
             self.weight = weight.float().contiguous()
@@ -65,21 +64,23 @@ class Linear:
         shape = x.shape
         rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
         count = rows.shape[0]
-        buffer = self._input_buffer(count)
+        buffer = self._input_buffer(count)[: count + 1]
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
-        torch.div(rows, scale, out=buffer[:count])
-        out = _LINEAR_DYNAMIC(buffer, self.packed, self._reduce_range)[:count] * scale
+        torch.div(rows, scale, out=buffer[1:])
+        out = _LINEAR_DYNAMIC(buffer, self.packed, self._reduce_range)[1:] * scale
         return out.reshape(*shape[:-1], self.out_features)
 
     def _input_buffer(self, count: int) -> torch.Tensor:
-        """A [count + 1, in] buffer whose last row is the guard (one per row count and thread)."""
-        cache: dict[int, torch.Tensor] | None = getattr(self._buffers, "by_count", None)
-        if cache is None:
-            cache = self._buffers.by_count = {}
-        buffer = cache.get(count)
-        if buffer is None:
-            buffer = torch.cat([torch.zeros(count, self.in_features), self._guard])
-            cache[count] = buffer
+        """This thread's input buffer, at least [count + 1, in]: row 0 is the guard (+1, -1),
+        the rows of a call go at 1..count. One per thread, grown to the most rows seen."""
+        buffer: torch.Tensor | None = getattr(self._buffers, "rows", None)
+        if buffer is None or buffer.shape[0] < count + 1:
+            # a normal tensor even when made under inference_mode, so that calls outside it
+            # (which write into the buffer) keep working
+            with torch.inference_mode(False):
+                buffer = torch.zeros(count + 1, self.in_features)
+                buffer[0, 0], buffer[0, 1] = 1.0, -1.0
+            self._buffers.rows = buffer
         return buffer
 
     @property

@@ -89,6 +89,7 @@ class LmConfig:
 
 def _check_supported(cfg: dict[str, Any]) -> None:
     """Raise a one-line ValueError for a config.json setting this runtime does not implement."""
+    demux = "demux_second_stream" if "demux_second_stream" in cfg else "demux_second_text_stream"
     unsupported = [
         ("dep_q", cfg.get("dep_q", 0) != 0, "a depformer (dep_q > 0)"),
         ("delays", any(d != 0 for d in cfg.get("delays", [])), "non-zero delays"),
@@ -104,12 +105,11 @@ def _check_supported(cfg: dict[str, Any]) -> None:
         ("kv_repeat", cfg.get("kv_repeat", 1) != 1, "grouped keys/values (kv_repeat)"),
         ("bias_proj", bool(cfg.get("bias_proj", False)), "biased output projections"),
         ("norm_emb", bool(cfg.get("norm_emb", False)), "normalised embeddings"),
-        (
-            "demux_second_stream",
-            bool(cfg.get("demux_second_stream", cfg.get("demux_second_text_stream", False))),
-            "a second text stream",
-        ),
+        # moshi's loader moves demux_second_stream onto demux_second_text_stream: it wins if both
+        (demux, bool(cfg.get(demux, False)), "a second text stream"),
         ("conditioners", bool(cfg.get("conditioners")), "conditioning"),
+        ("lora", bool(cfg.get("lora", False)), "LoRA adapters"),
+        ("cross_attention", bool(cfg.get("cross_attention", False)), "cross-attention"),
     ]
     for key, bad, what in unsupported:
         if bad:
@@ -191,6 +191,10 @@ class LanguageModel:
     def __init__(
         self, weights: WeightFile, config: LmConfig, slots: int = 0, int8: bool = False
     ) -> None:
+        if config.extra_heads_num_heads == 0 and weights.names("extra_heads."):
+            raise ValueError(
+                "config.json: extra_heads_num_heads is 0 but the weights hold end-of-turn heads"
+            )
         self.config = config
         self._embeddings, self._audio_base, self._text_base = _embedding_table(weights, config)
         self._zero_row = self._embeddings.shape[0] - 1

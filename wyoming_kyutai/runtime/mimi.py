@@ -115,44 +115,95 @@ class MimiConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> MimiConfig:
-        """Read moshi's ``_mimi_config`` layout; raises ValueError on what we do not implement."""
-        for section, key, value in _FIXED:
-            where = cfg[section] if section else cfg
+        """Read moshi's ``_mimi_config`` layout; raises a one-line ValueError for a malformed
+        section or field and for what we do not implement."""
+
+        def section(name: str) -> dict[str, Any]:
+            value = cfg.get(name)
+            if not isinstance(value, dict):
+                raise ValueError(f"Mimi config: {name} must be an object, not {value!r:.40}")
+            return value
+
+        def number(where: dict[str, Any], name: str, key: str, minimum: int = 1) -> int:
+            value = where.get(key)
+            if value is None and key not in where:
+                raise ValueError(f"Mimi config: missing {name}.{key}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(
+                    f"Mimi config: {name}.{key} must be an integer >= {minimum}, not {value!r:.40}"
+                )
+            return value
+
+        def real(where: dict[str, Any], name: str, key: str) -> float:
+            value = where.get(key)
+            if value is None and key not in where:
+                raise ValueError(f"Mimi config: missing {name}.{key}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"Mimi config: {name}.{key} must be > 0, not {value!r:.40}")
+            return float(value)
+
+        if not isinstance(cfg, dict):
+            raise ValueError(f"Mimi config must be an object, not {cfg!r:.40}")
+        seanet, tr, quant = section("seanet"), section("transformer"), section("quantizer")
+        sections = {"": cfg, "seanet": seanet, "transformer": tr, "quantizer": quant}
+        for name, key, value in _FIXED:
+            where = sections[name]
             if where.get(key, value) != value:
-                raise ValueError(f"Mimi config {section or 'top'}.{key}={where[key]!r} unsupported")
-        seanet, tr, quant = cfg["seanet"], cfg["transformer"], cfg["quantizer"]
-        if seanet["dimension"] != tr["d_model"] or tr["input_dimension"] != tr["d_model"]:
+                raise ValueError(
+                    f"Mimi config {name or 'top'}.{key}={where[key]!r:.40} unsupported"
+                )
+        ratios = seanet.get("ratios")
+        if not isinstance(ratios, list) or not ratios:
+            raise ValueError(f"Mimi config: seanet.ratios must be a list, not {ratios!r:.40}")
+        outputs = tr.get("output_dimensions")
+        if not isinstance(outputs, list):
+            raise ValueError(
+                f"Mimi config: transformer.output_dimensions must be a list, not {outputs!r:.40}"
+            )
+        d_model = number(tr, "transformer", "d_model")
+        dimension = number(seanet, "seanet", "dimension")
+        if dimension != d_model or number(tr, "transformer", "input_dimension") != d_model:
             raise ValueError("Mimi config: transformer projections are not supported")
-        if list(tr["output_dimensions"]) != [tr["d_model"]]:
+        if outputs != [d_model]:
             raise ValueError("Mimi config: transformer projections are not supported")
-        if quant["input_dimension"] != seanet["dimension"]:
+        if number(quant, "quantizer", "input_dimension") != dimension:
             raise ValueError("Mimi config: quantizer input_dimension must match SEANet's")
-        if seanet["pad_mode"] not in ("constant", "replicate"):
-            raise ValueError(f"Mimi config: pad_mode {seanet['pad_mode']!r} unsupported")
+        pad_mode = seanet.get("pad_mode")
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"Mimi config: pad_mode {pad_mode!r:.40} unsupported")
+        layer_scale = tr.get("layer_scale")
+        if layer_scale is not None and (
+            isinstance(layer_scale, bool) or not isinstance(layer_scale, int | float)
+        ):
+            raise ValueError(
+                f"Mimi config: transformer.layer_scale {layer_scale!r:.40} unsupported"
+            )
         config = cls(
-            sample_rate=int(cfg["sample_rate"]),
-            frame_rate=float(cfg["frame_rate"]),
-            dimension=int(seanet["dimension"]),
-            n_filters=int(seanet["n_filters"]),
-            ratios=tuple(int(r) for r in seanet["ratios"]),
-            n_residual_layers=int(seanet["n_residual_layers"]),
-            kernel_size=int(seanet["kernel_size"]),
-            residual_kernel_size=int(seanet["residual_kernel_size"]),
-            last_kernel_size=int(seanet["last_kernel_size"]),
-            dilation_base=int(seanet["dilation_base"]),
-            compress=int(seanet["compress"]),
-            pad_mode=str(seanet["pad_mode"]),
-            d_model=int(tr["d_model"]),
-            num_heads=int(tr["num_heads"]),
-            num_layers=int(tr["num_layers"]),
-            dim_feedforward=int(tr["dim_feedforward"]),
-            context=int(tr["context"]),
-            max_period=float(tr["max_period"]),
-            layer_scale=tr.get("layer_scale") is not None,
-            quantizer_dimension=int(quant["dimension"]),
-            bins=int(quant["bins"]),
-            n_q=int(quant["n_q"]),
+            sample_rate=number(cfg, "top", "sample_rate"),
+            frame_rate=real(cfg, "top", "frame_rate"),
+            dimension=dimension,
+            n_filters=number(seanet, "seanet", "n_filters"),
+            ratios=tuple(number({"ratios": r}, "seanet", "ratios") for r in ratios),
+            n_residual_layers=number(seanet, "seanet", "n_residual_layers", minimum=0),
+            kernel_size=number(seanet, "seanet", "kernel_size"),
+            residual_kernel_size=number(seanet, "seanet", "residual_kernel_size"),
+            last_kernel_size=number(seanet, "seanet", "last_kernel_size"),
+            dilation_base=number(seanet, "seanet", "dilation_base"),
+            compress=number(seanet, "seanet", "compress"),
+            pad_mode=str(pad_mode),
+            d_model=d_model,
+            num_heads=number(tr, "transformer", "num_heads"),
+            num_layers=number(tr, "transformer", "num_layers"),
+            dim_feedforward=number(tr, "transformer", "dim_feedforward"),
+            context=number(tr, "transformer", "context"),
+            max_period=real(tr, "transformer", "max_period"),
+            layer_scale=layer_scale is not None,
+            quantizer_dimension=number(quant, "quantizer", "dimension"),
+            bins=number(quant, "quantizer", "bins"),
+            n_q=number(quant, "quantizer", "n_q"),
         )
+        if config.d_model % config.num_heads:
+            raise ValueError("Mimi config: transformer.d_model must divide by num_heads")
         _ = config.downsample_stride  # validates the rates
         return config
 
