@@ -23,12 +23,6 @@ from wyoming_kyutai.random_checkpoint import MOSHI_NAME, make_checkpoint
 PREFIX_SECONDS = 0.3
 """Not a whole number of 80 ms frames: 7200 samples, 3.75 frames."""
 
-ENGINE_PREFIX_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="engine.py counts the prefix as int(0.24 * 1920 * 12.5) = 5759 samples, Kyutai as "
-    "int(0.24 * 24000) = 5760: EngineStream's prefix_samples must be int(seconds * 24000)",
-)
-
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -100,7 +94,7 @@ def test_make_checkpoint_writes_the_silence_prefix(prefix_dir: Path) -> None:
         (PREFIX_SECONDS, 2.3),
         (PREFIX_SECONDS, 0.5),
         (1.0, 1.1),  # the 2.6B's prefix
-        pytest.param(0.24, 2.3, marks=ENGINE_PREFIX_ROUNDING),
+        pytest.param(0.24, 2.3),  # 0.24 × 1920 × 12.5 rounds down to 5759 unless rounded
     ],
 )
 async def test_silence_prefix_lean_engine_matches_moshi_loop_with_the_prefix(

@@ -213,3 +213,23 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("WYOMING_KYUTAI_")}
+
+
+def test_slots_that_do_not_fit_in_memory_are_one_line_exit_1(tiny_dir: Path) -> None:
+    """The slots' state is checked against the available memory before it is allocated."""
+    pretend = (
+        "import runpy, sys; import wyoming_kyutai.runtime.memory as m; "
+        "m.available_bytes = lambda *a: 1_000_000; "  # 1 MB available
+        f"sys.argv = ['x', '--uri', 'tcp://127.0.0.1:0', '--model', {str(tiny_dir)!r}, "
+        "'--slots', '64']; runpy.run_module('wyoming_kyutai', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", pretend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_base_env(),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "64 slots need" in proc.stderr and "lower `slots`" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -47,6 +47,9 @@ async def run_server(settings: Settings) -> int:
     app = create_app(settings, model)
     try:
         await app.start()
+    except MemoryError as err:  # the slots' state does not fit (checked before allocating)
+        _LOGGER.error("%s", err)
+        return 1
     except OSError as err:
         _LOGGER.error("Cannot listen on %s: %s", settings.uri, err.strerror or err)
         return 1

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .runtime.lm import LanguageModel
+from .runtime.memory import check_memory
 from .runtime.mimi import MimiEncoder
 
 
@@ -26,6 +27,8 @@ class LeanStepper:
         self.frame_size = mimi.frame_size
         self._mimi = mimi
         self._lm = lm
+        per_slot = lm.nbytes()["kv_per_slot"] + mimi.nbytes()["state_per_slot"]
+        check_memory(slots * per_slot, f"{slots} slots")
         mimi.allocate(slots)
         lm.allocate(slots)
 

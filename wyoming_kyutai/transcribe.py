@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     policy = turn_policy(settings, model.num_vad_heads)
     slots = args.file_slots if args.file_slots > 0 else min(len(files), 8)
-    results = asyncio.run(transcribe_files(model, files, policy, slots))
+    try:
+        results = asyncio.run(transcribe_files(model, files, policy, slots))
+    except MemoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for record in results:
         if args.json:
             print(json.dumps(record, ensure_ascii=False))
