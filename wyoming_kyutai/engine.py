@@ -67,6 +67,8 @@ class _Slot:
 
 _END = object()
 MAX_FRAMES_PER_STEP = 16
+RUN_MARGIN_FRAMES = 2
+"""Frames beyond the flush that may still go in a finished stream's final run."""
 """Default for :attr:`Engine.max_frames_per_step` (16 frames: 1.28 s of audio)."""
 
 
@@ -372,37 +374,77 @@ class Engine:
                         )
 
     def _lm_step(self, touched: list[tuple[_Slot, EngineStream]]) -> None:
-        """One LM step over every slot with codes waiting (ascending slots); results out.
+        """One LM step over every slot with codes waiting (ascending slots), and the whole
+        rest of each finished stream (its flush) as one run; results out.
 
         The slots stepped are added to ``touched`` first (a failure fails their streams).
         """
         assert self.stepper is not None
+        batch: list[tuple[_Slot, EngineStream, _Encoded]] = []
+        runs: list[tuple[_Slot, EngineStream, list[_Encoded]]] = []
         with self._cond:
-            batch = [
-                (slot, slot.stream, slot.encoded.popleft())
-                for slot in self._slots
-                if slot.stream is not None and not slot.failed and slot.encoded
-            ]
-        if not batch:
-            return
-        touched += [(slot, stream) for slot, stream, _ in batch]  # type: ignore[misc]
+            for slot in self._slots:
+                stream = slot.stream
+                if stream is None or slot.failed or not slot.encoded:
+                    continue
+                if self._runs_to_the_end(slot):
+                    runs.append((slot, stream, list(slot.encoded)))
+                    slot.encoded.clear()
+                else:
+                    batch.append((slot, stream, slot.encoded.popleft()))
+        touched += [(slot, stream) for slot, stream, _ in (*batch, *runs)]
         if self.fault_hook is not None:
             self.fault_hook([slot.index for slot, _, _ in batch])
-        codes = torch.stack(
-            [e.codes if e.codes is not None else self._start_codes for _, _, e in batch]
+        if batch:
+            codes = torch.stack(
+                [e.codes if e.codes is not None else self._start_codes for _, _, e in batch]
+            )
+            text, pauses = self.stepper.lm_step(codes, [slot.index for slot, _, _ in batch])
+            self._deliver_results(
+                [(slot, stream, [e]) for slot, stream, e in batch], text.tolist(), pauses.tolist()
+            )
+        for slot, stream, entries in runs:
+            codes = torch.stack([e.codes for e in entries if e.codes is not None])
+            text, pauses = self.stepper.lm_run(codes, slot.index)
+            self._deliver_results([(slot, stream, entries)], text.tolist(), pauses.tolist())
+
+    def _runs_to_the_end(self, slot: _Slot) -> bool:
+        """A finished stream is down to its flush (and at most two more frames), all encoded:
+        those steps go in one run, which the lean runtime computes in a few passes instead of
+        one a step. Longer backlogs keep stepping beside the other streams."""
+        return (
+            slot.finishing
+            and not slot.frames
+            and 1 < len(slot.encoded) <= self.flush_frames + RUN_MARGIN_FRAMES
+            and all(e.codes is not None for e in slot.encoded)
         )
-        text, pauses = self.stepper.lm_step(codes, [slot.index for slot, _, _ in batch])
+
+    def _deliver_results(
+        self,
+        items: list[tuple[_Slot, EngineStream, list[_Encoded]]],
+        tokens: list[int],
+        probs: list[list[float]],
+    ) -> None:
+        """Hand each stream its results (rows in order of ``items``' entries); end streams
+        whose audio is all done."""
         done = time.monotonic()
-        tokens, probs = text.tolist(), pauses.tolist()
         ended: list[EngineStream] = []
+        row = 0
         with self._cond:
-            for row, (slot, stream, entry) in enumerate(batch):
-                if slot.stream is not stream or entry.frame is None:
-                    continue  # closed (maybe re-used) while the step ran; or the start step
-                lag = done - entry.frame.ready_at
-                stream._deliver(StepResult(slot.step, int(tokens[row]), tuple(probs[row]), lag))
-                slot.step += 1
-                if slot.finishing and not slot.frames and not slot.encoded:
+            for slot, stream, entries in items:
+                for entry in entries:
+                    if slot.stream is stream and entry.frame is not None:
+                        lag = done - entry.frame.ready_at
+                        result = StepResult(slot.step, int(tokens[row]), tuple(probs[row]), lag)
+                        stream._deliver(result)
+                        slot.step += 1
+                    row += 1  # closed (maybe re-used) while the step ran; or the start step
+                if (
+                    slot.stream is stream
+                    and slot.finishing
+                    and not slot.frames
+                    and not slot.encoded
+                ):
                     slot.finishing = False
                     ended.append(stream)
         for stream in ended:

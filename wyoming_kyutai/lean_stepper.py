@@ -51,3 +51,8 @@ class LeanStepper:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._lm.step(codes, slots)
         return out.tokens, out.pauses
+
+    @torch.inference_mode()
+    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = [self._lm.step(codes[i : i + 1], [slot]) for i in range(len(codes))]
+        return torch.cat([s.tokens for s in steps]), torch.cat([s.pauses for s in steps])

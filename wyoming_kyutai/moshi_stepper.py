@@ -60,6 +60,13 @@ class MoshiStepper:
     def lm_step(
         self, codes: torch.Tensor, slots: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._step(codes, slots)
+
+    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = [self._step(codes[i : i + 1], [slot]) for i in range(len(codes))]
+        return torch.cat([t for t, _ in steps]), torch.cat([p for _, p in steps])
+
+    def _step(self, codes: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(list(slots), dtype=torch.long)
         full = torch.zeros(self.num_slots, codes.shape[1], 1, dtype=torch.long)
         full[index, :, 0] = codes.cpu()

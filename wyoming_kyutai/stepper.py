@@ -43,3 +43,7 @@ class Stepper(Protocol):
         Returns the greedy text tokens int64 [n] and the class-0 ("pause") probability of each
         end-of-turn head float32 [n, heads] (heads may be 0).
         """
+
+    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``len(codes)`` consecutive LM steps of one slot (e.g. its flush), ``codes`` int64
+        [T, codebooks]: what T calls of :meth:`lm_step` would return, [T] and [T, heads]."""
