@@ -75,8 +75,9 @@ class StreamingConv:
             # [s * C_in, m * C_out], group j's outputs summed at a shift of j blocks
             grouped = taps.reshape(groups, stride * in_channels, out_channels)
             self.matrix = grouped.permute(1, 0, 2).reshape(stride * in_channels, -1).contiguous()
-        windowed = self.mode == "windows" and bias is not None
-        self.column_bias = bias[:, None].contiguous() if windowed else None
+        self.column_bias = None
+        if self.mode == "windows" and bias is not None:
+            self.column_bias = bias[:, None].contiguous()
         self.replicate = replicate
         self.activate = activate
         # reused outputs and inputs, by role: one call's results are consumed before the next
