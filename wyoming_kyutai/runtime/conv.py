@@ -23,6 +23,10 @@ MAX_TAP_WASTE = 1.25
 outputs per Mimi frame, as at the last, lowest-rate layers) the windows are copied out."""
 
 
+FEW_ROWS = 8
+"""Below this many rows, the windowed product runs as rows @ matrix.T, else as matrix @ rows.T."""
+
+
 class StreamingConv:
     """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
 
@@ -155,11 +159,15 @@ class StreamingConv:
             count = self.kernel_size // self.stride
             parts = [steps[:, j * shift : j * shift + positions] for j in range(count)]
             windows = torch.cat(parts, dim=-1)
-            rows = windows.view(n * positions, -1).t()
+            rows = windows.view(n * positions, -1)
+            if len(rows) < FEW_ROWS:  # MKL: few rows times the transposed matrix is faster
+                if self.bias is None:
+                    return torch.mm(rows, self.matrix.t()).view(n, positions, -1)
+                return torch.addmm(self.bias, rows, self.matrix.t()).view(n, positions, -1)
             if self.column_bias is None:
-                y = torch.mm(self.matrix, rows)
+                y = torch.mm(self.matrix, rows.t())
             else:
-                y = torch.addmm(self.column_bias, self.matrix, rows)
+                y = torch.addmm(self.column_bias, self.matrix, rows.t())
             return y.t().contiguous().view(n, positions, -1)
         products = self._buffer("products", (blocks.shape[0], self.matrix.shape[1]))
         torch.mm(blocks, self.matrix, out=products)
