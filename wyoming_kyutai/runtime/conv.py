@@ -16,17 +16,31 @@ from torch.nn import functional as F
 from .weights import WeightFile
 
 MIN_TAP_WIDTH = 16
-"""Below this many inputs per tap (stride x input channels), windows are copied out instead."""
+"""Below this many inputs per tap (stride x input channels), PyTorch's own convolution runs."""
+
+MAX_TAP_WASTE = 1.25
+"""Tap groups compute ``m - 1`` blocks more than the outputs need; past this ratio (few
+outputs per Mimi frame, as at the last, lowest-rate layers) the windows are copied out."""
+
+
+FEW_ROWS = 8
+"""Below this many rows, the windowed product runs as rows @ matrix.T, else as matrix @ rows.T."""
 
 
 class StreamingConv:
     """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
 
     Computed as matrix products against the weight laid out once at load, which avoids
-    PyTorch's per-call re-layout of the weight for these short inputs. With ``k = m * s``,
-    the input read as blocks of ``s`` samples gives each output its window as ``m`` consecutive
-    blocks: one product of all blocks by the ``m`` tap groups side by side, then the groups'
-    outputs summed at shifts of 0..m-1 blocks (no copy of the windows).
+    PyTorch's per-call re-layout of the weight for these short inputs, in one of four ways
+    fixed at load from the shape (and ``positions``, the outputs per Mimi frame):
+
+    - ``kernel == stride`` (1x1 included): one product of the input's blocks of ``s`` samples;
+    - tap groups: with ``k = m * s``, the input read as blocks of ``s`` samples gives each
+      output its window as ``m`` consecutive blocks: one product of all blocks by the ``m``
+      tap groups side by side, then the groups' outputs summed at shifts of 0..m-1 blocks;
+    - windows: the ``k`` taps of each output copied side by side, one product (for layers
+      with few outputs per frame, where tap groups would waste a large share of their work);
+    - PyTorch's ``conv1d`` for a narrow input (Mimi's first layer: one channel).
     """
 
     def __init__(
@@ -37,6 +51,8 @@ class StreamingConv:
         stride: int = 1,
         dilation: int = 1,
         replicate: bool = False,
+        positions: int = 0,
+        activate: bool = False,
     ) -> None:
         out_channels, in_channels, kernel = (int(s) for s in weight.shape)
         if kernel % stride or (stride > 1 and dilation > 1):
@@ -45,17 +61,31 @@ class StreamingConv:
         self.span = (kernel - 1) * dilation + 1
         self.bias = bias
         self.out_channels = out_channels
-        taps = weight.permute(2, 1, 0)  # [k, C_in, C_out]
-        # windowed: one product over copied windows [k * C_in]; else all tap groups at once:
-        # [s * C_in, m * C_out], group j's outputs summed at a shift of j blocks
-        self.windowed = stride * in_channels < MIN_TAP_WIDTH
-        if self.windowed:
-            self.matrix = taps.reshape(kernel * in_channels, out_channels).contiguous()
-        else:
-            groups = taps.reshape(kernel // stride, stride * in_channels, out_channels)
-            self.matrix = groups.permute(1, 0, 2).reshape(stride * in_channels, -1).contiguous()
         self.in_channels = in_channels
+        groups = kernel // stride
+        taps = weight.permute(2, 1, 0)  # [k, C_in, C_out]
+        self.mode = "taps"
+        if stride * in_channels < MIN_TAP_WIDTH:
+            self.mode = "conv1d"
+            self.matrix = weight.contiguous()
+        elif groups == 1:
+            self.mode = "blocks"
+        elif positions and (positions + groups - 1) > MAX_TAP_WASTE * positions:
+            self.mode = "windows"
+        if self.mode == "windows":
+            # [C_out, k * C_in]: multiplied from the left (few rows: MKL is faster that way)
+            self.matrix = taps.reshape(kernel * in_channels, out_channels).t().contiguous()
+        elif self.mode != "conv1d":
+            # [s * C_in, m * C_out], group j's outputs summed at a shift of j blocks
+            grouped = taps.reshape(groups, stride * in_channels, out_channels)
+            self.matrix = grouped.permute(1, 0, 2).reshape(stride * in_channels, -1).contiguous()
+        self.column_bias = None
+        if self.mode == "windows" and bias is not None:
+            self.column_bias = bias[:, None].contiguous()
         self.replicate = replicate
+        self.activate = activate
+        # reused outputs and inputs, by role: one call's results are consumed before the next
+        self.buffers: dict[str, torch.Tensor] = {}
         self.allocate(slots)
 
     def allocate(self, slots: int) -> None:
@@ -79,35 +109,77 @@ class StreamingConv:
             self.first[index] = True
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``x`` [n, T, C_in] (T a multiple of the stride) for slots ``index`` → [n, T/s, C_out]."""
+        """``x`` [n, T, C_in] (T a multiple of the stride) for slots ``index`` → [n, T/s, C_out].
+
+        With ``activate``, the convolution reads ELU(x); then a layer without left context
+        applies it to ``x`` in place. The result lives in a buffer that the next call reuses.
+        """
         if self.context:
-            previous = self.previous[index]
+            n, length, channels = x.shape
+            previous = self.previous[index]  # kept before the ELU (elementwise, so the same)
             if self.first is not None:
                 first = self.first[index].view(-1, 1, 1)
                 previous = torch.where(first, x[:, :1], previous)
                 self.first[index] = False
-            x = torch.cat([previous, x], dim=1)
-            self.previous[index] = x[:, -self.context :]
+            joined = self._buffer("input", (n, self.context + length, channels))
+            joined[:, : self.context] = previous
+            joined[:, self.context :] = x
+            self.previous[index] = joined[:, -self.context :]
+            x = joined
+        if self.activate:
+            # in place on a whole contiguous tensor: PyTorch's vectorized ELU (the same bits
+            # as moshi's; its scalar path on strided views rounds some values differently)
+            F.elu_(x)
         return self._convolve(x)
+
+    def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``shape``, reused from the last call if it fits."""
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.shape != shape:
+            buffer = self.buffers[role] = torch.empty(shape)
+        return buffer
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         """The valid convolution of ``x`` [n, T_in, C_in] → [n, positions, C_out]."""
         n, length, channels = x.shape
         positions = (length - self.span) // self.stride + 1
-        if self.windowed:
-            windows = x.unfold(1, self.span, self.stride)[..., :: self.dilation].transpose(2, 3)
-            return self._biased(torch.matmul(windows.reshape(n, positions, -1), self.matrix))
+        if self.mode == "conv1d":
+            y = F.conv1d(x.transpose(1, 2), self.matrix, self.bias, self.stride, 0, self.dilation)
+            return y.transpose(1, 2).contiguous()
         blocks = x.reshape(n * (length // self.stride), self.stride * channels)
-        products = torch.matmul(blocks, self.matrix).view(n, length // self.stride, -1)
-        groups = products.unflatten(-1, (-1, self.out_channels))  # [n, blocks, m, C_out]
-        y = self._biased(groups[:, :positions, 0])
+        if self.mode == "blocks":
+            out = self._buffer("output", (n * positions, self.out_channels))
+            if self.bias is None:
+                return torch.mm(blocks, self.matrix, out=out).view(n, positions, -1)
+            return torch.addmm(self.bias, blocks, self.matrix, out=out).view(n, positions, -1)
+        if self.mode == "windows":
+            # stride 1: the k taps, ``dilation`` apart; else the m blocks of s samples
+            steps = blocks.view(n, length // self.stride, -1)
+            shift = self.dilation if self.stride == 1 else 1
+            count = self.kernel_size // self.stride
+            parts = [steps[:, j * shift : j * shift + positions] for j in range(count)]
+            windows = torch.cat(parts, dim=-1)
+            rows = windows.view(n * positions, -1)
+            if len(rows) < FEW_ROWS:  # MKL: few rows times the transposed matrix is faster
+                if self.bias is None:
+                    return torch.mm(rows, self.matrix.t()).view(n, positions, -1)
+                return torch.addmm(self.bias, rows, self.matrix.t()).view(n, positions, -1)
+            if self.column_bias is None:
+                y = torch.mm(self.matrix, rows.t())
+            else:
+                y = torch.addmm(self.column_bias, self.matrix, rows.t())
+            return y.t().contiguous().view(n, positions, -1)
+        products = self._buffer("products", (blocks.shape[0], self.matrix.shape[1]))
+        torch.mm(blocks, self.matrix, out=products)
+        groups = products.view(n, length // self.stride, -1, self.out_channels)  # [n, b, m, C]
+        y = self._buffer("output", (n, positions, self.out_channels))
+        if self.bias is None:
+            y.copy_(groups[:, :positions, 0])
+        else:
+            torch.add(groups[:, :positions, 0], self.bias, out=y)
         for j in range(1, groups.shape[2]):
             y += groups[:, j * self.dilation : j * self.dilation + positions, j]
         return y
-
-    def _biased(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the bias, as a new tensor."""
-        return y.contiguous() if self.bias is None else y + self.bias
 
 
 class ResidualBlock:
@@ -128,10 +200,10 @@ class ResidualBlock:
             conv.reset(index)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        y = x
-        for conv in self.convs:
-            y = conv(F.elu(y), index)
-        return x + y
+        first, second = self.convs  # both apply the ELU to their input
+        # (one without left context would apply it to x in place: x is the skip, keep it)
+        hidden = first(x if first.context else x.clone(), index)
+        return second(hidden, index).add_(x)
 
 
 class SEANetEncoder:
@@ -152,15 +224,23 @@ class SEANetEncoder:
         dilation_base: int,
         compress: int,
         replicate: bool,
+        frame_size: int = 0,
         prefix: str = "encoder.model",
     ) -> None:
+        # ``frame_size``: audio samples per Mimi frame (0: unknown), which tells each layer
+        # how many outputs it computes per frame
+        rate = [frame_size]  # samples per frame at the current layer's input
+
         def conv(
             index: int, name: str, c_in: int, c_out: int, k: int, stride: int = 1, dil: int = 1
         ) -> StreamingConv:
             base = f"{prefix}.{index}.{name}conv.conv"
             weight = weights.take(f"{base}.weight", (c_out, c_in, k))
             bias = weights.take(f"{base}.bias", (c_out,))
-            return StreamingConv(weight, bias, slots, stride, dil, replicate)
+            rate[0] //= stride
+            return StreamingConv(
+                weight, bias, slots, stride, dil, replicate, positions=rate[0], activate=index > 0
+            )
 
         # ``at`` follows moshi's numbering of ``encoder.model``, where every ELU takes an index
         self.layers: list[StreamingConv | ResidualBlock] = [conv(0, "", 1, n_filters, kernel_size)]
@@ -189,7 +269,7 @@ class SEANetEncoder:
 
     def __call__(self, audio: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``audio`` [n, T, 1] for slots ``index`` → latents [n, T / hop, D] (channel-last)."""
-        x = self.layers[0](audio, index)
-        for layer in self.layers[1:]:
-            x = layer(x, index) if isinstance(layer, ResidualBlock) else layer(F.elu(x), index)
+        x = audio
+        for layer in self.layers:  # all but the first apply the ELU before them
+            x = layer(x, index)
         return x

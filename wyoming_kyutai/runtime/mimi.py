@@ -265,6 +265,7 @@ class MimiEncoder:
             dilation_base=config.dilation_base,
             compress=config.compress,
             replicate=config.pad_mode == "replicate",
+            frame_size=config.frame_size,
         )
         stride = config.downsample_stride
         self.transformer = EncoderTransformer(
@@ -283,7 +284,7 @@ class MimiEncoder:
         dim = config.dimension
         weight = weights.take("downsample.conv.conv.conv.weight", (dim, dim, 2 * stride))
         # moshi's downsampling always pads a fresh stream with its first latent
-        self.downsample = StreamingConv(weight, None, slots, stride, replicate=True)
+        self.downsample = StreamingConv(weight, None, slots, stride, replicate=True, positions=1)
         self.quantizer = SplitQuantizer(
             weights,
             input_dimension=dim,

@@ -54,10 +54,21 @@ class _Layer:
         out_proj = _take_first(
             weights, [f"{attn}.out_projs.0.weight", f"{attn}.out_proj.weight"], (dim, dim)
         )
-        self.in_proj = Linear(in_proj, int8)
-        self.out_proj = Linear(out_proj, int8)
-        self.linear1 = Linear(weights.take(f"{prefix}.linear1.weight", (hidden, dim)), int8)
-        self.linear2 = Linear(weights.take(f"{prefix}.linear2.weight", (dim, hidden)), int8)
+        linear1 = weights.take(f"{prefix}.linear1.weight", (hidden, dim))
+        linear2 = weights.take(f"{prefix}.linear2.weight", (dim, hidden))
+        self.int8 = int8
+        if int8:
+            self.in_proj = Linear(in_proj, int8)
+            self.out_proj = Linear(out_proj, int8)
+            self.linear1 = Linear(linear1, int8)
+            self.linear2 = Linear(linear2, int8)
+        # float32: the weights as [in, out] (MKL multiplies few rows by them faster than by
+        # their transpose); x @ W.T as moshi computes it, up to float32 rounding order
+        self.matrices = (
+            []
+            if int8
+            else [w.float().t().contiguous() for w in (in_proj, out_proj, linear1, linear2)]
+        )
         self.norm1 = (
             weights.take(f"{prefix}.norm1.weight", (dim,)),
             weights.take(f"{prefix}.norm1.bias", (dim,)),
@@ -79,6 +90,7 @@ class _Pass:
     mask: torch.Tensor  # which ring entries each step sees, bool [n, 1, T, capacity]
     cos: torch.Tensor  # rotary cos, [n, T, 1, head_dim / 2]
     sin: torch.Tensor  # rotary sin, [n, T, 1, head_dim / 2]
+    flat: torch.Tensor  # each step's and head's ring entry in a layer's rings as rows, [n*T*H]
     window: slice | None  # the slots as one slice of the state, when they are consecutive
 
 
@@ -155,7 +167,10 @@ class EncoderTransformer:
         self.key_positions[rows, ring] = positions
         self.offsets[index] += x.shape[1]
         cos, sin = self._rotation(positions)
-        step = _Pass(rows, ring, self._mask(positions, self.key_positions[index]), cos, sin, window)
+        heads = torch.arange(self.heads)
+        flat = ((rows[:, :, None] * self.heads + heads) * self.capacity + ring[:, :, None]).view(-1)
+        mask = self._mask(positions, self.key_positions[index])
+        step = _Pass(rows, ring, mask, cos, sin, flat, window)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             x = self._layer(layer, x, keys, values, step)
         return x
@@ -199,6 +214,31 @@ class EncoderTransformer:
         self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
     ) -> torch.Tensor:
         """One layer on ``x`` [n, T, D]; writes the pass's keys and values into the rings."""
+        if layer.int8:
+            return self._layer_int8(layer, x, keys, values, step)
+        n, length, dim = x.shape
+        in_proj, out_proj, linear1, linear2 = layer.matrices
+        h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
+        qkv = torch.matmul(h, in_proj).view(n, length, 3, self.heads, self.head_dim)
+        qk = self._rotate(qkv[:, :, :2], step.cos[:, :, None], step.sin[:, :, None])
+        # into the rings at the pass's flat positions, [n, T, H] rows of head_dim
+        keys.view(-1, self.head_dim).index_copy_(
+            0, step.flat, qk[:, :, 1].reshape(-1, dim // self.heads)
+        )
+        values.view(-1, self.head_dim).index_copy_(
+            0, step.flat, qkv[:, :, 2].reshape(-1, self.head_dim)
+        )
+        attended = self._attend(qk[:, :, 0].transpose(1, 2), keys, values, step)
+        update = torch.matmul(attended.transpose(1, 2).reshape(n, length, dim), out_proj)
+        x = x + (update if layer.scale1 is None else layer.scale1 * update)
+        h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
+        update = torch.matmul(F.gelu(torch.matmul(h, linear1)), linear2)
+        return x + (update if layer.scale2 is None else layer.scale2 * update)
+
+    def _layer_int8(
+        self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
+    ) -> torch.Tensor:
+        """``_layer`` through the int8 linears."""
         n, length, dim = x.shape
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
         q, k, v = layer.in_proj(h).view(n, length, 3, self.heads, self.head_dim).unbind(2)
