@@ -4,6 +4,13 @@ Matches moshi's ``LMGen`` with greedy decoding, no depformer and all delays 0: a
 step 0 the input is the start tokens (text ``text_card``, every audio codebook ``card``); at
 step i >= 1 it is the text token chosen at step i-1 and the 32 audio codes given. The output is
 the argmax text token and, per end-of-turn ("extra") head, the probability of its class 0.
+
+:meth:`LanguageModel.step_run` runs several steps of one slot whose audio is known up front
+(the silent frames that flush the text delay at the end of an utterance) in a few chunked
+passes instead of one pass per step: the text input of each step (the previous step's output)
+is guessed, all positions run in one causal pass (the weights are read once for all rows),
+and the longest prefix whose guesses the pass itself confirms is kept (exact speculative
+decoding, greedy).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class LmConfig:
     layer_scale: float | None  # None: no LayerScale; else the layers have learnt scales
     extra_heads_num_heads: int  # end-of-turn heads
     extra_heads_dim: int  # classes per end-of-turn head
+    padding_id: int = 3  # the text padding token (``existing_text_padding_id``)
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +83,7 @@ class LmConfig:
                 layer_scale=None if cfg.get("layer_scale") is None else float(cfg["layer_scale"]),
                 extra_heads_num_heads=int(cfg.get("extra_heads_num_heads", 0)),
                 extra_heads_dim=int(cfg.get("extra_heads_dim", 6)),
+                padding_id=int(cfg.get("existing_text_padding_id", 3)),
             )
         except KeyError as err:
             raise ValueError(f"config.json: missing LM setting {err.args[0]}") from None
@@ -118,11 +127,13 @@ def _check_supported(cfg: dict[str, Any]) -> None:
 
 @dataclass
 class LmStep:
-    """The result of one step for its n rows (in the order of the slots given)."""
+    """The result of one step for its n rows (in the order of the slots given), or of a run
+    of n steps of one slot (:meth:`LanguageModel.step_run`)."""
 
     tokens: torch.Tensor  # int64 [n]: greedy text token
     pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
     text_logits: torch.Tensor  # float32 [n, text_card]
+    passes: int = 1  # forward passes it took (step_run: 1 if every guess was right, up to n)
 
 
 def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -242,17 +253,71 @@ class LanguageModel:
             raise ValueError(f"codes must be [{n}, {self.config.n_q}], got {list(codes.shape)}")
         positions = [self._positions[s] for s in slots]
         plan = self._cache.plan(slots, positions, self._rope)
-        x = self._embed(codes, plan.rows, positions)
-        for index, layer in enumerate(self._layers):
-            x = layer.forward(x, index, plan, self._cache)
-        out = _rms_norm(x, self._out_norm, self.config.norm_eps)
-        logits = self._text_head(out)
-        tokens = logits.argmax(dim=-1)
-        pauses = self._pauses(out)
-        self._text.index_copy_(0, plan.rows, tokens)
+        result = self._forward(codes, self._text[plan.rows], positions, plan)
+        self._text.index_copy_(0, plan.rows, result.tokens)
         for slot in slots:
             self._positions[slot] += 1
-        return LmStep(tokens=tokens, pauses=pauses, text_logits=logits)
+        return result
+
+    @torch.no_grad()
+    def step_run(
+        self, codes: torch.Tensor, slot: int, guess: int | Sequence[int] | None = None
+    ) -> LmStep:
+        """``len(codes)`` steps of ``slot`` on int64 ``codes`` [T, n_q] (as :meth:`step`):
+        the same tokens as T calls ``step(codes[i : i + 1], [slot])``, in fewer passes.
+
+        Each step's text input is guessed to be ``guess`` (default: the padding token; or one
+        guess per step, T of them, the first ignored: step 0's input is known) and the T
+        positions run in one causal pass; the outputs are kept up to and including the
+        first one that contradicts the next position's guess (that one is exact too: all its
+        inputs were right), and the rest runs again from there with that token as input. The
+        numbers equal sequential steps up to float rounding (a chunk's matrix products and
+        attention sum in another order). Where the chunk would wrap the slot's KV ring
+        (position + T > context) it runs T sequential steps. ``passes`` in the result says
+        how many forward passes it took. Other slots are not touched.
+        """
+        slot = self._check_slots([slot])[0]
+        n_q = self.config.n_q
+        if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] != n_q:
+            raise ValueError(f"codes must be [T >= 1, {n_q}], got {list(codes.shape)}")
+        count, start = int(codes.shape[0]), self._positions[slot]
+        if count == 1 or start + count > self.config.context:
+            steps = [self.step(codes[i : i + 1], [slot]) for i in range(count)]
+            return LmStep(
+                tokens=torch.cat([s.tokens for s in steps]),
+                pauses=torch.cat([s.pauses for s in steps]),
+                text_logits=torch.cat([s.text_logits for s in steps]),
+                passes=count,
+            )
+        if guess is None or isinstance(guess, int):
+            pad = self.config.padding_id if guess is None else guess
+            text = torch.full((count,), pad, dtype=torch.long)
+        else:
+            text = torch.tensor([int(g) for g in guess], dtype=torch.long)
+            if text.shape != (count,):
+                raise ValueError(f"guess must be one token or {count}, got {len(text)}")
+        text[0] = self._text[slot]  # the first input is known
+        tokens = torch.empty(count, dtype=torch.long)
+        pauses = torch.empty(count, self.num_vad_heads)
+        logits = torch.empty(count, self.config.text_card)
+        done = passes = 0
+        while done < count:
+            plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope)
+            positions = list(range(start + done, start + count))
+            out = self._forward(codes[done:], text[done:], positions, plan)
+            passes += 1
+            # row i's output is row i+1's input: rows are exact up to the first wrong guess
+            wrong = torch.nonzero(out.tokens[:-1] != text[done + 1 :])
+            valid = int(wrong[0, 0]) + 1 if len(wrong) else count - done
+            tokens[done : done + valid] = out.tokens[:valid]
+            pauses[done : done + valid] = out.pauses[:valid]
+            logits[done : done + valid] = out.text_logits[:valid]
+            done += valid
+            if done < count:  # the ring entries past it are rewritten by the next pass
+                text[done] = out.tokens[valid - 1]
+        self._positions[slot] = start + count
+        self._text[slot] = tokens[-1]
+        return LmStep(tokens=tokens, pauses=pauses, text_logits=logits, passes=passes)
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
@@ -266,6 +331,19 @@ class LanguageModel:
             "kv_per_slot": per_slot,
             "kv": per_slot * self.slots,
         }
+
+    def _forward(
+        self, codes: torch.Tensor, text: torch.Tensor, positions: Sequence[int], plan: AttentionPlan
+    ) -> LmStep:
+        """The outputs of the rows of ``plan`` given their audio ``codes`` [n, n_q] and text
+        inputs ``text`` [n]; writes their keys/values, changes no other state."""
+        x = self._embed(codes, text, positions)
+        for index, layer in enumerate(self._layers):
+            x = layer.forward(x, index, plan, self._cache)
+        out = _rms_norm(x, self._out_norm, self.config.norm_eps)
+        logits = self._text_head(out)
+        tokens = logits.argmax(dim=-1)
+        return LmStep(tokens=tokens, pauses=self._pauses(out), text_logits=logits)
 
     def _pauses(self, out: torch.Tensor) -> torch.Tensor:
         """Class-0 probability of each end-of-turn head, float32 [n, num_vad_heads]."""
@@ -283,14 +361,15 @@ class LanguageModel:
         return slots
 
     def _embed(
-        self, codes: torch.Tensor, rows: torch.Tensor, positions: Sequence[int]
+        self, codes: torch.Tensor, text: torch.Tensor, positions: Sequence[int]
     ) -> torch.Tensor:
-        """Sum of the audio then text embeddings of the step's input, float32 [n, dim]."""
+        """Sum of the audio then text embeddings of the rows' inputs (text tokens ``text``
+        [n]), float32 [n, dim]."""
         if 0 in positions:  # start tokens for the slots at their step 0
             start = torch.tensor([p == 0 for p in positions])[:, None]
             codes = torch.where(start, self.config.card, codes)
         audio = torch.where(codes < 0, self._zero_row, codes + self._audio_base)
-        index = torch.cat([audio, (self._text[rows] + self._text_base)[:, None]], dim=1)
+        index = torch.cat([audio, (text + self._text_base)[:, None]], dim=1)
         return self._embeddings[index].float().sum(dim=1)
 
 
