@@ -139,10 +139,17 @@ class KvCache:
         cos, sin = rope.tables(torch.tensor(positions, dtype=torch.long))
         return AttentionPlan(rows, write, _runs(slots, filled), cos, sin)
 
-    def plan_chunk(self, slot: int, position: int, n: int, rope: Rope) -> AttentionPlan:
+    def plan_chunk(
+        self, slot: int, position: int, n: int, rope: Rope, exact: bool = False
+    ) -> AttentionPlan:
         """The plan of ``n`` consecutive steps of ``slot`` from absolute ``position`` in one
         pass, each row attending to the entries before it and itself. The chunk must not wrap
-        the ring (``position + n <= context``): ring index == position throughout."""
+        the ring (``position + n <= context``): ring index == position throughout.
+
+        By default the rows attend in one masked call (the slot's keys and values are read
+        once), which rounds differently from a step in the last bits. ``exact``: one call
+        per row, exactly as :meth:`plan` does for a step (bit for bit a step's result, but
+        the keys and values are read once per row)."""
         end = position + n
         if n < 1 or position < 0 or end > self.context:
             raise ValueError(f"a chunk must fit the ring: [{position}, {end}) in {self.context}")
@@ -150,10 +157,13 @@ class KvCache:
         ring = torch.arange(position, end, dtype=torch.long)
         heads = torch.arange(self.heads, dtype=torch.long)
         write = ((slot * self.heads + heads[None, :]) * self.context + ring[:, None]).flatten()
-        mask = torch.arange(end)[None, :] <= ring[:, None]  # [n, end]
         cos, sin = rope.tables(ring)
-        run = Run(slice(0, n), slice(slot, slot + 1), end)
-        return AttentionPlan(rows, write, [run], cos, sin, mask)
+        one = slice(slot, slot + 1)
+        if exact:
+            runs = [Run(slice(i, i + 1), one, position + i + 1) for i in range(n)]
+            return AttentionPlan(rows, write, runs, cos, sin)
+        mask = torch.arange(end)[None, :] <= ring[:, None]  # [n, end]
+        return AttentionPlan(rows, write, [Run(slice(0, n), one, end)], cos, sin, mask)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan

@@ -261,7 +261,11 @@ class LanguageModel:
 
     @torch.no_grad()
     def step_run(
-        self, codes: torch.Tensor, slot: int, guess: int | Sequence[int] | None = None
+        self,
+        codes: torch.Tensor,
+        slot: int,
+        guess: int | Sequence[int] | None = None,
+        exact: bool = True,
     ) -> LmStep:
         """``len(codes)`` steps of ``slot`` on int64 ``codes`` [T, n_q] (as :meth:`step`):
         the same tokens as T calls ``step(codes[i : i + 1], [slot])``, in fewer passes.
@@ -270,12 +274,19 @@ class LanguageModel:
         guess per step, T of them, the first ignored: step 0's input is known) and the T
         positions run in one causal pass; the outputs are kept up to and including the
         first one that contradicts the next position's guess (that one is exact too: all its
-        inputs were right), and the rest runs again from there with that token as input. The
-        numbers equal sequential steps up to float rounding (a chunk's matrix products and
-        attention sum in another order). Where the chunk would wrap the slot's KV ring
-        (position + T > context) it runs T sequential steps. ``passes`` in the result says
-        how many forward passes it took. Other slots are not touched.
-        """
+        inputs were right), and the rest runs again from there with that token as input.
+
+        ``exact`` (default): each row attends exactly as a step does (one call per row, so
+        the slot's keys and values are read once per row); int8 tokens and logits are then
+        those of sequential steps bit for bit (every other op is per row), float32 ones
+        within the last bits of the matrix products. ``exact=False``: all rows attend in one
+        masked call (1B, position 700: ~30 ms less per pass); it rounds differently in the
+        last bits, and int8 activations can turn that into ~0.1 in a logit and flip a
+        near-tie (on random weights, which are full of near-ties).
+
+        Where the chunk would wrap the slot's KV ring (position + T > context: it would
+        overwrite entries a rewind still needs) it runs T sequential steps. ``passes`` in
+        the result says how many forward passes it took. Other slots are not touched."""
         slot = self._check_slots([slot])[0]
         n_q = self.config.n_q
         if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] != n_q:
@@ -302,7 +313,7 @@ class LanguageModel:
         logits = torch.empty(count, self.config.text_card)
         done = passes = 0
         while done < count:
-            plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope)
+            plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope, exact)
             positions = list(range(start + done, start + count))
             out = self._forward(codes[done:], text[done:], positions, plan)
             passes += 1
