@@ -26,6 +26,9 @@ from .attention import AttentionPlan, KvCache, Rope
 from .linear import Linear
 from .weights import WeightFile
 
+POOR_PASSES_BEFORE_STEPS = 2
+"""step_run with its own guesses: poor passes in a row after which the rest runs as steps."""
+
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
 
@@ -284,6 +287,11 @@ class LanguageModel:
         last bits, and int8 activations can turn that into ~0.1 in a logit and flip a
         near-tie (on random weights, which are full of near-ties).
 
+        With the default guess, the guesses for the rest are refined after each pass to what
+        that pass predicted (Jacobi iteration), and after two passes in a row that confirmed a
+        single step each the rest runs as plain steps (a pass costs ~1.6 steps), which bounds
+        the cost of guesses that keep missing.
+
         Where the chunk would wrap the slot's KV ring (position + T > context: it would
         overwrite entries a rewind still needs) it runs T sequential steps. ``passes`` in
         the result says how many forward passes it took. Other slots are not touched."""
@@ -300,6 +308,7 @@ class LanguageModel:
                 text_logits=torch.cat([s.text_logits for s in steps]),
                 passes=count,
             )
+        auto = guess is None  # our own guesses: refined between passes, given up if they miss
         if guess is None or isinstance(guess, int):
             pad = self.config.padding_id if guess is None else guess
             text = torch.full((count,), pad, dtype=torch.long)
@@ -312,7 +321,20 @@ class LanguageModel:
         pauses = torch.empty(count, self.num_vad_heads)
         logits = torch.empty(count, self.config.text_card)
         done = passes = 0
+        poor = 0  # passes in a row that confirmed a single step
         while done < count:
+            if auto and poor >= POOR_PASSES_BEFORE_STEPS:
+                # the guesses keep missing: a pass costs more than a step, so step the rest
+                self._positions[slot], self._text[slot] = start + done, text[done]
+                for i in range(done, count):
+                    out = self.step(codes[i : i + 1], [slot])
+                    tokens[i], pauses[i], logits[i] = (
+                        out.tokens[0],
+                        out.pauses[0],
+                        out.text_logits[0],
+                    )
+                passes += count - done
+                break
             plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope, exact)
             positions = list(range(start + done, start + count))
             out = self._forward(codes[done:], text[done:], positions, plan)
@@ -323,9 +345,13 @@ class LanguageModel:
             tokens[done : done + valid] = out.tokens[:valid]
             pauses[done : done + valid] = out.pauses[:valid]
             logits[done : done + valid] = out.text_logits[:valid]
+            first = done
             done += valid
+            poor = poor + 1 if valid < 2 else 0
             if done < count:  # the ring entries past it are rewritten by the next pass
                 text[done] = out.tokens[valid - 1]
+                if auto:  # guess the rest as this pass predicted it (Jacobi iteration)
+                    text[done + 1 :] = out.tokens[valid : count - first - 1]
         self._positions[slot] = start + count
         self._text[slot] = tokens[-1]
         return LmStep(tokens=tokens, pauses=pauses, text_logits=logits, passes=passes)
