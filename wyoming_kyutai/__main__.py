@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_server(settings: Settings) -> int:
     from .app import create_app
     from .checkpoint import CheckpointError, load_configured
+    from .model_thread import run_in_own_thread
 
     try:
-        model = await asyncio.to_thread(load_configured, settings)
+        model = await asyncio.to_thread(run_in_own_thread, load_configured, settings)
     except CheckpointError as err:
         _LOGGER.error("%s", err)
         return 1

@@ -180,25 +180,40 @@ class Engine:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Build the stepper, warm up once, start the worker thread."""
+        """Start the worker thread: it builds the stepper and warms up (torch's parallel work
+        stays on that one thread: see ``model_thread.py``); returns once it is ready, or raises
+        what stopped it (e.g. MemoryError: the slots do not fit)."""
         if self._running:
             return
-        with torch.no_grad():
-            self.stepper = self.model.make_stepper(self.num_slots)
-            started = time.monotonic()
-            everyone = list(range(self.num_slots))
-            self.stepper.reset(everyone)
-            silence = np.zeros((self.num_slots, FRAME_SAMPLES), dtype=np.float32)
-            codes = self.stepper.encode(silence, everyone)[:, :, 0]
-            self._start_codes = torch.zeros_like(codes[0])
-            self.stepper.lm_step(codes, everyone)  # the start step (input ignored)
-            self.stepper.lm_step(codes, everyone)
-            _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
-        for slot in self._slots:
-            slot.needs_reset = True
+        ready = threading.Event()
+        failure: list[BaseException] = []
         self._running = True
-        self._thread = threading.Thread(target=self._worker, name="kyutai-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._worker, args=(ready, failure), name="kyutai-engine", daemon=True
+        )
         self._thread.start()
+        ready.wait()
+        if failure:
+            self._running = False
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def _warm_up(self) -> None:
+        """Build the stepper and run every slot through one step (on the worker thread)."""
+        self.stepper = self.model.make_stepper(self.num_slots)
+        started = time.monotonic()
+        everyone = list(range(self.num_slots))
+        self.stepper.reset(everyone)
+        silence = np.zeros((self.num_slots, FRAME_SAMPLES), dtype=np.float32)
+        codes = self.stepper.encode(silence, everyone)[:, :, 0]
+        self._start_codes = torch.zeros_like(codes[0])
+        self.stepper.lm_step(codes, everyone)  # the start step (input ignored)
+        self.stepper.lm_step(codes, everyone)
+        _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
+        with self._cond:
+            for slot in self._slots:
+                slot.needs_reset = True
 
     def stop(self) -> None:
         """Stop the worker; open streams get EngineClosed instead of hanging."""
@@ -300,8 +315,15 @@ class Engine:
             and bool(slot.frames or slot.encoded or slot.needs_reset)
         )
 
-    def _worker(self) -> None:
+    def _worker(self, ready: threading.Event, failure: list[BaseException]) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._warm_up()
+        except BaseException as err:  # noqa: BLE001 - start() raises it in the caller
+            failure.append(err)
+            return
+        finally:
+            ready.set()
         while True:
             with self._cond:
                 while self._running and not any(self._has_work(s) for s in self._slots):

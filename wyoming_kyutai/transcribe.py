@@ -22,6 +22,7 @@ from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint import CheckpointError, LoadedModel, load_configured
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
+from .model_thread import run_in_own_thread
 from .settings import (
     MODEL_SETTINGS,
     TURN_SETTINGS,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         files = [read_wav(p) for p in args.files]
-        model = load_configured(settings)
+        model = run_in_own_thread(load_configured, settings)
     except (WavError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
