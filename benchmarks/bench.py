@@ -601,6 +601,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"p50 {at_n['describe_p50'] * 1000:.1f} ms, max "
                 f"{at_n['describe_max'] * 1000:.1f} ms |",
             ]
+        lags = "; ".join(
+            f"{x['streams']}: {_ms(x['lag_p99_worst'])}"
+            for x in srv["trials"]
+            if "lag_p99_worst" in x
+        )
+        if lags:
+            lines.append(f"| server, threads {t}: p99 lag by number of streams | {lags} |")
         long = srv.get("long_trial")
         if long:
             lines.append(
