@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from wyoming_kyutai.checkpoint import LoadedModel, load_model  # noqa: E402
 from wyoming_kyutai.random_checkpoint import make_checkpoint  # noqa: E402
@@ -39,3 +41,14 @@ def tiny_moshi(tiny_dir: Path) -> LoadedModel:
     return load_model(
         str(tiny_dir), device="cpu", dtype="float32", quantize="none", runtime="moshi"
     )
+
+
+@pytest.fixture(params=["x86", "qnnpack"])
+def engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """torch's quantized engine: x86 (fbgemm) and qnnpack (ARM's), selected on this machine."""
+    if request.param not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"this torch has no {request.param} quantized engine")
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = request.param
+    yield request.param
+    torch.backends.quantized.engine = before

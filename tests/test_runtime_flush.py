@@ -3,14 +3,11 @@ sequential steps and moshi's LMGen, on small generated checkpoints."""
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from moshi.models import loaders
 
 from tests.test_runtime_lm import (
     SMALL,
@@ -22,8 +19,9 @@ from tests.test_runtime_lm import (
     _moshi,
     _run_alone,
     _write,
+    small,  # noqa: F401 - fixture
+    tiny,  # noqa: F401 - fixture
 )
-from wyoming_kyutai.random_checkpoint import MOSHI_NAME, _lm_config
 from wyoming_kyutai.runtime.lm import LanguageModel, LmStep
 
 FLUSH = 8  # silent frames that flush the 1B model's 0.5 s text delay
@@ -35,19 +33,6 @@ ROOMY = {**SMALL, "context": 32}
 @pytest.fixture(scope="module")
 def roomy(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     return _write(tmp_path_factory.mktemp("roomy"), ROOMY, seed=2)
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    return _write(tmp_path_factory.mktemp("small"), SMALL, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir: Path) -> Checkpoint:
-    cfg = json.loads((tiny_dir / "config.json").read_text())
-    lm_cfg = {k: v for k, v in cfg.items() if k in _lm_config()}
-    lm = loaders.get_moshi_lm(tiny_dir / MOSHI_NAME, lm_kwargs=lm_cfg, dtype=torch.float32)
-    return Checkpoint(tiny_dir / MOSHI_NAME, lm_cfg, lm.eval())
 
 
 def _stream(prefix: int, card: int, seed: int, flush: int = FLUSH) -> torch.Tensor:
@@ -158,7 +143,7 @@ def test_slot_at_step_zero_takes_start_tokens(roomy: Checkpoint) -> None:
         _assert_matches(ours, _moshi(roomy, codes))
 
 
-def test_ring_wrap_falls_back_to_steps(small: Checkpoint) -> None:
+def test_ring_wrap_falls_back_to_steps(small: Checkpoint) -> None:  # noqa: F811 - the fixture
     """context 8: a run of 8 fits only at step 0; later ones would overwrite ring entries a
     rewind still needs, so they run as steps (bit for bit the same as steps)."""
     card = small.config["card"]
@@ -224,7 +209,7 @@ def test_bad_arguments(roomy: Checkpoint) -> None:
 INT8_FLUSH_AGREEMENT_FLOOR = 0.97
 
 
-def test_int8_masked_attention_tokens_close_to_int8_steps(tiny: Checkpoint) -> None:
+def test_int8_masked_attention_tokens_close_to_int8_steps(tiny: Checkpoint) -> None:  # noqa: F811 - the fixture
     card = tiny.config["card"]
     model = _model(tiny, slots=1, int8=True)
     agree = total = 0
@@ -242,7 +227,7 @@ def test_int8_masked_attention_tokens_close_to_int8_steps(tiny: Checkpoint) -> N
     assert agree / total >= INT8_FLUSH_AGREEMENT_FLOOR, agree / total
 
 
-def test_int8_exact_attention_is_bit_for_bit_steps(tiny: Checkpoint) -> None:
+def test_int8_exact_attention_is_bit_for_bit_steps(tiny: Checkpoint) -> None:  # noqa: F811 - the fixture
     """With a step's attention row by row, everything else in a chunk is per row (int8
     products included), so the run's tokens and logits are the steps' exactly."""
     card = tiny.config["card"]

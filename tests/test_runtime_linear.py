@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 
 from wyoming_kyutai.runtime.linear import Linear, pick_quantized_engine
-
-
-@pytest.fixture(params=["x86", "qnnpack"])
-def engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The x86 (fbgemm) engine and qnnpack, ARM's engine, selected on this machine."""
-    if request.param not in torch.backends.quantized.supported_engines:
-        pytest.skip(f"this torch has no {request.param} quantized engine")
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = request.param
-    yield request.param
-    torch.backends.quantized.engine = before
 
 
 def test_int8_rows_are_independent_bit_for_bit_and_close_to_float(engine: str) -> None:

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
 
-import pytest
 import torch
 
 from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC, Linear
-
-
-@pytest.fixture(params=["x86", "qnnpack"])
-def engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param not in torch.backends.quantized.supported_engines:
-        pytest.skip(f"this torch has no {request.param} quantized engine")
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = request.param
-    yield request.param
-    torch.backends.quantized.engine = before
 
 
 def _guard_last(q: Linear, x: torch.Tensor) -> torch.Tensor:
