@@ -342,6 +342,12 @@ def _model_fields(files: CheckpointFiles) -> dict[str, Any]:
     }
 
 
+def _load_error(files: CheckpointFiles, err: BaseException) -> CheckpointError:
+    """A loader failure as one line: the first line of its message (or its type)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}")
+
+
 def _load_lean(files: CheckpointFiles, int8: bool) -> LoadedModel:
     import sentencepiece
 
@@ -372,8 +378,7 @@ def _load_lean(files: CheckpointFiles, int8: bool) -> LoadedModel:
         mimi = MimiEncoder(WeightFile(files.mimi_weights), mimi_config, num_codebooks=lm_config.n_q)
         tokenizer = sentencepiece.SentencePieceProcessor(str(files.tokenizer))
     except (WeightError, ValueError, KeyError, TypeError, OSError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}") from err
+        raise _load_error(files, err) from err
     return LoadedModel(
         mimi=mimi,
         lm=lm,
@@ -405,8 +410,7 @@ def _load_moshi(files: CheckpointFiles, dev: torch.device, torch_dtype: torch.dt
         lm = info.get_moshi(device=dev, dtype=torch_dtype)
         tokenizer = info.get_text_tokenizer()
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{files.ref}: cannot load the checkpoint: {first[:300]}") from err
+        raise _load_error(files, err) from err
     lm.eval()
     return LoadedModel(
         mimi=mimi,

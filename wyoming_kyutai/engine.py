@@ -67,9 +67,9 @@ class _Slot:
 
 _END = object()
 MAX_FRAMES_PER_STEP = 16
+"""Default for :attr:`Engine.max_frames_per_step` (16 frames: 1.28 s of audio)."""
 RUN_MARGIN_FRAMES = 2
 """Frames beyond the flush that may still go in a finished stream's final run."""
-"""Default for :attr:`Engine.max_frames_per_step` (16 frames: 1.28 s of audio)."""
 
 
 class EngineStream:
@@ -231,9 +231,7 @@ class Engine:
         if alive:
             _LOGGER.warning("The model step did not end within 10 s; leaving its state as it is")
         elif self.stepper is not None:
-            close = getattr(self.stepper, "close", None)
-            if close is not None:
-                close()
+            self.stepper.close()
             self.stepper = None
         for waiter in self._waiters:
             if not waiter.done():

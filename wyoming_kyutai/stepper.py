@@ -21,6 +21,9 @@ class Stepper(Protocol):
     frame_size: int
     """Samples per frame (80 ms at 24 kHz: 1920)."""
 
+    def close(self) -> None:
+        """Release the slots' state (the stepper is not used after this)."""
+
     def reset(self, slots: Sequence[int]) -> None:
         """Start these slots over as new streams.
 

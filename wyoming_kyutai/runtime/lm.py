@@ -301,13 +301,7 @@ class LanguageModel:
             raise ValueError(f"codes must be [T >= 1, {n_q}], got {list(codes.shape)}")
         count, start = int(codes.shape[0]), self._positions[slot]
         if count == 1 or start + count > self.config.context:
-            steps = [self.step(codes[i : i + 1], [slot]) for i in range(count)]
-            return LmStep(
-                tokens=torch.cat([s.tokens for s in steps]),
-                pauses=torch.cat([s.pauses for s in steps]),
-                text_logits=torch.cat([s.text_logits for s in steps]),
-                passes=count,
-            )
+            return self._steps(codes, slot)
         auto = guess is None  # our own guesses: refined between passes, given up if they miss
         if guess is None or isinstance(guess, int):
             pad = self.config.padding_id if guess is None else guess
@@ -326,14 +320,13 @@ class LanguageModel:
             if auto and poor >= POOR_PASSES_BEFORE_STEPS:
                 # the guesses keep missing: a pass costs more than a step, so step the rest
                 self._positions[slot], self._text[slot] = start + done, text[done]
-                for i in range(done, count):
-                    out = self.step(codes[i : i + 1], [slot])
-                    tokens[i], pauses[i], logits[i] = (
-                        out.tokens[0],
-                        out.pauses[0],
-                        out.text_logits[0],
-                    )
-                passes += count - done
+                rest = self._steps(codes[done:], slot)
+                tokens[done:], pauses[done:], logits[done:] = (
+                    rest.tokens,
+                    rest.pauses,
+                    rest.text_logits,
+                )
+                passes += rest.passes
                 break
             plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope, exact)
             positions = list(range(start + done, start + count))
@@ -355,6 +348,16 @@ class LanguageModel:
         self._positions[slot] = start + count
         self._text[slot] = tokens[-1]
         return LmStep(tokens=tokens, pauses=pauses, text_logits=logits, passes=passes)
+
+    def _steps(self, codes: torch.Tensor, slot: int) -> LmStep:
+        """``len(codes)`` plain steps of ``slot`` from where it is, as one LmStep."""
+        steps = [self.step(codes[i : i + 1], [slot]) for i in range(len(codes))]
+        return LmStep(
+            tokens=torch.cat([s.tokens for s in steps]),
+            pauses=torch.cat([s.pauses for s in steps]),
+            text_logits=torch.cat([s.text_logits for s in steps]),
+            passes=len(steps),
+        )
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
