@@ -124,7 +124,13 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- 2. steps
 def stepper_steps(
-    ckpt: Path, runtime: str, quantize: str, batch: int, frames: int, threads: int = 0
+    ckpt: Path,
+    runtime: str,
+    quantize: str,
+    batch: int,
+    frames: int,
+    threads: int = 0,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """ms per step (one frame of Mimi + one LM step) of ``batch`` streams, through the stepper.
 
@@ -135,7 +141,9 @@ def stepper_steps(
 
     from wyoming_kyutai.checkpoint import load_model
 
-    model = load_model(str(ckpt), device="cpu", quantize=quantize, runtime=runtime, threads=threads)
+    model = load_model(
+        str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime=runtime, threads=threads
+    )
     stepper = model.make_stepper(batch)
     slots = list(range(batch))
     audio = np.stack([speechlike(frames * 0.08, 24000, 2 + i) for i in range(batch)])
@@ -164,7 +172,8 @@ def stepper_steps(
 
     out: dict[str, Any] = {
         "runtime": model.runtime,
-        "quantize": "int8" if model.quantized else "none (float32)",
+        "quantize": "int8" if model.quantized else f"none ({str(model.dtype)[6:]})",
+        "dtype": str(model.dtype).removeprefix("torch."),
         "batch": batch,
         "frames": frames,
         "threads": torch.get_num_threads(),
@@ -207,7 +216,8 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
 
 # --------------------------------------------------------------------------- 4. agreement
 def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
-    """Lean float32 and int8 against moshi float32 on the same audio and the same codes."""
+    """Lean float32 and int8 (Mimi float32 and bfloat16) against moshi float32: the LM on
+    moshi's codes, Mimi's codes, and the tokens end to end (the LM on the lean Mimi's codes)."""
     import torch
     from moshi.models import LMGen
 
@@ -241,16 +251,21 @@ def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
     ref_logits = torch.stack(logits)
     del ref, gen
 
-    def lean(quantize: str) -> dict[str, Any]:
-        model = load_model(str(ckpt), device="cpu", quantize=quantize, runtime="lean")
+    def lean(quantize: str, dtype: str) -> dict[str, Any]:
+        model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
         model.mimi.allocate(1)
         model.lm.allocate(1)
+
+        def run(codes: torch.Tensor) -> list[Any]:
+            model.lm.reset([0])
+            model.lm.step(codes[None, :, 0], [0])
+            return [model.lm.step(codes[None, :, i], [0]) for i in range(frames)]
+
         with torch.inference_mode():
             model.mimi.reset([0])
             codes = model.mimi.encode(torch.from_numpy(audio[None, : frames * 1920]), [0])[0]
-            model.lm.reset([0])
-            model.lm.step(ref_codes[None, :, 0], [0])
-            steps = [model.lm.step(ref_codes[None, :, i], [0]) for i in range(frames)]
+            own = [int(s.tokens[0]) for s in run(codes)]
+            steps = run(ref_codes)
         tokens = [int(s.tokens[0]) for s in steps]
         text_logits = torch.stack([s.text_logits[0] for s in steps])
         cos = torch.nn.functional.cosine_similarity(text_logits, ref_logits, dim=1)
@@ -260,9 +275,15 @@ def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
             "logit_cosine_mean": round(float(cos.mean()), 5),
             "logit_cosine_min": round(float(cos.min()), 5),
             "mimi_code_agreement": round(float((codes == ref_codes).float().mean()), 4),
+            "end_to_end_token_agreement": round(_agree(own, ref_tokens), 4),
         }
 
-    return {"frames": frames, "float32": lean("none"), "int8": lean("int8")}
+    return {
+        "frames": frames,
+        "float32": lean("none", "float32"),
+        "int8": lean("int8", "float32"),
+        "int8_bfloat16": lean("int8", "bfloat16"),
+    }
 
 
 def _agree(a: list[int], b: list[int]) -> float:
@@ -543,8 +564,9 @@ def markdown(result: dict[str, Any]) -> str:
             floor_ms = floor.get(f"batch{row['batch']}_ms")
             if floor_ms and row["quantize"] == "int8":
                 ratio = f"; LM {w['lm_ms'] / floor_ms:.2f}× the int8 floor"
+            mimi = f", Mimi {row['dtype']}" if row["runtime"] == "lean" else ""
             lines.append(
-                f"| {row['runtime']} {row['quantize']}, batch {row['batch']}, {label} | "
+                f"| {row['runtime']} {row['quantize']}{mimi}, batch {row['batch']}, {label} | "
                 f"{w['step_ms']} ms/step (Mimi {w['mimi_ms']} + LM {w['lm_ms']}) = "
                 f"{w['streams_worth']} streams' worth{ratio} |"
             )
@@ -560,15 +582,23 @@ def markdown(result: dict[str, Any]) -> str:
         )
     agree = result.get("agreement")
     if agree:
-        f32, q = agree["float32"], agree["int8"]
-        lines += [
+        f32 = agree["float32"]
+        lines.append(
             f"| lean float32 vs moshi float32 ({agree['frames']} frames) | tokens "
             f"{f32['token_agreement'] * 100:.1f} %, max |logit diff| {f32['max_abs_logit_diff']},"
-            f" Mimi codes {f32['mimi_code_agreement'] * 100:.1f} % |",
-            f"| lean int8 vs moshi float32 | tokens {q['token_agreement'] * 100:.1f} %, "
-            f"text-logit cosine mean {q['logit_cosine_mean']}, min {q['logit_cosine_min']}, "
-            f"Mimi codes {q['mimi_code_agreement'] * 100:.1f} % |",
-        ]
+            f" Mimi codes {f32['mimi_code_agreement'] * 100:.1f} % |"
+        )
+        for key, label in (("int8", "Mimi float32"), ("int8_bfloat16", "Mimi bfloat16")):
+            q = agree.get(key)
+            if q is None:
+                continue
+            lines.append(
+                f"| lean int8, {label} vs moshi float32 | LM on moshi's codes: tokens "
+                f"{q['token_agreement'] * 100:.1f} %, text-logit cosine mean "
+                f"{q['logit_cosine_mean']}, min {q['logit_cosine_min']}; Mimi codes "
+                f"{q['mimi_code_agreement'] * 100:.1f} %; end to end: tokens "
+                f"{q['end_to_end_token_agreement'] * 100:.1f} % |"
+            )
     mem = result.get("memory")
     if mem:
         parts = ", ".join(f"{k} {v}" for k, v in mem["parts_mb"].items())
@@ -663,17 +693,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     say("steps...")
     short = 66  # a 5 s command: steps 3..62 are averaged
-    runs: list[tuple[str, str, int, int]] = [
-        ("moshi", "none", 1, short),
-        ("lean", "none", 1, short),
-        *[("lean", "int8", b, short) for b in (1, 4, 8, 16)],
+    # (runtime, quantize, batch, frames, dtype): the default (auto) and float32 side by side
+    runs: list[tuple[str, str, int, int, str]] = [
+        ("moshi", "none", 1, short, "float32"),
+        ("lean", "none", 1, short, "float32"),
+        *[("lean", "int8", b, short, "float32") for b in (1, 8)],
+        *[("lean", "int8", b, short, "auto") for b in (1, 4, 8, 16)],
     ]
     if not quick:
-        runs += [("lean", "int8", b, 750) for b in (1, 8)]
+        runs += [("lean", "int8", b, 750, "auto") for b in (1, 8)]
     result["steps"] = []
-    for runtime, quantize, batch, n in runs:
-        result["steps"].append(phase("steps", c, runtime, quantize, batch, n))
-        say(f"  {runtime} {quantize} batch {batch}: {result['steps'][-1]['short']}")
+    for runtime, quantize, batch, n, dtype in runs:
+        result["steps"].append(phase("steps", c, runtime, quantize, batch, n, 0, dtype))
+        say(f"  {runtime} {quantize} {dtype} batch {batch}: {result['steps'][-1]['short']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
     say("agreement...")
     result["agreement"] = phase("agreement", c, 60 if quick else 150)

@@ -9,12 +9,13 @@ from benchmarks.bench import markdown, phase
 
 def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Path) -> None:
     c = str(tiny_dir)
-    lean = phase("steps", c, "lean", "int8", 2, 120)
-    moshi = phase("steps", c, "moshi", "none", 1, 8)
+    lean = phase("steps", c, "lean", "int8", 2, 120, 0, "bfloat16")
+    moshi = phase("steps", c, "moshi", "none", 1, 8, 0, "float32")
     floor = phase("floor", c, [1, 2])
     agree = phase("agreement", c, 20)
     mem = phase("memory", c, 3)
     assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
+    assert lean["dtype"] == "bfloat16"
     assert lean["short"]["step_ms"] > 0 and lean["late"]["position"] == 95
     assert moshi["runtime"] == "moshi" and "late" not in moshi
     assert floor["linears"] == 2 * 4 + 1 and floor["batch1_ms"] >= 0 and "batch2_ms" in floor
@@ -23,6 +24,9 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Pat
     assert agree["float32"]["mimi_code_agreement"] == 1.0
     assert agree["float32"]["max_abs_logit_diff"] < 1e-4
     assert 0.5 < agree["int8"]["logit_cosine_min"] <= 1.0
+    assert agree["int8"]["mimi_code_agreement"] == 1.0  # Mimi float32: moshi's codes
+    assert 0.2 < agree["int8_bfloat16"]["mimi_code_agreement"] < 1.0
+    assert 0.0 < agree["int8_bfloat16"]["end_to_end_token_agreement"] <= 1.0
     assert mem["slots"] == 3 and mem["parts_mb"]["lm_kv_per_slot"] >= 0
     result = {
         "name": "t",
@@ -53,7 +57,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Pat
         ],
     }
     table = markdown(result)
-    assert "| lean int8, batch 2, at position 95 |" in table
+    assert "| lean int8, Mimi bfloat16, batch 2, at position 95 |" in table
+    assert "| lean int8, Mimi bfloat16 vs moshi float32 | LM on moshi's codes" in table
     assert "× the int8 floor" in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table

@@ -20,8 +20,10 @@ from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
 
-INT8_AGREEMENT_FLOOR = 0.7
-"""Token agreement of int8 with float32 on the tiny checkpoint (measured: see the test)."""
+INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
+"""Token agreement of int8 (Mimi in float32, or in bfloat16) with Kyutai's float32 loop on the
+tiny checkpoint (measured 0.46 with bfloat16: bfloat16 changes 29 % of this tiny Mimi's codes,
+against 8 % on the real shape; the bench measures both on the real shape)."""
 
 
 def _audio(seconds: float, seed: int) -> np.ndarray:
@@ -225,9 +227,13 @@ async def test_a_stream_longer_than_the_context_matches_the_reference(
     assert max(batches.sizes) == 2
 
 
-async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir: Path) -> None:
-    """int8 activations are quantized per stream: batch company changes nothing."""
-    model = load_model(str(tiny_dir), device="cpu", quantize="int8")
+@pytest.mark.parametrize("mimi_dtype", ["float32", "bfloat16"])
+async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(
+    tiny_dir: Path, mimi_dtype: str
+) -> None:
+    """int8 activations are quantized per stream, and Mimi's products (bfloat16 included)
+    compute each row alike in any batch: batch company changes nothing."""
+    model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
     assert model.quantized and model.runtime == "lean"
     target = _audio(2.5, seed=21)
     eng = Engine(model, slots=4)
@@ -255,11 +261,13 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(tiny_dir: Pat
     assert max(len(slots) for slots in calls.steps) >= 3  # the batch really held company
 
 
+@pytest.mark.parametrize("mimi_dtype", ["float32", "bfloat16"])
 async def test_int8_tokens_mostly_agree_with_kyutais_float32_loop(
-    tiny_dir: Path, tiny_moshi: LoadedModel
+    tiny_dir: Path, tiny_moshi: LoadedModel, mimi_dtype: str
 ) -> None:
     """int8 is not bit-exact (rounding flips near-ties); a floor on agreement catches breakage."""
-    model = load_model(str(tiny_dir), device="cpu", quantize="int8")
+    model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
+    assert model.dtype == getattr(torch, mimi_dtype)
     audios = [_audio(3.0, seed=s) for s in (51, 52, 53)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
     eng = Engine(model, slots=3)
@@ -270,7 +278,7 @@ async def test_int8_tokens_mostly_agree_with_kyutais_float32_loop(
         eng.stop()
     pairs = [(a, b) for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True)]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
-    assert agreement >= INT8_AGREEMENT_FLOOR
+    assert agreement >= INT8_AGREEMENT_FLOORS[mimi_dtype], agreement
 
 
 class _Recorder:

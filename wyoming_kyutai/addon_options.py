@@ -27,6 +27,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "end_of_turn_threshold": "end_of_turn_threshold",
     "server_ends_turns": "server_ends_turns",
     "quantize": "quantize",
+    "dtype": "dtype",
     "runtime": "runtime",
     "threads": "threads",
     "offline": "offline",

@@ -50,7 +50,11 @@ class Settings:
     data_dir: str | None = _s("model download cache (null: the Hugging Face default)")
     offline: bool = _s("never touch the network; the model must already be downloaded")
     device: str = _s("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    dtype: str = _s("auto, float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    dtype: str = _s(
+        "auto (bfloat16 on CUDA and on CPUs with native bfloat16), float32 or bfloat16: the "
+        "model's compute type (lean runtime: Mimi's matrix products)",
+        choices=("auto", "float32", "bfloat16"),
+    )
     threads: int = _s("CPU threads for the model (0: torch's default)", min=0, max=256)
     quantize: str = _s(
         "auto (int8 on CPU, none on CUDA), none or int8: int8 weights for the model's linears",

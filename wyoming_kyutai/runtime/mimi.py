@@ -238,7 +238,14 @@ class MimiConfig:
 
 
 class MimiEncoder:
-    """Streaming Mimi encoder for up to ``slots`` concurrent streams."""
+    """Streaming Mimi encoder for up to ``slots`` concurrent streams.
+
+    Precision: float32 by default, which gives moshi's codes. ``dtype`` bfloat16: every
+    matrix product (convolutions, transformer) in bfloat16 with float32 accumulation, the
+    rest in float32 (only fast on CPUs with native bfloat16); ``int8``: the transformer's
+    products with int8 weights (:class:`~.linear.Linear`). Both change some of the later
+    (acoustic) codes; the bench reports how many.
+    """
 
     def __init__(
         self,
@@ -247,7 +254,10 @@ class MimiEncoder:
         slots: int = 0,
         num_codebooks: int = 32,
         int8: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Mimi computes in float32 or bfloat16, not {dtype}")
         self.config = config
         self.slots = slots
         self.frame_size = config.frame_size
@@ -266,6 +276,7 @@ class MimiEncoder:
             compress=config.compress,
             replicate=config.pad_mode == "replicate",
             frame_size=config.frame_size,
+            dtype=dtype,
         )
         stride = config.downsample_stride
         self.transformer = EncoderTransformer(
@@ -280,11 +291,14 @@ class MimiEncoder:
             layer_scale=config.layer_scale,
             step=stride,
             int8=int8,
+            dtype=dtype,
         )
         dim = config.dimension
         weight = weights.take("downsample.conv.conv.conv.weight", (dim, dim, 2 * stride))
         # moshi's downsampling always pads a fresh stream with its first latent
-        self.downsample = StreamingConv(weight, None, slots, stride, replicate=True, positions=1)
+        self.downsample = StreamingConv(
+            weight, None, slots, stride, replicate=True, positions=1, dtype=dtype
+        )
         self.quantizer = SplitQuantizer(
             weights,
             input_dimension=dim,

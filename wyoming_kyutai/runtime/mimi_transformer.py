@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .linear import Linear
+from .linear import Linear, product
 from .weights import WeightError, WeightFile
 
 FRAMES_PER_PASS = 8
@@ -45,7 +45,14 @@ class _Layer:
     """One transformer layer's weights."""
 
     def __init__(
-        self, weights: WeightFile, prefix: str, dim: int, hidden: int, scaled: bool, int8: bool
+        self,
+        weights: WeightFile,
+        prefix: str,
+        dim: int,
+        hidden: int,
+        scaled: bool,
+        int8: bool,
+        dtype: torch.dtype,
     ) -> None:
         attn = f"{prefix}.self_attn"
         in_proj = _take_first(
@@ -62,12 +69,13 @@ class _Layer:
             self.out_proj = Linear(out_proj, int8)
             self.linear1 = Linear(linear1, int8)
             self.linear2 = Linear(linear2, int8)
-        # float32: the weights as [in, out] (MKL multiplies few rows by them faster than by
-        # their transpose); x @ W.T as moshi computes it, up to float32 rounding order
+        # float: the weights as [in, out] (MKL multiplies few rows by them faster than by
+        # their transpose); x @ W.T as moshi computes it, up to float32 rounding order, or in
+        # ``dtype`` (bfloat16: see :func:`_product`)
         self.matrices = (
             []
             if int8
-            else [w.float().t().contiguous() for w in (in_proj, out_proj, linear1, linear2)]
+            else [w.t().to(dtype).contiguous() for w in (in_proj, out_proj, linear1, linear2)]
         )
         self.norm1 = (
             weights.take(f"{prefix}.norm1.weight", (dim,)),
@@ -97,6 +105,8 @@ class _Pass:
 class EncoderTransformer:
     """Streaming causal transformer over ``[n, T, D]`` latents for slots ``index``.
 
+    Matrix products in float32, in ``dtype`` bfloat16, or (``int8``) with int8 weights.
+
     A call runs in passes of at most ``chunk`` steps. A pass first writes its keys and values
     into the slots' rings, then attends over the rings: a ring holds
     ``context + chunk - 1`` entries, so nothing a step may see is overwritten by the pass.
@@ -116,6 +126,7 @@ class EncoderTransformer:
         layer_scale: bool,
         step: int,
         int8: bool = False,
+        dtype: torch.dtype = torch.float32,
         prefix: str = "encoder_transformer.transformer",
     ) -> None:
         if d_model % num_heads or (d_model // num_heads) % 2:
@@ -127,7 +138,9 @@ class EncoderTransformer:
         self.chunk = step if int8 else step * FRAMES_PER_PASS
         self.capacity = context + self.chunk - 1
         self.layers = [
-            _Layer(weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8)
+            _Layer(
+                weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8, dtype
+            )
             for i in range(num_layers)
         ]
         half = torch.arange(self.head_dim // 2, dtype=torch.float32)
@@ -219,7 +232,7 @@ class EncoderTransformer:
         n, length, dim = x.shape
         in_proj, out_proj, linear1, linear2 = layer.matrices
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
-        qkv = torch.matmul(h, in_proj).view(n, length, 3, self.heads, self.head_dim)
+        qkv = _product(h, in_proj).view(n, length, 3, self.heads, self.head_dim)
         qk = self._rotate(qkv[:, :, :2], step.cos[:, :, None], step.sin[:, :, None])
         # into the rings at the pass's flat positions, [n, T, H] rows of head_dim
         keys.view(-1, self.head_dim).index_copy_(
@@ -229,10 +242,10 @@ class EncoderTransformer:
             0, step.flat, qkv[:, :, 2].reshape(-1, self.head_dim)
         )
         attended = self._attend(qk[:, :, 0].transpose(1, 2), keys, values, step)
-        update = torch.matmul(attended.transpose(1, 2).reshape(n, length, dim), out_proj)
+        update = _product(attended.transpose(1, 2).reshape(n, length, dim), out_proj)
         x = x + (update if layer.scale1 is None else layer.scale1 * update)
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
-        update = torch.matmul(F.gelu(torch.matmul(h, linear1)), linear2)
+        update = _product(F.gelu(_product(h, linear1)), linear2)
         return x + (update if layer.scale2 is None else layer.scale2 * update)
 
     def _layer_int8(
@@ -251,6 +264,12 @@ class EncoderTransformer:
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
         update = layer.linear2(F.gelu(layer.linear1(h)))
         return x + (update if layer.scale2 is None else layer.scale2 * update)
+
+
+def _product(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``x @ matrix`` in float32; a bfloat16 ``matrix`` multiplies ``x`` rounded to bfloat16
+    (float32 accumulation, the result rounded to bfloat16, returned as float32)."""
+    return product(x, matrix).float()
 
 
 def _as_slice(index: torch.Tensor) -> slice | None:
