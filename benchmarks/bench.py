@@ -184,6 +184,52 @@ def stepper_steps(
     return out
 
 
+def flush(ckpt: Path, spoken: int, repeats: int = 5) -> dict[str, Any]:
+    """The end of one utterance (batch 1), as the engine runs it after ``audio-stop``: the last
+    frame and the flush's silent frames through Mimi in one call, then their LM steps as one
+    speculative run (``step_run``: guesses the model emits padding) and, side by side on the
+    same codes, as plain steps. Medians over ``repeats``, each after ``spoken`` speech frames.
+    """
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model.mimi.allocate(1)
+    model.lm.allocate(1)
+    speech = torch.from_numpy(speechlike(spoken * 0.08, 24000, 5)[None])
+    tail = torch.zeros(1, (model.flush_frames + 1) * 1920)
+    tail[0, :960] = speech[0, :960]  # the last, half-filled frame
+    times: dict[str, list[float]] = {"mimi": [], "run": [], "steps": []}
+    passes: list[int] = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for mode in ("run", "steps"):
+                model.mimi.reset([0])
+                model.lm.reset([0])
+                codes = model.mimi.encode(speech, [0])[0]
+                model.lm.step(codes[:, 0][None], [0])  # the start step
+                for i in range(codes.shape[1]):
+                    model.lm.step(codes[:, i][None], [0])
+                started = time.perf_counter()
+                codes = model.mimi.encode(tail, [0])[0].t()  # [T, n_q]
+                encoded = time.perf_counter()
+                if mode == "run":
+                    passes.append(model.lm.step_run(codes, 0).passes)
+                else:
+                    for row in codes:
+                        model.lm.step(row[None], [0])
+                times[mode].append((time.perf_counter() - encoded) * 1000)
+                times["mimi"].append((encoded - started) * 1000)
+    return {
+        "frames": model.flush_frames + 1,
+        "mimi_ms": round(float(np.median(times["mimi"])), 1),
+        "run_ms": round(float(np.median(times["run"])), 1),
+        "steps_ms": round(float(np.median(times["steps"])), 1),
+        "passes": int(np.median(passes)),
+    }
+
+
 # --------------------------------------------------------------------------- 3. floor
 def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
     """The LM's int8 matrix products alone, per step: a floor no runtime change gets under.
@@ -502,6 +548,7 @@ PHASES: dict[str, Any] = {
     "reference": lambda c, d, f: reference_loop(Path(c), d, f),
     "steps": lambda c, *rest: stepper_steps(Path(c), *rest),
     "agreement": lambda c, f: agreement(Path(c), f),
+    "flush": lambda c, n: flush(Path(c), n),
     "floor": lambda c, b: lm_floor(Path(c), b),
     "memory": lambda c, n: memory(Path(c), n),
 }
@@ -580,6 +627,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"| floor: the LM's {floor['linears']} int8 matrix products alone "
             f"({floor['int8_weight_mb']} MB) | {per_batch} |"
         )
+    for key, label in (
+        ("random", "random weights: the model's guessed padding never comes"),
+        ("pads_on_silence", "a checkpoint that emits padding on silence, as a trained one does"),
+    ):
+        f = result.get("flush", {}).get(key)
+        if f:
+            lines.append(
+                f"| flush after audio-stop, batch 1, {label} | Mimi {f['mimi_ms']} ms for "
+                f"{f['frames']} frames; LM {f['run_ms']} ms as a speculative run "
+                f"({f['passes']} passes) vs {f['steps_ms']} ms as steps |"
+            )
     agree = result.get("agreement")
     if agree:
         f32 = agree["float32"]
@@ -706,6 +764,18 @@ def main(argv: list[str] | None = None) -> int:
     for runtime, quantize, batch, n, dtype in runs:
         result["steps"].append(phase("steps", c, runtime, quantize, batch, n, 0, dtype))
         say(f"  {runtime} {quantize} {dtype} batch {batch}: {result['steps'][-1]['short']}")
+    say("flush...")
+    pause = ckpt.with_name(ckpt.name + "-pause")
+    if not (pause / "config.json").is_file():
+        say(f"generating a checkpoint that pads on silence in {pause} (once)...")
+        from wyoming_kyutai.random_checkpoint import make_checkpoint
+
+        make_checkpoint(pause, args.preset, pause_on_silence=True)
+    result["flush"] = {
+        "random": phase("flush", c, 40),
+        "pads_on_silence": phase("flush", str(pause), 40),
+    }
+    say(f"  {result['flush']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
     say("agreement...")
     result["agreement"] = phase("agreement", c, 60 if quick else 150)

@@ -7,8 +7,11 @@ from pathlib import Path
 from benchmarks.bench import markdown, phase
 
 
-def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Path) -> None:
+def test_step_floor_agreement_and_memory_phases_measure_and_render(
+    tiny_dir: Path, pause_dir: Path
+) -> None:
     c = str(tiny_dir)
+    flush = {"random": phase("flush", c, 10), "pads_on_silence": phase("flush", str(pause_dir), 10)}
     lean = phase("steps", c, "lean", "int8", 2, 120, 0, "bfloat16")
     moshi = phase("steps", c, "moshi", "none", 1, 8, 0, "float32")
     floor = phase("floor", c, [1, 2])
@@ -28,6 +31,9 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Pat
     assert 0.2 < agree["int8_bfloat16"]["mimi_code_agreement"] < 1.0
     assert 0.0 < agree["int8_bfloat16"]["end_to_end_token_agreement"] <= 1.0
     assert mem["slots"] == 3 and mem["parts_mb"]["lm_kv_per_slot"] >= 0
+    # a model that pads on silence confirms the flush's guesses: fewer passes than steps
+    assert flush["pads_on_silence"]["passes"] < flush["pads_on_silence"]["frames"]
+    assert flush["random"]["frames"] == flush["pads_on_silence"]["frames"] > 2
     result = {
         "name": "t",
         "preset": "tiny",
@@ -37,6 +43,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Pat
         "steps": [moshi, lean],
         "lm_floor": floor,
         "agreement": agree,
+        "flush": flush,
         "memory": mem,
         "server": [
             {
@@ -60,5 +67,6 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(tiny_dir: Pat
     assert "| lean int8, Mimi bfloat16, batch 2, at position 95 |" in table
     assert "| lean int8, Mimi bfloat16 vs moshi float32 | LM on moshi's codes" in table
     assert "× the int8 floor" in table
+    assert "| flush after audio-stop, batch 1, a checkpoint that emits padding" in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table
