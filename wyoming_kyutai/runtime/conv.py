@@ -187,13 +187,7 @@ class StreamingConv:
                 return torch.mm(blocks, self.matrix, out=out).view(n, positions, -1)
             return torch.addmm(self.bias, blocks, self.matrix, out=out).view(n, positions, -1)
         if self.mode == "windows":
-            # stride 1: the k taps, ``dilation`` apart; else the m blocks of s samples
-            steps = blocks.view(n, length // self.stride, -1)
-            shift = self.dilation if self.stride == 1 else 1
-            count = self.kernel_size // self.stride
-            parts = [steps[:, j * shift : j * shift + positions] for j in range(count)]
-            windows = torch.cat(parts, dim=-1)
-            rows = windows.view(n * positions, -1)
+            rows = self._windows(blocks, n, length, positions)
             if len(rows) < FEW_ROWS:  # MKL: few rows times the transposed matrix is faster
                 if self.bias is None:
                     return torch.mm(rows, self.matrix.t()).view(n, positions, -1)
@@ -205,6 +199,34 @@ class StreamingConv:
             return y.t().contiguous().view(n, positions, -1)
         products = self._buffer("products", (blocks.shape[0], self.matrix.shape[1]))
         torch.mm(blocks, self.matrix, out=products)
+        return self._shifted_sum(products, n, length, positions)
+
+    def _convolve_reduced(
+        self, blocks: torch.Tensor, n: int, length: int, positions: int
+    ) -> torch.Tensor:
+        """:meth:`_convolve` with the product in ``self.dtype`` (see :func:`.linear.product`);
+        the bias and the tap groups' shifted sums in float32."""
+        if self.mode == "taps":
+            return self._shifted_sum(product(blocks, self.matrix), n, length, positions)
+        if self.mode == "windows":
+            blocks = self._windows(blocks, n, length, positions)
+        products = product(blocks, self.matrix if self.mode == "blocks" else self.matrix.t())
+        y = products.float() if self.bias is None else torch.add(products, self.bias)
+        return y.view(n, positions, -1)
+
+    def _windows(self, blocks: torch.Tensor, n: int, length: int, positions: int) -> torch.Tensor:
+        """Each output's taps side by side, [n * positions, k * C_in]: with stride 1 the k
+        taps, ``dilation`` apart; else the m blocks of s samples."""
+        steps = blocks.view(n, length // self.stride, -1)
+        shift = self.dilation if self.stride == 1 else 1
+        count = self.kernel_size // self.stride
+        parts = [steps[:, j * shift : j * shift + positions] for j in range(count)]
+        return torch.cat(parts, dim=-1).view(n * positions, -1)
+
+    def _shifted_sum(
+        self, products: torch.Tensor, n: int, length: int, positions: int
+    ) -> torch.Tensor:
+        """Tap groups: the bias plus group j's products shifted by j blocks, float32."""
         groups = products.view(n, length // self.stride, -1, self.out_channels)  # [n, b, m, C]
         y = self._buffer("output", (n, positions, self.out_channels))
         if self.bias is None:
@@ -214,34 +236,6 @@ class StreamingConv:
         for j in range(1, groups.shape[2]):
             y += groups[:, j * self.dilation : j * self.dilation + positions, j]
         return y
-
-    def _convolve_reduced(
-        self, blocks: torch.Tensor, n: int, length: int, positions: int
-    ) -> torch.Tensor:
-        """:meth:`_convolve` with the product in ``self.dtype`` (see :func:`.linear.product`);
-        the bias and the tap groups' shifted sums in float32."""
-        if self.mode == "blocks":
-            products = product(blocks, self.matrix)
-        elif self.mode == "windows":
-            steps = blocks.view(n, length // self.stride, -1)
-            shift = self.dilation if self.stride == 1 else 1
-            count = self.kernel_size // self.stride
-            parts = [steps[:, j * shift : j * shift + positions] for j in range(count)]
-            products = product(torch.cat(parts, dim=-1).view(n * positions, -1), self.matrix.t())
-        else:
-            groups = product(blocks, self.matrix).view(
-                n, length // self.stride, -1, self.out_channels
-            )
-            y = self._buffer("output", (n, positions, self.out_channels))
-            if self.bias is None:
-                y.copy_(groups[:, :positions, 0])
-            else:
-                torch.add(groups[:, :positions, 0], self.bias, out=y)
-            for j in range(1, groups.shape[2]):
-                y += groups[:, j * self.dilation : j * self.dilation + positions, j]
-            return y
-        y = products.float() if self.bias is None else torch.add(products, self.bias)
-        return y.view(n, positions, -1)
 
 
 class ResidualBlock:
