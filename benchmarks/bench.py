@@ -751,12 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     say("steps...")
     short = 66  # a 5 s command: steps 3..62 are averaged
-    # (runtime, quantize, batch, frames, dtype): the default (auto) and float32 side by side
+    # (runtime, quantize, batch, frames, dtype): the default (auto: Mimi float32) and Mimi in
+    # bfloat16 side by side
     runs: list[tuple[str, str, int, int, str]] = [
         ("moshi", "none", 1, short, "float32"),
         ("lean", "none", 1, short, "float32"),
-        *[("lean", "int8", b, short, "float32") for b in (1, 8)],
         *[("lean", "int8", b, short, "auto") for b in (1, 4, 8, 16)],
+        *[("lean", "int8", b, short, "bfloat16") for b in (1, 8, 16)],
     ]
     if not quick:
         runs += [("lean", "int8", b, 750, "auto") for b in (1, 8)]

@@ -188,3 +188,12 @@ def test_lm_settings_that_are_off_still_load(tiny_dir: Path, tmp_path: Path) -> 
     fine = _copy_with(tiny_dir, tmp_path / "off", lambda cfg: cfg.update(off))
     model = load_model(str(fine), device="cpu", quantize="none", runtime="lean")
     assert model.num_vad_heads == 4
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("auto", "float32"), ("bfloat16", "bfloat16")])
+def test_lean_mimi_dtype(tiny_dir: Path, dtype: str, expected: str) -> None:
+    """Mimi's products stay float32 (Kyutai's codes) unless bfloat16 is asked for."""
+    model = load_model(str(tiny_dir), device="cpu", dtype=dtype, quantize="int8", runtime="lean")
+    assert model.dtype == getattr(torch, expected)
+    matrices = [m for layer in model.mimi.transformer.layers for m in layer.matrices]
+    assert matrices and {m.dtype for m in matrices} == {getattr(torch, expected)}

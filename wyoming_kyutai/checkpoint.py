@@ -275,9 +275,9 @@ def load_model(
 
     ``quantize``: ``int8`` runs the LM transformer's matrix products and the text head with
     int8 weights (the lean runtime only, so the CPU); ``auto`` does so with the lean runtime;
-    ``none`` never. ``dtype`` (``auto``: bfloat16 on CUDA and on CPUs with native bfloat16):
-    moshi's compute type; with the lean runtime, that of Mimi's matrix products (the LM's
-    attention, norms and cache stay float32).
+    ``none`` never. ``dtype``: moshi's compute type (``auto``: bfloat16 on CUDA and on CPUs
+    with native bfloat16); with the lean runtime, that of Mimi's matrix products (``auto``:
+    float32, Kyutai's codes exactly; the LM's attention, norms and cache stay float32).
     """
     files = resolve_checkpoint(ref, data_dir, offline)
     dev = pick_device(device)
@@ -290,6 +290,10 @@ def load_model(
     if threads > 0:
         torch.set_num_threads(threads)
     torch_dtype = pick_dtype(dtype, dev)
+    if chosen == "lean" and dtype == "auto":
+        # Kyutai's Mimi codes exactly: bfloat16 changes ~8 % of them (the bench), an effect on
+        # a trained model's words that random weights cannot measure; it stays a choice
+        torch_dtype = torch.float32
     if chosen == "moshi":
         missing = moshi_missing("runtime moshi")
         if missing:
@@ -383,8 +387,8 @@ def _load_lean(files: CheckpointFiles, int8: bool, mimi_dtype: torch.dtype) -> L
         mimi_config = MimiConfig.from_dict(raw_mimi)
         lm_config = LmConfig.from_dict(files.raw_config)
         lm = LanguageModel(WeightFile(files.lm_weights), lm_config, int8=int8)
-        # Mimi in bfloat16 where it is native, not int8: about as fast, changes fewer codes and
-        # keeps time-batched calls (the flush) in one pass (see benchmarks/README.md)
+        # Mimi's reduced precision is bfloat16 (not int8): about as fast where bfloat16 is
+        # native, changes fewer codes, and keeps time-batched calls (the flush) in one pass
         mimi = MimiEncoder(
             WeightFile(files.mimi_weights),
             mimi_config,

@@ -51,8 +51,8 @@ class Settings:
     offline: bool = _s("never touch the network; the model must already be downloaded")
     device: str = _s("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: str = _s(
-        "auto (bfloat16 on CUDA and on CPUs with native bfloat16), float32 or bfloat16: the "
-        "model's compute type (lean runtime: Mimi's matrix products)",
+        "auto, float32 or bfloat16: the model's compute type (auto: bfloat16 on CUDA and on "
+        "CPUs with native bfloat16); lean runtime: Mimi's matrix products (auto: float32)",
         choices=("auto", "float32", "bfloat16"),
     )
     threads: int = _s("CPU threads for the model (0: torch's default)", min=0, max=256)
