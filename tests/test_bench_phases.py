@@ -66,7 +66,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     table = markdown(result)
     assert "| lean int8, Mimi bfloat16, batch 2, at position 95 |" in table
     assert "| lean int8, Mimi bfloat16 vs moshi float32 | LM on moshi's codes" in table
-    assert "× the int8 floor" in table
+    assert "× its int8 floor (" in table
+    assert lean["short"]["floor_ms"] > 0 and "floor_ms" not in moshi["short"]
     assert "| flush after audio-stop, batch 1, a checkpoint that emits padding" in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table
