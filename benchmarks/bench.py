@@ -209,7 +209,7 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5) -> dict[str, Any]:
     model.lm.allocate(1)
     speech = torch.from_numpy(speechlike(spoken * 0.08, 24000, 5)[None])
     tail = torch.zeros(1, (model.flush_frames + 1) * 1920)
-    tail[0, :960] = speech[0, :960]  # the last, half-filled frame
+    tail[0, :960] = speech[0, -960:]  # the last, half-filled frame (speech's last 40 ms)
     times: dict[str, list[float]] = {"mimi": [], "run": [], "steps": []}
     passes: list[int] = []
     with torch.inference_mode():

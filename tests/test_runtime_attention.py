@@ -48,7 +48,6 @@ def test_mimi_masked_attention_is_sdpa(n: int, steps: int) -> None:
     ours = _attention(q, keys, values, _bias(mask, heads))
     expected = F.scaled_dot_product_attention(q, keys, values, mask)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    assert torch.equal(_attention(q, keys, values, mask), expected)  # bool: SDPA itself
 
 
 def test_mimi_fully_masked_row_is_not_nan() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from wyoming_kyutai import checkpoint
 from wyoming_kyutai.checkpoint import CheckpointError, load_model
 
 
@@ -197,3 +198,13 @@ def test_lean_mimi_dtype(tiny_dir: Path, dtype: str, expected: str) -> None:
     assert model.dtype == getattr(torch, expected)
     matrices = [m for layer in model.mimi.transformer.layers for m in layer.matrices]
     assert matrices and {m.dtype for m in matrices} == {getattr(torch, expected)}
+
+
+def test_bfloat16_without_native_support_warns(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(checkpoint, "_cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="wyoming_kyutai.checkpoint"):
+        model = load_model(str(tiny_dir), device="cpu", dtype="bfloat16", runtime="lean")
+    assert model.dtype == torch.bfloat16
+    assert "no native bfloat16" in caplog.text

@@ -308,3 +308,30 @@ def test_bfloat16_keeps_its_products_weights_in_half_the_bytes(short: Mimi) -> N
 def test_other_dtypes_are_refused(short: Mimi) -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         short.encoder(slots=1, dtype=torch.float16)
+
+
+def _latents(
+    encoder: MimiEncoder, audio: np.ndarray, slots: list[int], frames: int
+) -> torch.Tensor:
+    """The encoder's latents before the codebook search, [n, k, D], for ``audio`` [n, k * FRAME]
+    fed ``frames`` frames per call."""
+    index = torch.tensor(slots)
+    x = torch.from_numpy(audio).view(len(slots), -1)
+    out = []
+    with torch.inference_mode():
+        for part in x.split(frames * FRAME, dim=1):
+            h = encoder.seanet(part.reshape(len(slots), -1, 1), index)
+            out.append(encoder.downsample(encoder.transformer(h, index), index).clone())
+    return torch.cat(out, dim=1)
+
+
+def test_bfloat16_latents_are_the_same_alone_batched_and_time_batched(short: Mimi) -> None:
+    """bfloat16 rounds every product's input, so a last-bit difference upstream becomes a
+    whole bfloat16 step: the latents (whose codebook search hides most such flips on this tiny
+    model) must be the same bits alone, in a batch of consecutive slots and time-batched."""
+    audios = np.stack([_audio("speech", 12, seed=30 + i) for i in range(3)])
+    alone = _latents(short.encoder(slots=3, dtype=torch.bfloat16), audios[:1], [2], 1)
+    for slots, frames in (([0], 12), ([1], 5), ([0, 1, 2], 1), ([0, 1, 2], 4), ([2, 0, 1], 3)):
+        encoder = short.encoder(slots=3, dtype=torch.bfloat16)
+        got = _latents(encoder, audios[: len(slots)], slots, frames)
+        assert torch.equal(got[:1], alone), (slots, frames)

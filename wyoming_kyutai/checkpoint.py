@@ -294,6 +294,11 @@ def load_model(
         # Kyutai's Mimi codes exactly: bfloat16 changes ~8 % of them (the bench), an effect on
         # a trained model's words that random weights cannot measure; it stays a choice
         torch_dtype = torch.float32
+    elif chosen == "lean" and torch_dtype == torch.bfloat16 and not _cpu_has_native_bf16():
+        _LOGGER.warning(
+            "dtype bfloat16: this CPU has no native bfloat16, so Mimi will be slower than in "
+            "float32 (dtype auto)"
+        )
     if chosen == "moshi":
         missing = moshi_missing("runtime moshi")
         if missing:

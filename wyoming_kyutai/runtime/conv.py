@@ -33,7 +33,7 @@ class StreamingConv:
     """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
 
     Computed as matrix products against the weight laid out once at load, which avoids
-    PyTorch's per-call re-layout of the weight for these short inputs, in one of four ways
+    PyTorch's per-call re-layout of the weight for these short inputs, in one of five ways
     fixed at load from the shape (and ``positions``, the outputs per Mimi frame):
 
     - ``kernel == stride`` (1x1 included): one product of the input's blocks of ``s`` samples;

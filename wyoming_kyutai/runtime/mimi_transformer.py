@@ -33,13 +33,6 @@ these differences stay far below the codes' resolution.)
 """
 
 
-PLAIN_STEPS = 2
-"""Passes of at most this many steps (one frame, as every int8 pass and the steady stream)
-attend through plain products (:func:`_attention`); longer ones (a flush, a late stream
-catching up) through SDPA, which costs less from ~8 queries per slot on (AMD EPYC Zen 4,
-2 cores: 8 slots x 16 steps, 1.04 ms per call with SDPA, 1.86 ms plain)."""
-
-
 def _take_first(weights: WeightFile, names: list[str], shape: tuple[int, ...]) -> torch.Tensor:
     """The first of ``names`` present (checkpoints spell some tensors two ways)."""
     for name in names:
@@ -102,9 +95,8 @@ class _Pass:
 
     rows: torch.Tensor  # the slots, int64 [n, 1]
     ring: torch.Tensor  # where each step's key goes in its slot's ring, int64 [n, T]
-    # which ring entries each step sees: bool [n, 1, T, capacity], or for a pass of at most
-    # PLAIN_STEPS steps the same as a score bias, float32 [n, H, T, capacity] (see _bias)
-    mask: torch.Tensor
+    # which ring entries each step sees, as a score bias float32 [n, H, T, capacity] (_bias)
+    bias: torch.Tensor
     cos: torch.Tensor  # rotary cos, [n, T, 1, head_dim / 2]
     sin: torch.Tensor  # rotary sin, [n, T, 1, head_dim / 2]
     flat: torch.Tensor  # each step's and head's ring entry in a layer's rings as rows, [n*T*H]
@@ -191,10 +183,8 @@ class EncoderTransformer:
         cos, sin = self._rotation(positions)
         heads = torch.arange(self.heads)
         flat = ((rows[:, :, None] * self.heads + heads) * self.capacity + ring[:, :, None]).view(-1)
-        mask = self._mask(positions, self.key_positions[index])
-        if x.shape[1] <= PLAIN_STEPS:
-            mask = _bias(mask, self.heads)
-        step = _Pass(rows, ring, mask, cos, sin, flat, window)
+        bias = _bias(self._mask(positions, self.key_positions[index]), self.heads)
+        step = _Pass(rows, ring, bias, cos, sin, flat, window)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             x = self._layer(layer, x, keys, values, step)
         return x
@@ -219,16 +209,42 @@ class EncoderTransformer:
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
     ) -> torch.Tensor:
-        """Attention of ``q`` [n, H, T, head_dim] over the slots' rings, in place (no copy)."""
-        if step.window is not None:
-            return _attention(q, keys[step.window], values[step.window], step.mask)
+        """Attention of ``q`` [n, H, T, head_dim] over the slots' rings, in place (no copy).
+
+        One call per frame (``step`` queries), whatever the number of frames in the pass: a
+        query is then computed exactly as in a one-frame pass (masked entries weigh exactly
+        0), so time-batched calls (a flush, a backlog) give a stream the bits of one-frame
+        calls. With more queries per call the products round differently in the last bit,
+        which bfloat16 rounding of the next product's input would turn into other codes.
+        """
         slots = step.rows.view(-1).tolist()
-        return torch.cat(
-            [
-                _attention(q[i : i + 1], keys[s : s + 1], values[s : s + 1], step.mask[i : i + 1])
-                for i, s in enumerate(slots)
+        parts = []
+        for first in range(0, q.shape[2], self.step):
+            frame = slice(first, first + self.step)
+            if step.window is not None:
+                parts.append(
+                    _attention(
+                        q[:, :, frame],
+                        keys[step.window],
+                        values[step.window],
+                        step.bias[:, :, frame],
+                    )
+                )
+                continue
+            parts += [
+                torch.cat(
+                    [
+                        _attention(
+                            q[i : i + 1, :, frame],
+                            keys[s : s + 1],
+                            values[s : s + 1],
+                            step.bias[i : i + 1, :, frame],
+                        )
+                        for i, s in enumerate(slots)
+                    ]
+                )
             ]
-        )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def _layer(
         self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
@@ -284,23 +300,22 @@ def _bias(mask: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """Attention of ``q`` [n, H, T, head_dim] over ``keys`` and ``values`` [n, H, R, head_dim]
-    (views of the rings) where ``mask`` (see :attr:`_Pass.mask`) allows; [n, H, T, head_dim].
+    (views of the rings) with the score ``bias`` [n, H, T, R] (see :func:`_bias`);
+    [n, H, T, head_dim].
 
-    With a score bias, plain products and a softmax: for the few queries of a one-frame pass
-    SDPA with a bool mask costs more (AMD EPYC Zen 4, 2 cores, Kyutai's Mimi, one frame,
-    per call, SDPA -> this: batch 1 90 -> 87 us, batch 8 650 -> 490, batch 16 1310 -> 935
-    in int8; 560 -> 460 and 940 -> 800 at batch 8 and 16 in float32). Masked entries score
-    the lowest float32 (``bias + scale * q k``), whose softmax weight is exactly 0: the result
-    is the masked one up to float32 rounding order.
+    Plain products and a softmax: for the few queries of a frame SDPA with a bool mask costs
+    more (AMD EPYC Zen 4, 2 cores, Kyutai's Mimi, one frame, per call, SDPA -> this: batch 1
+    90 -> 87 us, batch 8 650 -> 490, batch 16 1310 -> 935 in int8; 560 -> 460 and 940 -> 800
+    at batch 8 and 16 in float32). Masked entries score the lowest float32
+    (``bias + scale * q k``), whose softmax weight is exactly 0: the result is the masked one
+    up to float32 rounding order.
     """
-    if mask.dtype == torch.bool:
-        return F.scaled_dot_product_attention(q, keys, values, mask)
     n, heads, length, head_dim = q.shape
     scores = torch.baddbmm(
-        mask.flatten(0, 1),
+        bias.flatten(0, 1),
         q.reshape(n * heads, length, head_dim),
         keys.flatten(0, 1).transpose(1, 2),  # a view: a slot's heads are consecutive
         alpha=head_dim**-0.5,
