@@ -24,12 +24,16 @@ from .linear import Linear, product
 from .weights import WeightError, WeightFile
 
 FRAMES_PER_PASS = 8
-"""Mimi frames a float32 pass of the transformer covers at most (longer calls run in several).
+"""Mimi frames a float (float32 or bfloat16) pass of the transformer covers at most (longer
+calls run in several).
 
-int8 passes cover one frame: products and attention round differently for different numbers
-of rows, and int8's activation rounding can turn such a last-bit difference into another code,
-so one frame per pass keeps the transformer's rounding that of one-frame calls. (In float32
-these differences stay far below the codes' resolution.)
+int8 passes cover one frame: its products round differently for different numbers of rows,
+and int8's activation rounding can turn such a last-bit difference into another code, so one
+frame per pass keeps the transformer's rounding that of one-frame calls. bfloat16 products
+give each row the same bits whatever the row count (see :func:`.linear.product`) and the
+attention runs one frame per call (:meth:`EncoderTransformer._attend`), so several frames
+share a pass. (In float32 the products' last-bit differences stay far below the codes'
+resolution.)
 """
 
 
