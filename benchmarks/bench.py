@@ -180,10 +180,11 @@ def stepper_steps(
             out["floor_ms"] = round(float(np.mean(floor_t[lo:hi])) * 1000, 1)
         return out
 
+    dtype_name = str(model.dtype).removeprefix("torch.")
     out: dict[str, Any] = {
         "runtime": model.runtime,
-        "quantize": "int8" if model.quantized else f"none ({str(model.dtype)[6:]})",
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "quantize": "int8" if model.quantized else f"none ({dtype_name})",
+        "dtype": dtype_name,
         "batch": batch,
         "frames": frames,
         "threads": torch.get_num_threads(),

@@ -151,13 +151,11 @@ class StreamingConv:
             F.elu_(x)
         return self._convolve(x)
 
-    def _buffer(
-        self, role: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """An uninitialised tensor of ``shape``, reused from the last call if it fits."""
+    def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``shape``, reused from the last call if it fits."""
         buffer = self.buffers.get(role)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
-            buffer = self.buffers[role] = torch.empty(shape, dtype=dtype)
+        if buffer is None or buffer.shape != shape:
+            buffer = self.buffers[role] = torch.empty(shape)
         return buffer
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:

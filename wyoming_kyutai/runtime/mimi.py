@@ -244,7 +244,7 @@ class MimiEncoder:
     matrix product (convolutions, transformer) in bfloat16 with float32 accumulation, the
     rest in float32 (only fast on CPUs with native bfloat16); ``int8``: the transformer's
     products with int8 weights (:class:`~.linear.Linear`). Both change some of the later
-    (acoustic) codes; the bench reports how many.
+    (acoustic) codes (the bench reports bfloat16's share; the tests floor both).
     """
 
     def __init__(

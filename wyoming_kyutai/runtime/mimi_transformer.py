@@ -221,34 +221,18 @@ class EncoderTransformer:
         calls. With more queries per call the products round differently in the last bit,
         which bfloat16 rounding of the next product's input would turn into other codes.
         """
-        slots = step.rows.view(-1).tolist()
-        parts = []
-        for first in range(0, q.shape[2], self.step):
-            frame = slice(first, first + self.step)
-            if step.window is not None:
-                parts.append(
-                    _attention(
-                        q[:, :, frame],
-                        keys[step.window],
-                        values[step.window],
-                        step.bias[:, :, frame],
-                    )
-                )
-                continue
-            parts += [
-                torch.cat(
-                    [
-                        _attention(
-                            q[i : i + 1, :, frame],
-                            keys[s : s + 1],
-                            values[s : s + 1],
-                            step.bias[i : i + 1, :, frame],
-                        )
-                        for i, s in enumerate(slots)
-                    ]
-                )
-            ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        # (batch rows, their slots' state): all at once when the slots are consecutive
+        if step.window is not None:
+            groups = [(slice(None), step.window)]
+        else:
+            slots = step.rows.view(-1).tolist()
+            groups = [(slice(i, i + 1), slice(s, s + 1)) for i, s in enumerate(slots)]
+        frames = [slice(t, t + self.step) for t in range(0, q.shape[2], self.step)]
+        parts = [
+            [_attention(q[r, :, f], keys[s], values[s], step.bias[r, :, f]) for r, s in groups]
+            for f in frames
+        ]
+        return _cat([_cat(part, 0) for part in parts], 2)
 
     def _layer(
         self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
@@ -325,6 +309,11 @@ def _attention(
         alpha=head_dim**-0.5,
     )
     return torch.bmm(scores.softmax(-1), values.flatten(0, 1)).view(n, heads, length, head_dim)
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``parts`` joined along ``dim`` (a single part as it is, without a copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _product(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
