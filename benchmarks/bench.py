@@ -152,7 +152,10 @@ def stepper_steps(
     mimi_t: list[float] = []
     lm_t: list[float] = []
     floor_t: list[float] = []
-    floor = _floor_pass(model, batch) if model.quantized and model.runtime == "lean" else None
+    mimi_floor_t: list[float] = []
+    lean = model.runtime == "lean"
+    floor = _floor_pass(model, batch) if model.quantized and lean else None
+    mimi_floor = _mimi_floor_pass(model, batch, model.dtype) if lean else None
     with torch.inference_mode():
         stepper.reset(slots)
         for i in range(frames):
@@ -166,6 +169,10 @@ def stepper_steps(
             if floor is not None:
                 floor()
                 floor_t.append(time.perf_counter() - t2)
+            if mimi_floor is not None:
+                t3 = time.perf_counter()
+                mimi_floor()
+                mimi_floor_t.append(time.perf_counter() - t3)
 
     def window(lo: int, hi: int) -> dict[str, float]:
         m = float(np.mean(mimi_t[lo:hi])) * 1000
@@ -178,6 +185,8 @@ def stepper_steps(
         }
         if floor_t:
             out["floor_ms"] = round(float(np.mean(floor_t[lo:hi])) * 1000, 1)
+        if mimi_floor_t:
+            out["mimi_floor_ms"] = round(float(np.mean(mimi_floor_t[lo:hi])) * 1000, 1)
         return out
 
     dtype_name = str(model.dtype).removeprefix("torch.")
@@ -286,6 +295,80 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
                 times.append(time.perf_counter() - started)
             out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
     out["gb_per_s_batch1"] = round(weight_mb / out[f"batch{batches[0]}_ms"], 1)
+    return out
+
+
+def _mimi_products(mimi: Any) -> list[tuple[int, int, int]]:
+    """Every matrix product of one Mimi frame as (rows per stream, inner size, outputs), in
+    the fewest multiply-adds: each convolution as its output positions by its k × C_in taps,
+    the transformer's four linears per layer on its steps, the quantizer's projection and
+    one product per codebook (its entries padded as the runtime searches them)."""
+    from wyoming_kyutai.runtime.mimi import _convs
+
+    out: list[tuple[int, int, int]] = []
+    positions = mimi.frame_size
+    for conv in [*_convs(mimi.seanet)]:
+        positions //= conv.stride
+        out.append((positions, conv.kernel_size * conv.in_channels, conv.out_channels))
+    t = mimi.transformer
+    for layer in t.layers:
+        for p in (layer.in_proj, layer.out_proj, layer.linear1, layer.linear2):
+            out.append((positions, p.in_features, p.out_features))
+    d = mimi.downsample
+    out.append((positions // d.stride, d.kernel_size * d.in_channels, d.out_channels))
+    q = mimi.quantizer
+    out += [(1, p.in_features, p.out_features) for p in (q.projection, *q.padded)]
+    return out
+
+
+def _mimi_floor_pass(model: Any, batch: int, dtype: Any) -> Any:
+    """A function that runs Mimi's products of one frame of ``batch`` streams once
+    (:func:`_mimi_products`, as the runtime computes them: :class:`Dense` on random weights
+    of their shapes; ``dtype`` for the convolutions' and transformer's, the codebook search
+    float32), with nothing around them: no activations, norms, attention, state or copies."""
+    import torch
+
+    from wyoming_kyutai.runtime.linear import Dense
+
+    products = _mimi_products(model.mimi)
+    searches = len(model.mimi.quantizer.padded)
+    dense = [
+        Dense(torch.randn(n, k), torch.float32 if i >= len(products) - searches else dtype)
+        for i, (_, k, n) in enumerate(products)
+    ]
+    inputs = [torch.randn(rows * batch, k) for rows, k, _ in products]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x, d in zip(inputs, dense, strict=True):
+                d(x)
+
+    return run
+
+
+def mimi_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
+    """Mimi's matrix products alone per frame (:func:`_mimi_floor_pass`), float32 (the
+    default: moshi's codes) and bfloat16 (``dtype: bfloat16``): a floor under Mimi's step."""
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    products = _mimi_products(model.mimi)
+    out: dict[str, Any] = {
+        "products": len(products),
+        "gmac_per_stream_frame": round(sum(r * k * n for r, k, n in products) / 1e9, 3),
+        "float32_weight_mb": round(sum(k * n for _, k, n in products) * 4 / 1e6),
+    }
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        for batch in batches:
+            run = _mimi_floor_pass(model, batch, dtype)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+            out[f"{name}_batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
     return out
 
 
@@ -521,30 +604,44 @@ async def concurrent_trial(address: str, n: int, seconds: float) -> dict[str, An
     }
 
 
-def server_runs(
-    ckpt: Path, max_n: int, seconds: float, eos_runs: int, threads: int, long_seconds: float
-) -> dict[str, Any]:
-    """Through the real server: end of speech alone, then N real-time streams up to capacity."""
-    out: dict[str, Any] = {"threads": threads, "trials": []}
+def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
+    """audio-stop → transcript of one 3 s real-time stream at a time, through a 1-slot server."""
     server = Server(ckpt, slots=1, threads=threads)
     try:
 
         async def single() -> list[float]:
             times = []
-            for i in range(eos_runs):
+            for i in range(runs):
                 r = await stream_client(server.address, pcm16(speechlike(3.0, RATE, 200 + i)), True)
                 times.append(r["end_of_speech"])
             return times
 
         eos = asyncio.run(single())
-        out["end_of_speech_1"] = {
+        return {
             "p50": round(pct(eos, 0.5) or 0, 4),
             "p95": round(pct(eos, 0.95) or 0, 4),
             "runs": len(eos),
+            "rss_mb": server.rss_mb(),
         }
-        out["rss_1_slot_mb"] = server.rss_mb()
     finally:
         server.stop()
+
+
+def server_runs(
+    ckpt: Path,
+    max_n: int,
+    seconds: float,
+    eos_runs: int,
+    threads: int,
+    long_seconds: float,
+    pause_ckpt: Path | None = None,
+) -> dict[str, Any]:
+    """Through the real server: end of speech alone (also on ``pause_ckpt``, a checkpoint that
+    pads on silence), then N real-time streams up to capacity."""
+    out: dict[str, Any] = {"threads": threads, "trials": []}
+    out["end_of_speech_1"] = end_of_speech(ckpt, eos_runs, threads)
+    if pause_ckpt is not None:
+        out["end_of_speech_1_pads_on_silence"] = end_of_speech(pause_ckpt, eos_runs, threads)
     best = 0
     for n in range(1, max_n + 1):
         server = Server(ckpt, slots=n, threads=threads)
@@ -579,6 +676,7 @@ PHASES: dict[str, Any] = {
     "agreement": lambda c, f: agreement(Path(c), f),
     "flush": lambda c, n: flush(Path(c), n),
     "floor": lambda c, b: lm_floor(Path(c), b),
+    "mimi_floor": lambda c, b: mimi_floor(Path(c), b),
     "memory": lambda c, n: memory(Path(c), n),
 }
 
@@ -641,6 +739,17 @@ def markdown(result: dict[str, Any]) -> str:
                 ratio = (
                     f"; LM {w['lm_ms'] / w['floor_ms']:.2f}× its int8 floor ({w['floor_ms']} ms)"
                 )
+            if w.get("mimi_floor_ms"):
+                ratio += (
+                    f"; Mimi {w['mimi_ms'] / w['mimi_floor_ms']:.2f}× its floor "
+                    f"({w['mimi_floor_ms']} ms)"
+                )
+            if w.get("floor_ms") and w.get("mimi_floor_ms"):
+                both = w["floor_ms"] + w["mimi_floor_ms"]
+                ratio += (
+                    f"; the floors together {both:.1f} ms = "
+                    f"{row['batch'] * 80 / both:.1f} streams' worth"
+                )
             mimi = f", Mimi {row['dtype']}" if row["runtime"] == "lean" else ""
             lines.append(
                 f"| {row['runtime']} {row['quantize']}{mimi}, batch {row['batch']}, {label} | "
@@ -656,6 +765,22 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| floor: the LM's {floor['linears']} int8 matrix products alone "
             f"({floor['int8_weight_mb']} MB) | {per_batch} |"
+        )
+    mimi_floor = result.get("mimi_floor")
+    if mimi_floor:
+        per_batch = "; ".join(
+            f"{dtype} "
+            + ", ".join(
+                f"batch {k.split('_batch')[1].removesuffix('_ms')} {v} ms"
+                for k, v in mimi_floor.items()
+                if k.startswith(f"{dtype}_batch")
+            )
+            for dtype in ("float32", "bfloat16")
+        )
+        lines.append(
+            f"| floor: Mimi's {mimi_floor['products']} matrix products of a frame alone "
+            f"({mimi_floor['float32_weight_mb']} MB in float32, "
+            f"{mimi_floor['gmac_per_stream_frame']} GMAC a stream) | {per_batch} |"
         )
     for key, label in (
         ("random", "random weights: the model's guessed padding never comes"),
@@ -707,6 +832,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"| server, threads {t}: audio-stop → transcript, 1 stream | p50 {_ms(eos['p50'])}, "
             f"p95 {_ms(eos['p95'])} |"
         )
+        eos = srv.get("end_of_speech_1_pads_on_silence")
+        if eos:
+            lines.append(
+                f"| server, threads {t}: audio-stop → transcript, 1 stream, the checkpoint "
+                f"that pads on silence | p50 {_ms(eos['p50'])}, p95 {_ms(eos['p95'])} |"
+            )
         lines.append(
             f"| server, threads {t}: real-time streams that keep up "
             f"({srv['trials'][0]['seconds']:.0f} s each, p99 lag ≤ 160 ms) | **{cap}** |"
@@ -808,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     say(f"  {result['flush']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
+    result["mimi_floor"] = phase("mimi_floor", c, [1, 8, 16])
     say("agreement...")
     result["agreement"] = phase("agreement", c, 60 if quick else 150)
     say("memory...")
@@ -815,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     say("server trials...")
     thread_settings = [cores - 1, cores] if cores > 1 else [cores]
     result["server"] = [
-        server_runs(ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0)
+        server_runs(ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0, pause)
         for t in thread_settings
     ]
     out_dir = ROOT / "benchmarks" / "results"

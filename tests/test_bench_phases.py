@@ -15,6 +15,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     lean = phase("steps", c, "lean", "int8", 2, 120, 0, "bfloat16")
     moshi = phase("steps", c, "moshi", "none", 1, 8, 0, "float32")
     floor = phase("floor", c, [1, 2])
+    mimi_floor = phase("mimi_floor", c, [1, 2])
     agree = phase("agreement", c, 20)
     mem = phase("memory", c, 3)
     assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
@@ -22,6 +23,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert lean["short"]["step_ms"] > 0 and lean["late"]["position"] == 95
     assert moshi["runtime"] == "moshi" and "late" not in moshi
     assert floor["linears"] == 2 * 4 + 1 and floor["batch1_ms"] >= 0 and "batch2_ms" in floor
+    assert mimi_floor["products"] > 10 and mimi_floor["gmac_per_stream_frame"] > 0
+    assert {"float32_batch2_ms", "bfloat16_batch1_ms"} <= set(mimi_floor)
     # the tiny float32 runtime equals moshi exactly; int8 is close
     assert agree["float32"]["token_agreement"] == 1.0
     assert agree["float32"]["mimi_code_agreement"] == 1.0
@@ -42,6 +45,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
         "reference": [{"dtype": "bfloat16", "frame_ms": 10.0, "mimi_ms": 4.0, "lm_ms": 6.0}],
         "steps": [moshi, lean],
         "lm_floor": floor,
+        "mimi_floor": mimi_floor,
         "agreement": agree,
         "flush": flush,
         "memory": mem,
@@ -60,6 +64,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
                     }
                 ],
                 "end_of_speech_1": {"p50": 0.1, "p95": 0.2},
+                "end_of_speech_1_pads_on_silence": {"p50": 0.05, "p95": 0.06},
             }
         ],
     }
@@ -68,6 +73,10 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| lean int8, Mimi bfloat16 vs moshi float32 | LM on moshi's codes" in table
     assert "× its int8 floor (" in table
     assert lean["short"]["floor_ms"] > 0 and "floor_ms" not in moshi["short"]
+    assert lean["short"]["mimi_floor_ms"] > 0 and "mimi_floor_ms" not in moshi["short"]
+    assert "× its floor (" in table and "; the floors together " in table
+    assert "| floor: Mimi's " in table and "bfloat16 batch 1 " in table
+    assert "1 stream, the checkpoint that pads on silence | p50 50 ms" in table
     assert "| flush after audio-stop, batch 1, a checkpoint that emits padding" in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from wyoming_kyutai.runtime.linear import Linear, pick_quantized_engine
+from wyoming_kyutai.runtime import linear
+from wyoming_kyutai.runtime.linear import Dense, Linear, pick_quantized_engine
 
 
 def test_int8_rows_are_independent_bit_for_bit_and_close_to_float(engine: str) -> None:
@@ -43,3 +45,40 @@ def test_the_fastest_engine_is_picked() -> None:
     name = pick_quantized_engine()
     assert name in torch.backends.quantized.supported_engines
     assert torch.backends.quantized.engine == name
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn", "matmul"])
+def test_dense_is_x_times_the_weight_transposed(packed: bool) -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(300, 258)
+    dense = Dense(weight, packed=packed)
+    assert (dense.packed is not None) == (packed and linear.ONEDNN)
+    x = torch.randn(2, 5, 258)
+    y = dense(x)
+    assert y.shape == (2, 5, 300) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ weight.T, rtol=1e-5, atol=1e-4)
+    assert dense.resident_bytes == 300 * 258 * 4
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn", "matmul"])
+def test_bfloat16_dense_rows_do_not_depend_on_the_batch(packed: bool) -> None:
+    """bfloat16 Mimi promises a stream the same bits alone and batched: each row's product
+    must not depend on how many rows share the call (a single row included)."""
+    torch.manual_seed(2)
+    weight = torch.randn(512, 640)
+    dense = Dense(weight, torch.bfloat16, packed=packed)
+    x = torch.randn(9, 640)
+    batched = dense(x)
+    assert batched.dtype == torch.bfloat16
+    for rows in (slice(0, 1), slice(3, 4), slice(2, 5), slice(0, 8)):
+        assert torch.equal(dense(x[rows]), batched[rows])
+    reference = x.bfloat16().float() @ weight.bfloat16().float().T
+    torch.testing.assert_close(batched.float(), reference, rtol=1e-2, atol=0.3)
+    assert dense.resident_bytes == 512 * 640 * 2
+
+
+def test_dense_refuses_other_shapes_and_dtypes() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        Dense(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        Dense(torch.randn(3, 4), torch.float16)

@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.audio_gen import speechlike
 from wyoming_kyutai.random_checkpoint import MIMI_NAME, TINY_MIMI_CONFIG_NAME
+from wyoming_kyutai.runtime import linear
 from wyoming_kyutai.runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder, _convs
 from wyoming_kyutai.runtime.weights import WeightError, WeightFile
 
@@ -123,13 +125,21 @@ def _frame_by_frame(encoder: MimiEncoder, audio: np.ndarray, slot: int = 0) -> t
     return torch.cat([encoder.encode(f[None], [slot])[0] for f in x.split(FRAME)], dim=-1)
 
 
+@pytest.mark.parametrize("products", ["onednn", "matmul"])
 @pytest.mark.parametrize("which", ["tiny", "short", "deep"])
-def test_one_stream_frame_by_frame(which: str, request: pytest.FixtureRequest) -> None:
+def test_one_stream_frame_by_frame(
+    which: str, products: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moshi's codes, with the products prepacked for oneDNN (the default where torch has it)
+    and without (a torch without oneDNN)."""
+    monkeypatch.setattr(linear, "ONEDNN", linear.ONEDNN and products == "onednn")
     mimi: Mimi = request.getfixturevalue(which)
     audio = _audio("mixed", 36, seed=1)
     expected = mimi.reference(audio)
     _assert_varied(expected)
-    ours = _frame_by_frame(mimi.encoder(slots=2), audio, slot=1)
+    encoder = mimi.encoder(slots=2)
+    assert (encoder.quantizer.projection.packed is not None) == linear.ONEDNN
+    ours = _frame_by_frame(encoder, audio, slot=1)
     assert torch.equal(ours, expected)
 
 
@@ -299,15 +309,22 @@ def test_bfloat16_keeps_its_products_weights_in_half_the_bytes(short: Mimi) -> N
     full = short.encoder(slots=1).nbytes()["weights"]
     encoder = short.encoder(slots=1, dtype=torch.bfloat16)
     convs = [*_convs(encoder.seanet), encoder.downsample]
-    reduced = [c.matrix for c in convs if c.in_channels > 1]
-    reduced += [m for layer in encoder.transformer.layers for m in layer.matrices]
-    assert all(m.dtype == torch.bfloat16 for m in reduced)
-    assert full - encoder.nbytes()["weights"] == sum(m.numel() * 2 for m in reduced)
+    reduced = [c.dense for c in convs if c.in_channels > 1]
+    reduced += [d for layer in encoder.transformer.layers for d in _dense(layer)]
+    assert all(d is not None and d.dtype == torch.bfloat16 for d in reduced)
+    assert full - encoder.nbytes()["weights"] == sum(
+        d.in_features * d.out_features * 2 for d in reduced if d is not None
+    )
 
 
 def test_other_dtypes_are_refused(short: Mimi) -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         short.encoder(slots=1, dtype=torch.float16)
+
+
+def _dense(layer: object) -> list[Any]:
+    """A float transformer layer's four products."""
+    return [getattr(layer, name) for name in ("in_proj", "out_proj", "linear1", "linear2")]
 
 
 def _latents(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .linear import product
+from .linear import Dense
 from .weights import WeightFile
 
 MIN_TAP_WIDTH = 16
@@ -25,16 +25,12 @@ MAX_TAP_WASTE = 1.25
 outputs per Mimi frame, as at the last, lowest-rate layers) the windows are copied out."""
 
 
-FEW_ROWS = 8
-"""Below this many rows, the windowed product runs as rows @ matrix.T, else as matrix @ rows.T."""
-
-
 class StreamingConv:
     """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
 
-    Computed as matrix products against the weight laid out once at load, which avoids
-    PyTorch's per-call re-layout of the weight for these short inputs, in one of five ways
-    fixed at load from the shape (and ``positions``, the outputs per Mimi frame):
+    Computed as matrix products against the weight laid out and prepacked once at load
+    (:class:`.linear.Dense`), in one of five ways fixed at load from the shape (and
+    ``positions``, the outputs per Mimi frame):
 
     - ``kernel == stride`` (1x1 included): one product of the input's blocks of ``s`` samples;
     - tap groups: with ``k = m * s``, the input read as blocks of ``s`` samples gives each
@@ -81,26 +77,28 @@ class StreamingConv:
         self.mode = "taps"
         if in_channels == 1:
             self.mode = "single"
-            self.matrix = weight[:, 0].t().contiguous()  # [k, C_out]
         elif stride * in_channels < MIN_TAP_WIDTH and dtype == torch.float32:
             self.mode = "conv1d"
-            self.matrix = weight.contiguous()
         elif groups == 1:
             self.mode = "blocks"
         elif positions and (positions + groups - 1) > MAX_TAP_WASTE * positions:
             self.mode = "windows"
         self.dtype = torch.float32 if self.mode == "single" else dtype
-        if self.mode == "windows":
-            # [C_out, k * C_in]: multiplied from the left (few rows: MKL is faster that way)
-            self.matrix = taps.reshape(kernel * in_channels, out_channels).t()
-        elif self.mode in ("taps", "blocks"):
+        self.matrix: torch.Tensor | None = None  # single: [k, C_out]; conv1d: the weight
+        self.dense: Dense | None = None  # the other modes' product
+        if self.mode == "single":
+            self.matrix = weight[:, 0].t().contiguous()
+        elif self.mode == "conv1d":
+            self.matrix = weight.contiguous()
+        elif self.mode == "windows":
+            # [k * C_in, C_out]: an output's k taps side by side
+            self.dense = Dense(taps.reshape(kernel * in_channels, out_channels).t(), dtype)
+        else:
             # [s * C_in, m * C_out], group j's outputs summed at a shift of j blocks
             grouped = taps.reshape(groups, stride * in_channels, out_channels)
-            self.matrix = grouped.permute(1, 0, 2).reshape(stride * in_channels, -1)
-        self.matrix = self.matrix.to(self.dtype).contiguous()
-        self.column_bias = None
-        if self.mode == "windows" and bias is not None and self.dtype == torch.float32:
-            self.column_bias = bias[:, None].contiguous()
+            self.dense = Dense(
+                grouped.permute(1, 0, 2).reshape(stride * in_channels, -1).t(), dtype
+            )
         self.replicate = replicate
         self.activate = activate
         # reused outputs and inputs, by role: one call's results are consumed before the next
@@ -162,55 +160,35 @@ class StreamingConv:
         """The valid convolution of ``x`` [n, T_in, C_in] → [n, positions, C_out]."""
         n, length, channels = x.shape
         positions = (length - self.span) // self.stride + 1
+        if self.dense is None:
+            return self._convolve_plain(x, n, positions)
+        blocks = x.reshape(n * (length // self.stride), self.stride * channels)
+        if self.mode == "taps":
+            return self._shifted_sum(self.dense(blocks), n, length, positions)
+        if self.mode == "windows":
+            blocks = self._windows(blocks, n, length, positions)
+        y = self.dense(blocks)
+        if self.bias is not None:
+            y = y.add_(self.bias) if y.dtype == torch.float32 else torch.add(y, self.bias)
+        return y.float().view(n, positions, -1)
+
+    def _convolve_plain(self, x: torch.Tensor, n: int, positions: int) -> torch.Tensor:
+        """:meth:`_convolve` by ``conv1d``, or for one input channel as the taps' scaled copies
+        of the input summed elementwise."""
+        assert self.matrix is not None
         if self.mode == "conv1d":
             y = F.conv1d(x.transpose(1, 2), self.matrix, self.bias, self.stride, 0, self.dilation)
             return y.transpose(1, 2).contiguous()
-        if self.mode == "single":
-            y = self._buffer("output", (n, positions, self.out_channels))
-            if self.bias is None:
-                y.zero_()
-            else:
-                y.copy_(self.bias)
-            last = (positions - 1) * self.stride + 1
-            for j, tap in enumerate(self.matrix):
-                start = j * self.dilation
-                y.addcmul_(x[:, start : start + last : self.stride], tap)
-            return y
-        blocks = x.reshape(n * (length // self.stride), self.stride * channels)
-        if self.dtype != torch.float32:
-            return self._convolve_reduced(blocks, n, length, positions)
-        if self.mode == "blocks":
-            out = self._buffer("output", (n * positions, self.out_channels))
-            if self.bias is None:
-                return torch.mm(blocks, self.matrix, out=out).view(n, positions, -1)
-            return torch.addmm(self.bias, blocks, self.matrix, out=out).view(n, positions, -1)
-        if self.mode == "windows":
-            rows = self._windows(blocks, n, length, positions)
-            if len(rows) < FEW_ROWS:  # MKL: few rows times the transposed matrix is faster
-                if self.bias is None:
-                    return torch.mm(rows, self.matrix.t()).view(n, positions, -1)
-                return torch.addmm(self.bias, rows, self.matrix.t()).view(n, positions, -1)
-            if self.column_bias is None:
-                y = torch.mm(self.matrix, rows.t())
-            else:
-                y = torch.addmm(self.column_bias, self.matrix, rows.t())
-            return y.t().contiguous().view(n, positions, -1)
-        products = self._buffer("products", (blocks.shape[0], self.matrix.shape[1]))
-        torch.mm(blocks, self.matrix, out=products)
-        return self._shifted_sum(products, n, length, positions)
-
-    def _convolve_reduced(
-        self, blocks: torch.Tensor, n: int, length: int, positions: int
-    ) -> torch.Tensor:
-        """:meth:`_convolve` with the product in ``self.dtype`` (see :func:`.linear.product`);
-        the bias and the tap groups' shifted sums in float32."""
-        if self.mode == "taps":
-            return self._shifted_sum(product(blocks, self.matrix), n, length, positions)
-        if self.mode == "windows":
-            blocks = self._windows(blocks, n, length, positions)
-        products = product(blocks, self.matrix if self.mode == "blocks" else self.matrix.t())
-        y = products.float() if self.bias is None else torch.add(products, self.bias)
-        return y.view(n, positions, -1)
+        y = self._buffer("output", (n, positions, self.out_channels))
+        if self.bias is None:
+            y.zero_()
+        else:
+            y.copy_(self.bias)
+        last = (positions - 1) * self.stride + 1
+        for j, tap in enumerate(self.matrix):
+            start = j * self.dilation
+            y.addcmul_(x[:, start : start + last : self.stride], tap)
+        return y
 
     def _windows(self, blocks: torch.Tensor, n: int, length: int, positions: int) -> torch.Tensor:
         """Each output's taps side by side, [n * positions, k * C_in]: with stride 1 the k

@@ -318,10 +318,9 @@ class MimiEncoder:
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: weights, and the streaming state of one slot."""
         weights = resident_bytes(
-            [layer.matrix for layer in _convs(self.seanet)],
-            [layer.bias for layer in _convs(self.seanet)],
+            [(layer.matrix, layer.dense, layer.bias) for layer in _convs(self.seanet)],
             self.transformer.layers,
-            self.downsample.matrix,
+            self.downsample.dense,
             self.quantizer,
         )
         state = (

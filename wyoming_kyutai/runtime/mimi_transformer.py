@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .linear import Linear, product
+from .linear import Dense, Linear
 from .weights import WeightError, WeightFile
 
 FRAMES_PER_PASS = 8
@@ -68,19 +68,13 @@ class _Layer:
         linear1 = weights.take(f"{prefix}.linear1.weight", (hidden, dim))
         linear2 = weights.take(f"{prefix}.linear2.weight", (dim, hidden))
         self.int8 = int8
-        if int8:
-            self.in_proj = Linear(in_proj, int8)
-            self.out_proj = Linear(out_proj, int8)
-            self.linear1 = Linear(linear1, int8)
-            self.linear2 = Linear(linear2, int8)
-        # float: the weights as [in, out] (MKL multiplies few rows by them faster than by
-        # their transpose); x @ W.T as moshi computes it, up to float32 rounding order, or in
-        # ``dtype`` (bfloat16: see :func:`_product`)
-        self.matrices = (
-            []
-            if int8
-            else [w.t().to(dtype).contiguous() for w in (in_proj, out_proj, linear1, linear2)]
-        )
+        # float: x @ W.T as moshi computes it, up to float32 rounding order, or in ``dtype``
+        # (bfloat16: see :class:`.linear.Dense`)
+        products: list[Linear | Dense] = [
+            Linear(w, int8=True) if int8 else Dense(w, dtype)
+            for w in (in_proj, out_proj, linear1, linear2)
+        ]
+        self.in_proj, self.out_proj, self.linear1, self.linear2 = products
         self.norm1 = (
             weights.take(f"{prefix}.norm1.weight", (dim,)),
             weights.take(f"{prefix}.norm1.bias", (dim,)),
@@ -241,9 +235,8 @@ class EncoderTransformer:
         if layer.int8:
             return self._layer_int8(layer, x, keys, values, step)
         n, length, dim = x.shape
-        in_proj, out_proj, linear1, linear2 = layer.matrices
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
-        qkv = _product(h, in_proj).view(n, length, 3, self.heads, self.head_dim)
+        qkv = _product(layer.in_proj, h).view(n, length, 3, self.heads, self.head_dim)
         qk = self._rotate(qkv[:, :, :2], step.cos[:, :, None], step.sin[:, :, None])
         # into the rings at the pass's flat positions, [n, T, H] rows of head_dim
         keys.view(-1, self.head_dim).index_copy_(
@@ -253,10 +246,10 @@ class EncoderTransformer:
             0, step.flat, qkv[:, :, 2].reshape(-1, self.head_dim)
         )
         attended = self._attend(qk[:, :, 0].transpose(1, 2), keys, values, step)
-        update = _product(attended.transpose(1, 2).reshape(n, length, dim), out_proj)
+        update = _product(layer.out_proj, attended.transpose(1, 2).reshape(n, length, dim))
         x = x + (update if layer.scale1 is None else layer.scale1 * update)
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
-        update = _product(F.gelu(_product(h, linear1)), linear2)
+        update = _product(layer.linear2, F.gelu(_product(layer.linear1, h)))
         return x + (update if layer.scale2 is None else layer.scale2 * update)
 
     def _layer_int8(
@@ -316,10 +309,9 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _product(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``x @ matrix`` in float32; a bfloat16 ``matrix`` multiplies ``x`` rounded to bfloat16
-    (float32 accumulation, the result rounded to bfloat16, returned as float32)."""
-    return product(x, matrix).float()
+def _product(dense: Linear | Dense, x: torch.Tensor) -> torch.Tensor:
+    """``dense(x)`` as float32 (a bfloat16 product's result, rounded to bfloat16, widened)."""
+    return dense(x).float()
 
 
 def _as_slice(index: torch.Tensor) -> slice | None:

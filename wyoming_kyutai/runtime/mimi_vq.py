@@ -3,15 +3,17 @@
 Two quantizers read the same latent, each through its own 1x1 projection: the first
 (semantic) has one codebook, the rest (acoustic) a residual chain where every codebook
 quantizes what the previous ones left. A codebook entry is ``embedding_sum / max(usage, eps)``.
-The nearest entry is found exactly as ``torch.cdist`` does on its matrix-product path (padded
-operands, clamp, square root, first minimum), so the codes are the ones moshi computes; the
-padded codebooks are built once at load.
+The nearest entry is found as ``torch.cdist`` does on its matrix-product path (padded
+operands, clamp, square root, first minimum), so the codes are the ones moshi computes (the
+product is :class:`.linear.Dense`'s: the same up to float32 rounding order); the padded
+codebooks are built and prepacked once at load.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .linear import Dense
 from .weights import WeightError, WeightFile
 
 EPSILON = 1e-5
@@ -31,17 +33,17 @@ def _codebook(weights: WeightFile, prefix: str, bins: int, dim: int) -> torch.Te
     return embedding_sum / usage.clamp(min=EPSILON)[:, None]
 
 
-def _padded(codebook: torch.Tensor) -> torch.Tensor:
-    """``[entries, 1, |entry|^2]`` transposed: [dim + 2, bins], what cdist multiplies by."""
+def _padded(codebook: torch.Tensor) -> Dense:
+    """``[entries, 1, |entry|^2]`` [bins, dim + 2], what cdist multiplies by."""
     norms = codebook.pow(2).sum(-1, keepdim=True)
-    return torch.cat([codebook, torch.ones_like(norms), norms], dim=-1).t().contiguous()
+    return Dense(torch.cat([codebook, torch.ones_like(norms), norms], dim=-1))
 
 
-def _nearest(x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry for each row of ``x`` [rows, dim] (or [g, rows, dim])."""
+def _nearest(x: torch.Tensor, padded: Dense) -> torch.Tensor:
+    """Index of the nearest entry for each row of ``x`` [rows, dim]."""
     norms = x.pow(2).sum(-1, keepdim=True)
     rows = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
-    return torch.matmul(rows, padded).clamp_min_(0).sqrt_().argmin(dim=-1)
+    return padded(rows).clamp_min_(0).sqrt_().argmin(dim=-1)
 
 
 class SplitQuantizer:
@@ -70,19 +72,15 @@ class SplitQuantizer:
                     _codebook(weights, f"{prefix}.{part}.vq.layers.{i}._codebook", bins, dimension)
                 )
         self.dimension = dimension
-        # both projections as one product: [input_dim, 2 * dim]
-        self.projection = torch.cat(projections).t().contiguous()
+        self.projection = Dense(torch.cat(projections))  # both projections as one product
         self.codebooks = codebooks
-        # the semantic codebook and the first acoustic one are searched together
-        self.padded_pair = torch.stack([_padded(codebooks[0]), _padded(codebooks[1])])
         self.padded = [_padded(c) for c in codebooks]
 
     def encode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents`` [rows, input_dim] → codes int64 [rows, num_codebooks]."""
-        projected = torch.matmul(latents, self.projection)
+        projected = self.projection(latents)
         semantic, residual = projected.split(self.dimension, dim=-1)
-        pair = _nearest(torch.stack([semantic, residual]), self.padded_pair)
-        codes = [pair[0], pair[1]]
+        codes = [_nearest(semantic, self.padded[0]), _nearest(residual, self.padded[1])]
         for i in range(2, len(self.codebooks)):
             residual = residual - self.codebooks[i - 1][codes[-1]]
             codes.append(_nearest(residual, self.padded[i]))
