@@ -200,7 +200,8 @@ class Engine:
             raise failure[0]
 
     def _warm_up(self) -> None:
-        """Build the stepper and run every slot through one step (on the worker thread)."""
+        """Build the stepper, run every slot through one step and the usual shapes through
+        Mimi (on the worker thread)."""
         self.stepper = self.model.make_stepper(self.num_slots)
         started = time.monotonic()
         everyone = list(range(self.num_slots))
@@ -210,7 +211,14 @@ class Engine:
         self._start_codes = torch.zeros_like(codes[0])
         self.stepper.lm_step(codes, everyone)  # the start step (input ignored)
         self.stepper.lm_step(codes, everyone)
-        _LOGGER.info("Warm-up step: %.0f ms", (time.monotonic() - started) * 1000)
+        # the lean runtime prepares Mimi's products for each shape on first use (oneDNN,
+        # ~10-15 ms a shape on the AVX-512 machine): the first utterances' shapes are ready
+        # now (1..slots streams of one frame each, and one stream's flush with its run)
+        for n in range(1, self.num_slots):
+            self.stepper.encode(silence[:n], everyone[:n])
+        flush = np.zeros((1, (self.flush_frames + 1) * FRAME_SAMPLES), dtype=np.float32)
+        self.stepper.lm_run(self.stepper.encode(flush, [0])[0].t(), 0)
+        _LOGGER.info("Warm-up: %.0f ms", (time.monotonic() - started) * 1000)
         with self._cond:
             for slot in self._slots:
                 slot.needs_reset = True
