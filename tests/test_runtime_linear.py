@@ -82,3 +82,13 @@ def test_dense_refuses_other_shapes_and_dtypes() -> None:
         Dense(torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         Dense(torch.randn(3, 4), torch.float16)
+
+
+def test_int8_activations_never_overflow_the_kernel(engine: str) -> None:
+    """8-bit activations where the kernel accumulates in int32 (VNNI), 7 bits where it sums
+    pairs in int16: either way a product whose pairs would overflow int16 (every activation
+    and weight at its largest) comes out right."""
+    features = 2048
+    q = Linear(torch.ones(16, features), int8=True)
+    out = q(torch.ones(2, features))
+    torch.testing.assert_close(out, torch.full((2, 16), float(features)), rtol=0.02, atol=0)
