@@ -1,4 +1,6 @@
-"""Matrix products of the runtime: float32, or int8 weights with a per-stream activation grid.
+"""Matrix products of the runtime: :class:`Dense` (float32 or bfloat16 weights prepacked for
+oneDNN: Mimi's products) and :class:`Linear` (float32, or int8 weights with a per-stream
+activation grid: the LM's).
 
 int8 uses PyTorch's dynamic quantized linear (fbgemm/x86 on x86, qnnpack on ARM): int8 weights
 per output channel, activations quantized to uint8 at run time. That op picks one activation
@@ -7,8 +9,8 @@ batch. So every row (stream) is first scaled into [-1, 1] by its own largest mag
 guard row holding exactly -1 and +1 goes in front of them: the activation grid is then the same
 fixed one whatever else is in the batch, and each row's own scale is multiplied back afterwards
 (the layers have no bias). A stream's output depends only on its own input, bit for bit. That
-needs an engine whose rows are computed independently: x86/fbgemm or qnnpack, not onednn
-(:func:`pick_quantized_engine`, called before int8 weights are packed).
+needs an engine whose rows are computed independently: x86/fbgemm or qnnpack, not onednn's
+quantized engine (:func:`pick_quantized_engine`, called before int8 weights are packed).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ calls run in several).
 int8 passes cover one frame: its products round differently for different numbers of rows,
 and int8's activation rounding can turn such a last-bit difference into another code, so one
 frame per pass keeps the transformer's rounding that of one-frame calls. bfloat16 products
-give each row the same bits whatever the row count (see :func:`.linear.product`) and the
+give each row the same bits whatever the row count (see :class:`.linear.Dense`) and the
 attention runs one frame per call (:meth:`EncoderTransformer._attend`), so several frames
 share a pass. (In float32 the products' last-bit differences stay far below the codes'
 resolution.)
