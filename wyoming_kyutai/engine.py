@@ -212,10 +212,14 @@ class Engine:
         self.stepper.lm_step(codes, everyone)  # the start step (input ignored)
         self.stepper.lm_step(codes, everyone)
         # the lean runtime prepares Mimi's products for each shape on first use (oneDNN,
-        # ~10-15 ms a shape on the AVX-512 machine): the first utterances' shapes are ready
-        # now (1..slots streams of one frame each, and one stream's flush with its run)
-        for n in range(1, self.num_slots):
-            self.stepper.encode(silence[:n], everyone[:n])
+        # 10-50 ms a shape on the AVX-512 machine, enough to put streams that start together
+        # behind for seconds): the usual shapes are ready now (1..slots streams of one frame
+        # and of two, as when streams start or fall behind, and one stream's flush with its run)
+        pairs = np.concatenate([silence, silence], axis=1)
+        for n in range(1, self.num_slots + 1):
+            if n < self.num_slots:
+                self.stepper.encode(silence[:n], everyone[:n])
+            self.stepper.encode(pairs[:n], everyone[:n])
         flush = np.zeros((1, (self.flush_frames + 1) * FRAME_SAMPLES), dtype=np.float32)
         self.stepper.lm_run(self.stepper.encode(flush, [0])[0].t(), 0)
         _LOGGER.info("Warm-up: %.0f ms", (time.monotonic() - started) * 1000)
