@@ -370,6 +370,44 @@ async def test_a_backlog_is_encoded_in_one_call_and_stepped_frame_by_frame(
     assert len(calls.runs) == 1 and eng.flush_frames <= run_steps <= eng.flush_frames + 2
 
 
+async def test_streams_ending_together_run_one_flush_an_iteration(
+    tiny_model: LoadedModel, tiny_moshi: LoadedModel
+) -> None:
+    """Several flushes in one iteration would hold every other stream's next step up for
+    their sum: one runs, the others step beside the rest and run later; tokens unchanged."""
+    audios = [_audio(1.0, seed=71 + i) for i in range(3)]
+    expected = [reference_tokens(tiny_moshi, a) for a in audios]
+    eng = Engine(tiny_model, slots=3)
+    eng.start()
+    try:
+        calls = _Recorder(eng)
+        gate = _Batches(eng)  # the worker waits until every stream has ended
+        hold = eng.fault_hook
+        assert hold is not None
+        runs_by_iteration: list[int] = []  # how many runs each LM iteration made
+
+        def iteration(slots: list[int]) -> None:
+            runs_by_iteration.append(len(calls.runs))
+            hold(slots)
+
+        eng.fault_hook = iteration
+        streams = [await eng.open_stream() for _ in audios]
+        for stream, audio in zip(streams, audios, strict=True):
+            stream.push(audio)
+            stream.finish()
+        gate.release()
+        got = await asyncio.gather(*(_collect(s) for s in streams))
+        for stream in streams:
+            stream.close()
+        runs_by_iteration.append(len(calls.runs))
+    finally:
+        eng.stop()
+    assert got == expected
+    assert len(calls.runs) >= 2  # more than one stream ended in a run
+    made = [b - a for a, b in zip(runs_by_iteration, runs_by_iteration[1:], strict=False)]
+    assert max(made) == 1  # never two runs in one iteration
+
+
 async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_recovers(
     tiny_model: LoadedModel, tiny_moshi: LoadedModel
 ) -> None:

@@ -407,7 +407,12 @@ class Engine:
 
     def _lm_step(self, touched: list[tuple[_Slot, EngineStream]]) -> None:
         """One LM step over every slot with codes waiting (ascending slots), and the whole
-        rest of each finished stream (its flush) as one run; results out.
+        rest of one finished stream (its flush) as one run; results out.
+
+        One run an iteration: the other streams' next step waits for it, and several flushes
+        in a row held them up for their sum (4 real-time streams ending together: up to
+        945 ms of lag on AMD EPYC Zen 4, 2 cores). Other finished streams step beside the
+        rest meanwhile and run what is left of their flush in a later iteration.
 
         The slots stepped are added to ``touched`` first (a failure fails their streams).
         """
@@ -419,7 +424,7 @@ class Engine:
                 stream = slot.stream
                 if stream is None or slot.failed or not slot.encoded:
                     continue
-                if self._runs_to_the_end(slot):
+                if not runs and self._runs_to_the_end(slot):
                     runs.append((slot, stream, list(slot.encoded)))
                     slot.encoded.clear()
                 else:
