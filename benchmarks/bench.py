@@ -251,9 +251,19 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- 3. floor
+def _median_ms(run: Any, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``run()``, in ms (one decimal)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return round(float(np.median(times)) * 1000, 1)
+
+
 def _floor_pass(model: Any, batch: int) -> Any:
     """A function that runs the lean LM's int8 products once on ``batch`` rows (+ the guard
-    row), on their packed weights, with nothing around them."""
+    row), on their packed weights and with their activation range, with nothing around them."""
     import torch
 
     from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC
@@ -264,7 +274,7 @@ def _floor_pass(model: Any, batch: int) -> Any:
     def run() -> None:
         with torch.inference_mode():
             for m in linears:
-                _LINEAR_DYNAMIC(inputs[m.in_features], m.packed, True)
+                _LINEAR_DYNAMIC(inputs[m.in_features], m.packed, m._reduce_range)
 
     return run
 
@@ -273,27 +283,17 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
     """The LM's int8 matrix products alone, per step: a floor no runtime change gets under.
 
     Every int8 linear of the lean LM (transformer and text head), called directly on its packed
-    weights with ``batch`` rows (plus the guard row), with nothing around them.
+    weights with ``batch`` rows (plus the guard row), with nothing around them
+    (:func:`_floor_pass`).
     """
-    import torch
-
     from wyoming_kyutai.checkpoint import load_model
-    from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
     linears = [m for m in model.lm.linears() if m.int8]
     weight_mb = sum(m.in_features * m.out_features for m in linears) / 1e6
     out: dict[str, Any] = {"linears": len(linears), "int8_weight_mb": round(weight_mb)}
-    with torch.inference_mode():
-        for batch in batches:
-            inputs = {m.in_features: torch.rand(batch + 1, m.in_features) for m in linears}
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                for m in linears:
-                    _LINEAR_DYNAMIC(inputs[m.in_features], m.packed, True)
-                times.append(time.perf_counter() - started)
-            out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
+    for batch in batches:
+        out[f"batch{batch}_ms"] = _median_ms(_floor_pass(model, batch), repeats)
     out["gb_per_s_batch1"] = round(weight_mb / out[f"batch{batches[0]}_ms"], 1)
     return out
 
@@ -307,13 +307,12 @@ def _mimi_products(mimi: Any) -> list[tuple[int, int, int]]:
 
     out: list[tuple[int, int, int]] = []
     positions = mimi.frame_size
-    for conv in [*_convs(mimi.seanet)]:
+    for conv in _convs(mimi.seanet):
         positions //= conv.stride
         out.append((positions, conv.kernel_size * conv.in_channels, conv.out_channels))
     t = mimi.transformer
     for layer in t.layers:
-        for p in (layer.in_proj, layer.out_proj, layer.linear1, layer.linear2):
-            out.append((positions, p.in_features, p.out_features))
+        out += [(positions, p.in_features, p.out_features) for p in layer.linears]
     d = mimi.downsample
     out.append((positions // d.stride, d.kernel_size * d.in_channels, d.out_channels))
     q = mimi.quantizer
@@ -363,12 +362,7 @@ def mimi_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, A
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         for batch in batches:
             run = _mimi_floor_pass(model, batch, dtype)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - started)
-            out[f"{name}_batch{batch}_ms"] = round(float(np.median(times)) * 1000, 1)
+            out[f"{name}_batch{batch}_ms"] = _median_ms(run, repeats)
     return out
 
 

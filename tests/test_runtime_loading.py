@@ -196,8 +196,7 @@ def test_lean_mimi_dtype(tiny_dir: Path, dtype: str, expected: str) -> None:
     """Mimi's products stay float32 (Kyutai's codes) unless bfloat16 is asked for."""
     model = load_model(str(tiny_dir), device="cpu", dtype=dtype, quantize="int8", runtime="lean")
     assert model.dtype == getattr(torch, expected)
-    layers = model.mimi.transformer.layers
-    products = [p for x in layers for p in (x.in_proj, x.out_proj, x.linear1, x.linear2)]
+    products = [p for layer in model.mimi.transformer.layers for p in layer.linears]
     assert products and {p.dtype for p in products} == {getattr(torch, expected)}
 
 

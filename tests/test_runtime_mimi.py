@@ -309,8 +309,8 @@ def test_bfloat16_keeps_its_products_weights_in_half_the_bytes(short: Mimi) -> N
     full = short.encoder(slots=1).nbytes()["weights"]
     encoder = short.encoder(slots=1, dtype=torch.bfloat16)
     convs = [*_convs(encoder.seanet), encoder.downsample]
-    reduced = [c.dense for c in convs if c.in_channels > 1]
-    reduced += [d for layer in encoder.transformer.layers for d in _dense(layer)]
+    reduced: list[Any] = [c.dense for c in convs if c.in_channels > 1]
+    reduced += [d for layer in encoder.transformer.layers for d in layer.linears]
     assert all(d is not None and d.dtype == torch.bfloat16 for d in reduced)
     assert full - encoder.nbytes()["weights"] == sum(
         d.in_features * d.out_features * 2 for d in reduced if d is not None
@@ -320,11 +320,6 @@ def test_bfloat16_keeps_its_products_weights_in_half_the_bytes(short: Mimi) -> N
 def test_other_dtypes_are_refused(short: Mimi) -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         short.encoder(slots=1, dtype=torch.float16)
-
-
-def _dense(layer: object) -> list[Any]:
-    """A float transformer layer's four products."""
-    return [getattr(layer, name) for name in ("in_proj", "out_proj", "linear1", "linear2")]
 
 
 def _latents(

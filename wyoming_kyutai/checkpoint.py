@@ -291,7 +291,7 @@ def load_model(
         torch.set_num_threads(threads)
     torch_dtype = pick_dtype(dtype, dev)
     if chosen == "lean" and dtype == "auto":
-        # Kyutai's Mimi codes exactly: bfloat16 changes ~8 % of them (the bench), an effect on
+        # Kyutai's Mimi codes exactly: bfloat16 changes ~10 % of them (the bench), an effect on
         # a trained model's words that random weights cannot measure; it stays a choice
         torch_dtype = torch.float32
     elif chosen == "lean" and torch_dtype == torch.bfloat16 and not _cpu_has_native_bf16():

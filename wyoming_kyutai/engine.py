@@ -418,18 +418,20 @@ class Engine:
         """
         assert self.stepper is not None
         batch: list[tuple[_Slot, EngineStream, _Encoded]] = []
-        runs: list[tuple[_Slot, EngineStream, list[_Encoded]]] = []
+        run: tuple[_Slot, EngineStream, list[_Encoded]] | None = None
         with self._cond:
             for slot in self._slots:
                 stream = slot.stream
                 if stream is None or slot.failed or not slot.encoded:
                     continue
-                if not runs and self._runs_to_the_end(slot):
-                    runs.append((slot, stream, list(slot.encoded)))
+                if run is None and self._runs_to_the_end(slot):
+                    run = (slot, stream, list(slot.encoded))
                     slot.encoded.clear()
                 else:
                     batch.append((slot, stream, slot.encoded.popleft()))
-        touched += [(slot, stream) for slot, stream, _ in (*batch, *runs)]
+        touched += [(slot, stream) for slot, stream, _ in batch]
+        if run is not None:
+            touched.append(run[:2])
         if self.fault_hook is not None:
             self.fault_hook([slot.index for slot, _, _ in batch])
         if batch:
@@ -440,10 +442,11 @@ class Engine:
             self._deliver_results(
                 [(slot, stream, [e]) for slot, stream, e in batch], text.tolist(), pauses.tolist()
             )
-        for slot, stream, entries in runs:
+        if run is not None:
+            slot, stream, entries = run
             codes = torch.stack([e.codes for e in entries if e.codes is not None])
             text, pauses = self.stepper.lm_run(codes, slot.index)
-            self._deliver_results([(slot, stream, entries)], text.tolist(), pauses.tolist())
+            self._deliver_results([run], text.tolist(), pauses.tolist())
 
     def _runs_to_the_end(self, slot: _Slot) -> bool:
         """A finished stream is down to its flush (and at most two more frames), all encoded:

@@ -67,7 +67,6 @@ class _Layer:
         )
         linear1 = weights.take(f"{prefix}.linear1.weight", (hidden, dim))
         linear2 = weights.take(f"{prefix}.linear2.weight", (dim, hidden))
-        self.int8 = int8
         # float: x @ W.T as moshi computes it, up to float32 rounding order, or in ``dtype``
         # (bfloat16: see :class:`.linear.Dense`)
         products: list[Linear | Dense] = [
@@ -75,6 +74,8 @@ class _Layer:
             for w in (in_proj, out_proj, linear1, linear2)
         ]
         self.in_proj, self.out_proj, self.linear1, self.linear2 = products
+        self.linears = tuple(products)
+        """The four products, in that order."""
         self.norm1 = (
             weights.take(f"{prefix}.norm1.weight", (dim,)),
             weights.take(f"{prefix}.norm1.bias", (dim,)),
@@ -232,8 +233,6 @@ class EncoderTransformer:
         self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
     ) -> torch.Tensor:
         """One layer on ``x`` [n, T, D]; writes the pass's keys and values into the rings."""
-        if layer.int8:
-            return self._layer_int8(layer, x, keys, values, step)
         n, length, dim = x.shape
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
         qkv = _product(layer.in_proj, h).view(n, length, 3, self.heads, self.head_dim)
@@ -250,23 +249,6 @@ class EncoderTransformer:
         x = x + (update if layer.scale1 is None else layer.scale1 * update)
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
         update = _product(layer.linear2, F.gelu(_product(layer.linear1, h)))
-        return x + (update if layer.scale2 is None else layer.scale2 * update)
-
-    def _layer_int8(
-        self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
-    ) -> torch.Tensor:
-        """``_layer`` through the int8 linears."""
-        n, length, dim = x.shape
-        h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
-        q, k, v = layer.in_proj(h).view(n, length, 3, self.heads, self.head_dim).unbind(2)
-        q, k = self._rotate(q, step.cos, step.sin), self._rotate(k, step.cos, step.sin)
-        keys[step.rows, :, step.ring] = k
-        values[step.rows, :, step.ring] = v
-        attended = self._attend(q.transpose(1, 2), keys, values, step)
-        update = layer.out_proj(attended.transpose(1, 2).reshape(n, length, dim))
-        x = x + (update if layer.scale1 is None else layer.scale1 * update)
-        h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
-        update = layer.linear2(F.gelu(layer.linear1(h)))
         return x + (update if layer.scale2 is None else layer.scale2 * update)
 
 
@@ -310,7 +292,8 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def _product(dense: Linear | Dense, x: torch.Tensor) -> torch.Tensor:
-    """``dense(x)`` as float32 (a bfloat16 product's result, rounded to bfloat16, widened)."""
+    """``dense(x)`` as float32 (int8 and float32 products give float32; a bfloat16 product's
+    result, rounded to bfloat16, is widened)."""
     return dense(x).float()
 
 
