@@ -83,7 +83,17 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
+        "native_bf16": _native_bf16(),
     }
+
+
+def _native_bf16() -> bool:
+    """Whether Mimi in bfloat16 is measured: only where the CPU has native bfloat16 (without
+    it oneDNN emulates it, 10-40x slower than float32 on AMD EPYC AVX2: minutes of bench for
+    a setting nobody should pick there, and the server warns against it)."""
+    from wyoming_kyutai.checkpoint import _cpu_has_native_bf16
+
+    return _cpu_has_native_bf16()
 
 
 # --------------------------------------------------------------------------- 1. reference
@@ -345,9 +355,12 @@ def _mimi_floor_pass(model: Any, batch: int, dtype: Any) -> Any:
     return run
 
 
-def mimi_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any]:
+def mimi_floor(
+    ckpt: Path, batches: list[int], repeats: int = 10, bf16: bool = True
+) -> dict[str, Any]:
     """Mimi's matrix products alone per frame (:func:`_mimi_floor_pass`), float32 (the
-    default: moshi's codes) and bfloat16 (``dtype: bfloat16``): a floor under Mimi's step."""
+    default: moshi's codes) and bfloat16 (``dtype: bfloat16``, unless ``bf16`` is false): a
+    floor under Mimi's step."""
     import torch
 
     from wyoming_kyutai.checkpoint import load_model
@@ -359,7 +372,8 @@ def mimi_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, A
         "gmac_per_stream_frame": round(sum(r * k * n for r, k, n in products) / 1e9, 3),
         "float32_weight_mb": round(sum(k * n for _, k, n in products) * 4 / 1e6),
     }
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    dtypes = [("float32", torch.float32), ("bfloat16", torch.bfloat16)]
+    for name, dtype in dtypes if bf16 else dtypes[:1]:
         for batch in batches:
             run = _mimi_floor_pass(model, batch, dtype)
             out[f"{name}_batch{batch}_ms"] = _median_ms(run, repeats)
@@ -367,7 +381,7 @@ def mimi_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- 4. agreement
-def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
+def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
     """Lean float32 and int8 (Mimi float32 and bfloat16) against moshi float32: the LM on
     moshi's codes, Mimi's codes, and the tokens end to end (the LM on the lean Mimi's codes)."""
     import torch
@@ -434,7 +448,7 @@ def agreement(ckpt: Path, frames: int) -> dict[str, Any]:
         "frames": frames,
         "float32": lean("none", "float32"),
         "int8": lean("int8", "float32"),
-        "int8_bfloat16": lean("int8", "bfloat16"),
+        **({"int8_bfloat16": lean("int8", "bfloat16")} if bf16 else {}),
     }
 
 
@@ -667,10 +681,10 @@ def server_runs(
 PHASES: dict[str, Any] = {
     "reference": lambda c, d, f: reference_loop(Path(c), d, f),
     "steps": lambda c, *rest: stepper_steps(Path(c), *rest),
-    "agreement": lambda c, f: agreement(Path(c), f),
+    "agreement": lambda c, f, bf16=True: agreement(Path(c), f, bf16),
     "flush": lambda c, n: flush(Path(c), n),
     "floor": lambda c, b: lm_floor(Path(c), b),
-    "mimi_floor": lambda c, b: mimi_floor(Path(c), b),
+    "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
 }
 
@@ -712,6 +726,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores (torch CPU capability "
         f"{m['torch_cpu_capability']}; {' '.join(m.get('cpu_flags', []))}), torch {m['torch']}. "
         f"Command: `{result['command']}`",
+        *(
+            []
+            if m.get("native_bf16", True)
+            else ["", "No native bfloat16 on this CPU: the Mimi-in-bfloat16 rows are skipped."]
+        ),
         "",
         "| measure | value |",
         "| --- | --- |",
@@ -770,6 +789,7 @@ def markdown(result: dict[str, Any]) -> str:
                 if k.startswith(f"{dtype}_batch")
             )
             for dtype in ("float32", "bfloat16")
+            if any(k.startswith(f"{dtype}_batch") for k in mimi_floor)
         )
         lines.append(
             f"| floor: Mimi's {mimi_floor['products']} matrix products of a frame alone "
@@ -899,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     c = str(ckpt)
+    bf16 = _native_bf16()
     say("reference loop...")
     result["reference"] = [
         phase("reference", c, "bfloat16", frames),
@@ -912,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         ("moshi", "none", 1, short, "float32"),
         ("lean", "none", 1, short, "float32"),
         *[("lean", "int8", b, short, "auto") for b in (1, 4, 8, 16)],
-        *[("lean", "int8", b, short, "bfloat16") for b in (1, 8, 16)],
+        *[("lean", "int8", b, short, "bfloat16") for b in (1, 8, 16) if bf16],
     ]
     if not quick:
         runs += [("lean", "int8", b, 750, "auto") for b in (1, 8)]
@@ -933,9 +954,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     say(f"  {result['flush']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
-    result["mimi_floor"] = phase("mimi_floor", c, [1, 8, 16])
+    result["mimi_floor"] = phase("mimi_floor", c, [1, 8, 16], bf16)
     say("agreement...")
-    result["agreement"] = phase("agreement", c, 60 if quick else 150)
+    result["agreement"] = phase("agreement", c, 60 if quick else 150, bf16)
     say("memory...")
     result["memory"] = phase("memory", c, 8)
     say("server trials...")
