@@ -263,6 +263,63 @@ class LanguageModel:
         return result
 
     @torch.no_grad()
+    def step_ahead(
+        self,
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[Sequence[int]] | None = None,
+    ) -> list[LmStep]:
+        """One pass over the next steps of several slots at once: ``codes[i]`` int64
+        [k_i >= 1, n_q] are slot ``slots[i]``'s next k_i frames (as :meth:`step`; distinct
+        slots, pass them ascending). Returns, per slot, its first 1..k_i steps: exactly
+        those k_i calls of :meth:`step` would give, in one read of the weights.
+
+        A slot's first row takes its known text input; each later row's text input (the
+        output of the row before, not known yet) is guessed to be the padding token, which
+        a speech model emits on most frames (or ``guesses[i][j]`` for row j >= 1). The rows
+        are kept up to and including the first one whose output contradicts the next row's
+        guess (that one is exact too); the slot advances by that many steps and the rest of
+        its frames are for later calls. Each row
+        attends exactly as a step does (its own call), so in int8 a kept row is bit for bit
+        the step's (every op is per row), in float32 within the last bits of the products.
+
+        A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later call
+        redoing the unkept rows needs the entries they overwrite) takes one row."""
+        slots = self._check_slots(slots)
+        if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
+            raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
+        n_q, pad = self.config.n_q, self.config.padding_id
+        counts: list[int] = []
+        row_slots: list[int] = []
+        positions: list[int] = []
+        for slot, frames in zip(slots, codes, strict=True):
+            if frames.dim() != 2 or frames.shape[0] < 1 or frames.shape[1] != n_q:
+                raise ValueError(f"codes must be [k >= 1, {n_q}], got {list(frames.shape)}")
+            start = self._positions[slot]
+            count = int(frames.shape[0]) if start + frames.shape[0] <= self.config.context else 1
+            counts.append(count)
+            row_slots += [slot] * count
+            positions += range(start, start + count)
+        text = torch.full((len(positions),), pad, dtype=torch.long)
+        firsts = torch.tensor([0, *counts[:-1]], dtype=torch.long).cumsum(0)
+        if guesses is not None:
+            for first, count, guess in zip(firsts.tolist(), counts, guesses, strict=True):
+                text[first + 1 : first + count] = torch.tensor(list(guess)[1:count])
+        text[firsts] = self._text[slots]
+        rows = torch.cat([frames[:count] for frames, count in zip(codes, counts, strict=True)])
+        plan = self._cache.plan(row_slots, positions, self._rope)
+        out = self._forward(rows, text, positions, plan)
+        results: list[LmStep] = []
+        for slot, first, count in zip(slots, firsts.tolist(), counts, strict=True):
+            end = first + _confirmed(out.tokens[first : first + count], text[first : first + count])
+            results.append(
+                LmStep(out.tokens[first:end], out.pauses[first:end], out.text_logits[first:end])
+            )
+            self._positions[slot] += end - first
+            self._text[slot] = out.tokens[end - 1]
+        return results
+
+    @torch.no_grad()
     def step_run(
         self,
         codes: torch.Tensor,
@@ -332,9 +389,7 @@ class LanguageModel:
             positions = list(range(start + done, start + count))
             out = self._forward(codes[done:], text[done:], positions, plan)
             passes += 1
-            # row i's output is row i+1's input: rows are exact up to the first wrong guess
-            wrong = torch.nonzero(out.tokens[:-1] != text[done + 1 :])
-            valid = int(wrong[0, 0]) + 1 if len(wrong) else count - done
+            valid = _confirmed(out.tokens, text[done:])
             tokens[done : done + valid] = out.tokens[:valid]
             pauses[done : done + valid] = out.pauses[:valid]
             logits[done : done + valid] = out.text_logits[:valid]
@@ -411,6 +466,14 @@ class LanguageModel:
         audio = torch.where(codes < 0, self._zero_row, codes + self._audio_base)
         index = torch.cat([audio, (text + self._text_base)[:, None]], dim=1)
         return self._embeddings[index].float().sum(dim=1)
+
+
+def _confirmed(tokens: torch.Tensor, guesses: torch.Tensor) -> int:
+    """How many of a pass's consecutive rows of one slot are exact: row i's output is row
+    i+1's text input, guessed as ``guesses[i + 1]``, so the rows are exact up to and including
+    the first whose output is not the next row's guess (``guesses[0]`` was known)."""
+    wrong = torch.nonzero(tokens[:-1] != guesses[1:])
+    return int(wrong[0, 0]) + 1 if len(wrong) else len(tokens)
 
 
 def _embedding_table(

@@ -1,0 +1,121 @@
+"""LanguageModel.step_ahead (several slots' next steps in one pass, later text inputs guessed)
+against moshi's LMGen and against plain steps, on small generated checkpoints."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_runtime_flush import ROOMY
+from tests.test_runtime_lm import (
+    Checkpoint,
+    Reference,
+    _assert_matches,
+    _codes,
+    _model,
+    _moshi,
+    _run_alone,
+    _write,
+    small,  # noqa: F401 - fixture
+    tiny,  # noqa: F401 - fixture
+)
+from wyoming_kyutai.runtime.lm import LanguageModel
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    return _write(tmp_path_factory.mktemp("roomy_ahead"), ROOMY, seed=3)
+
+
+def _drive(
+    model: LanguageModel, streams: dict[int, torch.Tensor], truth: dict[int, list[int]], seed: int
+) -> tuple[dict[int, Reference], int]:
+    """Run the streams (slot -> codes) to their end by step_ahead calls: each call gives a
+    random 1-4 of each active slot's next frames, their later text inputs guessed right or
+    wrong at random (or left to the padding default). Checks that each call keeps exactly the
+    rows up to the first wrong guess (``truth``: the slot's tokens step by step); returns each
+    slot's outputs and how many rows were kept beyond a call's first of a slot."""
+    rng = random.Random(seed)
+    done = dict.fromkeys(streams, 0)
+    outputs: dict[int, list[Any]] = {slot: [] for slot in streams}
+    model.reset(list(streams))
+    ahead = 0
+    while any(done[s] < len(c) for s, c in streams.items()):
+        slots = sorted(s for s, c in streams.items() if done[s] < len(c) and rng.random() < 0.8)
+        if not slots:
+            continue
+        codes, guesses, expected = [], [], []
+        for slot in slots:
+            k = min(rng.randint(1, 4), len(streams[slot]) - done[slot])
+            codes.append(streams[slot][done[slot] : done[slot] + k])
+            right = truth[slot][done[slot] - 1 : done[slot] + k - 1] if done[slot] else [0]
+            guess = [t if rng.random() < 0.7 else (t + 1) % 64 for t in right]
+            guesses.append(guess[:k] + [0] * (k - len(guess)))
+            fits = done[slot] + k <= model.config.context
+            wrong = [j for j in range(1, k) if guesses[-1][j] != truth[slot][done[slot] + j - 1]]
+            expected.append((wrong[0] if wrong else k) if fits else 1)
+        padded = rng.random() < 0.3  # the default guess: padding
+        steps = model.step_ahead(codes, slots, None if padded else guesses)
+        for slot, step, count in zip(slots, steps, expected, strict=True):
+            if not padded:
+                assert len(step.tokens) == count
+            assert 1 <= len(step.tokens) <= len(codes[slots.index(slot)])
+            outputs[slot] += list(zip(step.tokens, step.text_logits, step.pauses, strict=True))
+            done[slot] += len(step.tokens)
+            ahead += len(step.tokens) - 1
+    return {
+        slot: Reference(
+            [int(t) for t, _, _ in out],
+            torch.stack([lg for _, lg, _ in out]),
+            torch.stack([p for _, _, p in out]),
+        )
+        for slot, out in outputs.items()
+    }, ahead
+
+
+@pytest.mark.parametrize("name", ["roomy", "small"])
+def test_streams_stepped_ahead_match_moshi(name: str, request: Any) -> None:
+    """Slots at different positions, some wrapping the ring (small: context 8), one starting
+    at step 0: every stream's tokens are moshi's, and calls kept guessed rows."""
+    ckpt: Checkpoint = request.getfixturevalue(name)
+    card = ckpt.config["card"]
+    streams = {0: _codes(40, card, seed=1), 1: _codes(12, card, seed=2), 3: _codes(25, card, 3)}
+    reference = _model(ckpt, slots=4)
+    truth = {slot: _run_alone(reference, c, slot).tokens for slot, c in streams.items()}
+    for seed in range(3):
+        got, ahead = _drive(_model(ckpt, slots=4), streams, truth, seed)
+        for slot, codes in streams.items():
+            _assert_matches(got[slot], _moshi(ckpt, codes))
+        assert ahead > 0
+
+
+def test_int8_ahead_is_bit_for_bit_steps(tiny: Checkpoint) -> None:  # noqa: F811 - the fixture
+    """In int8 every op of a row is the row's own (its activation grid, its attention call):
+    the kept rows are exactly the steps', whatever else is in the pass."""
+    card = tiny.config["card"]
+    streams = {0: _codes(30, card, seed=4), 2: _codes(18, card, seed=5)}
+    model = _model(tiny, slots=3, int8=True)
+    steps = {slot: _run_alone(model, c, slot) for slot, c in streams.items()}
+    truth = {slot: ref.tokens for slot, ref in steps.items()}
+    for seed in range(3):
+        got, _ = _drive(model, streams, truth, seed)
+        for slot, ref in steps.items():
+            assert got[slot].tokens == ref.tokens
+            assert torch.equal(got[slot].logits, ref.logits)
+            torch.testing.assert_close(got[slot].pauses, ref.pauses, rtol=0, atol=1e-6)
+
+
+def test_bad_arguments(roomy: Checkpoint) -> None:
+    model = _model(roomy, slots=2)
+    frames = torch.zeros(2, 32, dtype=torch.long)
+    with pytest.raises(ValueError, match="slots"):
+        model.step_ahead([frames], [0, 1])
+    with pytest.raises(ValueError, match="slots"):
+        model.step_ahead([frames, frames], [0, 1], [[3, 3]])
+    with pytest.raises(ValueError, match="codes"):
+        model.step_ahead([torch.zeros(0, 32, dtype=torch.long)], [0])
+    with pytest.raises(ValueError, match="slots"):
+        model.step_ahead([frames, frames], [1, 1])
