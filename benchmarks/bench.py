@@ -260,6 +260,52 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5) -> dict[str, Any]:
     }
 
 
+def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) -> dict[str, Any]:
+    """What a look-ahead pass (``step_ahead``: ``rows`` steps of each slot in one pass, later
+    text inputs guessed) costs against plain steps, int8, side by side on the same codes: slots
+    0..b-1 take ``rows`` plain steps (their tokens are the truth), then slots b..2b-1 take the
+    same steps in one pass guessing those tokens (all kept). Early in a command (from
+    position 10). The pass costs the same whether its guesses are right or not, so with a
+    share p of steps guessed right a step costs ``pass_ms / (1 + p + ... + p^(rows-1))``."""
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    lm = model.lm
+    out: dict[str, Any] = {"rows": rows}
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        lm.allocate(2 * b)
+        plain, ahead = list(range(b)), list(range(b, 2 * b))
+        codes = torch.randint(
+            0, lm.config.card, (10 + rows * passes, b, lm.config.n_q), generator=gen
+        )
+        step_ms, pass_ms = [], []
+        with torch.inference_mode():
+            lm.reset(plain + ahead)
+            for frame in codes[:10]:
+                lm.step(torch.cat([frame, frame]), plain + ahead)
+            for i in range(passes):
+                frames = codes[10 + i * rows : 10 + (i + 1) * rows]  # [rows, b, n_q]
+                started = time.perf_counter()
+                truth = [lm.step(frame, plain).tokens for frame in frames]
+                step_ms.append((time.perf_counter() - started) * 1000 / rows)
+                guesses = [[0, *[int(t[j]) for t in truth[:-1]]] for j in range(b)]
+                started = time.perf_counter()
+                kept = lm.step_ahead([frames[:, j] for j in range(b)], ahead, guesses)
+                pass_ms.append((time.perf_counter() - started) * 1000)
+                assert all(len(k.tokens) == rows for k in kept)
+        step, one_pass = float(np.median(step_ms)), float(np.median(pass_ms))
+        out[f"batch{b}"] = {
+            "step_ms": round(step, 1),
+            "pass_ms": round(one_pass, 1),
+            "pass_over_step": round(one_pass / step, 2),
+            "per_step_all_right_ms": round(one_pass / rows, 1),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------- 3. floor
 def _median_ms(run: Any, repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``run()``, in ms (one decimal)."""
@@ -683,6 +729,7 @@ PHASES: dict[str, Any] = {
     "steps": lambda c, *rest: stepper_steps(Path(c), *rest),
     "agreement": lambda c, f, bf16=True: agreement(Path(c), f, bf16),
     "flush": lambda c, n: flush(Path(c), n),
+    "lookahead": lambda c, b: lookahead(Path(c), b),
     "floor": lambda c, b: lm_floor(Path(c), b),
     "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
@@ -806,6 +853,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| flush after audio-stop, batch 1, {label} | Mimi {f['mimi_ms']} ms for "
                 f"{f['frames']} frames; LM {f['run_ms']} ms as a speculative run "
                 f"({f['passes']} passes) vs {f['steps_ms']} ms as steps |"
+            )
+    ahead = result.get("lookahead")
+    if ahead:
+        rows = ahead["rows"]
+        for key, value in ahead.items():
+            if not key.startswith("batch"):
+                continue
+            lines.append(
+                f"| look-ahead, {key.removeprefix('batch')} stream(s) behind: {rows} steps "
+                f"each in one pass | pass {value['pass_ms']} ms = {value['pass_over_step']}× a "
+                f"plain step ({value['step_ms']} ms); {value['per_step_all_right_ms']} ms a step "
+                "when the guesses are right |"
             )
     agree = result.get("agreement")
     if agree:
@@ -953,6 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         "pads_on_silence": phase("flush", str(pause), 40),
     }
     say(f"  {result['flush']}")
+    result["lookahead"] = phase("lookahead", c, [1, 4])
+    say(f"  look-ahead: {result['lookahead']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
     result["mimi_floor"] = phase("mimi_floor", c, [1, 8, 16], bf16)
     say("agreement...")

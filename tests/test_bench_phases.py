@@ -18,6 +18,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     mimi_floor = phase("mimi_floor", c, [1, 2])
     agree = phase("agreement", c, 20)
     mem = phase("memory", c, 3)
+    ahead = phase("lookahead", c, [1, 2])
     assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
     assert lean["dtype"] == "bfloat16"
     assert lean["short"]["step_ms"] > 0 and lean["late"]["position"] == 95
@@ -37,6 +38,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     # a model that pads on silence confirms the flush's guesses: fewer passes than steps
     assert flush["pads_on_silence"]["passes"] < flush["pads_on_silence"]["frames"]
     assert flush["random"]["frames"] == flush["pads_on_silence"]["frames"] > 2
+    assert ahead["rows"] == 4 and ahead["batch2"]["pass_ms"] > 0
     result = {
         "name": "t",
         "preset": "tiny",
@@ -48,6 +50,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
         "mimi_floor": mimi_floor,
         "agreement": agree,
         "flush": flush,
+        "lookahead": ahead,
         "memory": mem,
         "server": [
             {
@@ -78,5 +81,6 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| floor: Mimi's " in table and "bfloat16 batch 1 " in table
     assert "1 stream, the checkpoint that pads on silence | p50 50 ms" in table
     assert "| flush after audio-stop, batch 1, a checkpoint that emits padding" in table
+    assert "| look-ahead, 2 stream(s) behind: 4 steps each in one pass | pass " in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table

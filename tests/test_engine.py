@@ -288,13 +288,16 @@ class _Recorder:
         assert eng.stepper is not None
         self.stepper = eng.stepper
         self.encodes: list[tuple[list[int], int]] = []  # (slots, frames per slot)
-        self.steps: list[list[int]] = []
+        self.steps: list[list[int]] = []  # the slots of each LM pass (steps or look-ahead)
+        self.kept: list[int] = []  # the steps each LM pass kept, all its slots together
+        self.ahead: list[tuple[list[int], list[int]]] = []  # look-ahead: (offered, kept)
         self.runs: list[tuple[int, int]] = []  # (slot, steps)
         self._encode, self._lm_step = self.stepper.encode, self.stepper.lm_step
-        self._lm_run = self.stepper.lm_run
+        self._lm_run, self._lm_step_ahead = self.stepper.lm_run, self.stepper.lm_step_ahead
         self.stepper.encode = self.encode  # type: ignore[method-assign,assignment]
         self.stepper.lm_step = self.lm_step  # type: ignore[method-assign,assignment]
         self.stepper.lm_run = self.lm_run  # type: ignore[method-assign,assignment]
+        self.stepper.lm_step_ahead = self.lm_step_ahead  # type: ignore[method-assign,assignment]
 
     def encode(self, audio: np.ndarray, slots: list[int]) -> torch.Tensor:
         self.encodes.append((list(slots), audio.shape[1] // FRAME_SAMPLES))
@@ -302,7 +305,17 @@ class _Recorder:
 
     def lm_step(self, codes: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps.append(list(slots))
+        self.kept.append(len(slots))
         return self._lm_step(codes, slots)
+
+    def lm_step_ahead(
+        self, codes: list[torch.Tensor], slots: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.steps.append(list(slots))
+        out = self._lm_step_ahead(codes, slots)
+        self.ahead.append(([len(c) for c in codes], [len(t) for t, _ in out]))
+        self.kept.append(sum(len(t) for t, _ in out))
+        return out
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.runs.append((slot, len(codes)))
@@ -342,10 +355,12 @@ async def test_only_slots_with_audio_are_stepped(
     assert any(len(slots) >= 2 for slots in calls.steps)  # the talkers shared steps
 
 
-async def test_a_backlog_is_encoded_in_one_call_and_stepped_frame_by_frame(
+async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     tiny_model: LoadedModel,
     tiny_moshi: LoadedModel,
 ) -> None:
+    """A stream whose audio is all queued at once: Mimi takes 8 frames a call, the LM looks
+    ahead (lean) where it can; the tokens are Kyutai's and every frame is stepped once."""
     audio = _audio(1.6, seed=33)  # 20 frames
     expected = reference_tokens(tiny_moshi, audio)
     eng = Engine(tiny_model, slots=2, max_frames_per_step=8)
@@ -366,8 +381,56 @@ async def test_a_backlog_is_encoded_in_one_call_and_stepped_frame_by_frame(
     assert max(frames for _, frames in calls.encodes) == 8
     # the start step, then one per frame; the flush (at least) in one run at the end
     run_steps = sum(n for _, n in calls.runs)
-    assert len(calls.steps) + run_steps == 1 + len(expected)
+    assert sum(calls.kept) + run_steps == 1 + len(expected)
     assert len(calls.runs) == 1 and eng.flush_frames <= run_steps <= eng.flush_frames + 2
+    # look-ahead offered up to 4 steps (lean); moshi steps one frame at a time
+    offered = [n for counts, _ in calls.ahead for n in counts]
+    assert max(offered, default=1) == (4 if tiny_model.runtime == "lean" else 1)
+
+
+async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
+    pause_dir: Path,
+) -> None:
+    """On a checkpoint that emits padding on silence (as a trained model does on most
+    frames), a backlog of speech and silence keeps several guessed steps a pass: fewer LM
+    passes than frames, the same tokens as Kyutai's loop (float32) and as plain steps (int8,
+    bit for bit), with a second stream beside it."""
+    silence = np.zeros(24000, dtype=np.float32)
+    audio = np.concatenate([silence, _audio(1.0, seed=35), silence])  # 37.5 frames
+    other = _audio(2.0, seed=36)
+    moshi = load_model(
+        str(pause_dir), device="cpu", dtype="float32", quantize="none", runtime="moshi"
+    )
+    for quantize in ("none", "int8"):
+        model = load_model(str(pause_dir), device="cpu", dtype="float32", quantize=quantize)
+        plain = Engine(model, slots=2, lookahead=1)
+        plain.start()
+        try:
+            expected = [await _transcribe(plain, a) for a in (audio, other)]
+        finally:
+            plain.stop()
+        if quantize == "none":
+            assert expected == [reference_tokens(moshi, a) for a in (audio, other)]
+        eng = Engine(model, slots=2)
+        eng.start()
+        try:
+            calls = _Recorder(eng)
+            gate = _Batches(eng)  # the worker waits until both streams' audio is queued
+            streams = [await eng.open_stream() for _ in range(2)]
+            for stream, a in zip(streams, (audio, other), strict=True):
+                stream.push(a)
+                stream.finish()
+            gate.release()
+            got = await asyncio.gather(*(_collect(s) for s in streams))
+            for stream in streams:
+                stream.close()
+        finally:
+            gate.release()
+            eng.stop()
+        assert got == expected
+        kept = [n for _, counts in calls.ahead for n in counts]
+        assert max(kept) >= 3  # guessed steps confirmed
+        assert len(calls.steps) < len(expected[0])  # fewer passes than the stream's frames
 
 
 async def test_streams_ending_together_run_one_flush_an_iteration(

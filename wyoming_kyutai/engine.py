@@ -4,8 +4,9 @@ Each open stream owns a batch slot. The worker thread repeats one iteration: enc
 audio frames waiting in any slot through Mimi (a slot's several frames — a stream that fell
 behind, or the silent frames that flush the model's delay — in one call), then one LM step
 over every slot that has encoded frames waiting (+ VAD heads), through a :class:`Stepper`.
-Slots with nothing waiting are not computed, and a slot with a backlog advances one LM step
-per iteration beside the others instead of holding them up. A slot is reset when a new stream
+Slots with nothing waiting are not computed, and a slot with a backlog puts a few of its
+steps in the pass (later text inputs guessed, kept where the pass confirms them) beside the
+others instead of holding them up. A slot is reset when a new stream
 takes it; its first LM step is the model's start step (its input is ignored), batched with
 the others. The asyncio side never runs model code.
 """
@@ -59,6 +60,8 @@ class _Slot:
     step: int = 0
     finishing: bool = False
     failed: bool = False
+    plain_steps: int = 0
+    """LM iterations left in which this slot takes one step only (after guesses missed)."""
 
     def clear(self) -> None:
         self.frames.clear()
@@ -70,6 +73,12 @@ MAX_FRAMES_PER_STEP = 16
 """Default for :attr:`Engine.max_frames_per_step` (16 frames: 1.28 s of audio)."""
 RUN_MARGIN_FRAMES = 2
 """Frames beyond the flush that may still go in a finished stream's final run."""
+LOOKAHEAD_FRAMES = 4
+"""Default for :attr:`Engine.lookahead`: most steps of one slot with a backlog in one pass."""
+PASS_ROWS = 16
+"""Most rows of one LM pass that look ahead (a slot's own next step always goes in)."""
+PLAIN_AFTER_MISS = 8
+"""LM iterations a slot steps plainly after a look-ahead whose guesses all missed."""
 
 
 class EngineStream:
@@ -153,17 +162,25 @@ class Engine:
     """Owns the model's stepper and its batch slots; ``start()`` before use, ``stop()`` after."""
 
     def __init__(
-        self, model: LoadedModel, slots: int = 4, max_frames_per_step: int = MAX_FRAMES_PER_STEP
+        self,
+        model: LoadedModel,
+        slots: int = 4,
+        max_frames_per_step: int = MAX_FRAMES_PER_STEP,
+        lookahead: int = LOOKAHEAD_FRAMES,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if max_frames_per_step < 1:
             raise ValueError("max_frames_per_step must be at least 1")
+        if lookahead < 1:
+            raise ValueError("lookahead must be at least 1")
         self.model = model
         self.num_slots = slots
         self.flush_frames = model.flush_frames
         self.max_frames_per_step = max_frames_per_step
         """Most frames of one slot encoded in one Mimi call (a backlog or the flush)."""
+        self.lookahead = lookahead
+        """Most steps of a slot with a backlog in one LM pass (1: one step an iteration)."""
         self._slots = [_Slot(i) for i in range(slots)]
         self._cond = threading.Condition()
         self._running = False
@@ -266,6 +283,7 @@ class Engine:
                     slot.step = 0
                     slot.finishing = False
                     slot.failed = False
+                    slot.plain_steps = 0
                     return stream
         return None
 
@@ -406,8 +424,14 @@ class Engine:
                         )
 
     def _lm_step(self, touched: list[tuple[_Slot, EngineStream]]) -> None:
-        """One LM step over every slot with codes waiting (ascending slots), and the whole
+        """One LM pass over every slot with codes waiting (ascending slots), and the whole
         rest of one finished stream (its flush) as one run; results out.
+
+        A slot with a backlog (a stream that fell behind, or a finished one whose flush waits
+        for its run) puts up to :attr:`lookahead` of its steps in the pass, their text inputs
+        guessed (the runtime keeps the ones it confirms; the rest wait for the next pass): the
+        weights are read once for all of them. After a look-ahead whose guesses all missed,
+        the slot steps plainly for :data:`PLAIN_AFTER_MISS` iterations.
 
         One run an iteration: the other streams' next step waits for it, and several flushes
         in a row held them up for their sum (4 real-time streams ending together: up to
@@ -417,36 +441,74 @@ class Engine:
         The slots stepped are added to ``touched`` first (a failure fails their streams).
         """
         assert self.stepper is not None
-        batch: list[tuple[_Slot, EngineStream, _Encoded]] = []
+        batch: list[tuple[_Slot, EngineStream, list[_Encoded]]] = []
         run: tuple[_Slot, EngineStream, list[_Encoded]] | None = None
         with self._cond:
-            for slot in self._slots:
+            waiting = [s for s in self._slots if s.stream is not None and s.encoded]
+            waiting = [s for s in waiting if not s.failed]
+            spare = PASS_ROWS - len(waiting)  # rows a pass may add for look-ahead
+            for slot in waiting:
                 stream = slot.stream
-                if stream is None or slot.failed or not slot.encoded:
-                    continue
+                assert stream is not None
                 if run is None and self._runs_to_the_end(slot):
                     run = (slot, stream, list(slot.encoded))
                     slot.encoded.clear()
-                else:
-                    batch.append((slot, stream, slot.encoded.popleft()))
+                    continue
+                count = self._steps_in_pass(slot, spare)
+                spare -= count - 1
+                batch.append((slot, stream, [slot.encoded.popleft() for _ in range(count)]))
         touched += [(slot, stream) for slot, stream, _ in batch]
         if run is not None:
             touched.append(run[:2])
         if self.fault_hook is not None:
             self.fault_hook([slot.index for slot, _, _ in batch])
         if batch:
-            codes = torch.stack(
-                [e.codes if e.codes is not None else self._start_codes for _, _, e in batch]
-            )
-            text, pauses = self.stepper.lm_step(codes, [slot.index for slot, _, _ in batch])
-            self._deliver_results(
-                [(slot, stream, [e]) for slot, stream, e in batch], text.tolist(), pauses.tolist()
-            )
+            slots = [slot.index for slot, _, _ in batch]
+            codes = [torch.stack([self._input(e) for e in entries]) for _, _, entries in batch]
+            if all(len(entries) == 1 for _, _, entries in batch):
+                text, pauses = self.stepper.lm_step(torch.cat(codes), slots)
+                self._deliver_results(batch, text.tolist(), pauses.tolist())
+            else:
+                kept = self.stepper.lm_step_ahead(codes, slots)
+                batch = self._keep(batch, [len(tokens) for tokens, _ in kept])
+                text = torch.cat([tokens for tokens, _ in kept])
+                pauses = torch.cat([p for _, p in kept])
+                self._deliver_results(batch, text.tolist(), pauses.tolist())
         if run is not None:
             slot, stream, entries = run
-            codes = torch.stack([e.codes for e in entries if e.codes is not None])
-            text, pauses = self.stepper.lm_run(codes, slot.index)
+            frames = torch.stack([e.codes for e in entries if e.codes is not None])
+            text, pauses = self.stepper.lm_run(frames, slot.index)
             self._deliver_results([run], text.tolist(), pauses.tolist())
+
+    def _input(self, entry: _Encoded) -> torch.Tensor:
+        return entry.codes if entry.codes is not None else self._start_codes
+
+    def _steps_in_pass(self, slot: _Slot, spare: int) -> int:
+        """How many of the slot's waiting steps go in this pass (``spare``: rows left for
+        look-ahead in it); called under the lock."""
+        assert self.stepper is not None
+        if slot.plain_steps > 0:
+            slot.plain_steps -= 1
+            return 1
+        if not self.stepper.steps_ahead:
+            return 1
+        return max(1, min(len(slot.encoded), self.lookahead, 1 + spare))
+
+    def _keep(
+        self, batch: list[tuple[_Slot, EngineStream, list[_Encoded]]], kept: list[int]
+    ) -> list[tuple[_Slot, EngineStream, list[_Encoded]]]:
+        """After a look-ahead pass: the steps each slot kept; the others wait again at the
+        front of their slot (unless the stream is gone); slots whose guesses all missed step
+        plainly for a while."""
+        out = []
+        with self._cond:
+            for (slot, stream, entries), count in zip(batch, kept, strict=True):
+                if slot.stream is stream and not slot.failed:
+                    slot.encoded.extendleft(reversed(entries[count:]))
+                    if count == 1 < len(entries):
+                        slot.plain_steps = PLAIN_AFTER_MISS
+                out.append((slot, stream, entries[:count]))
+        return out
 
     def _runs_to_the_end(self, slot: _Slot) -> bool:
         """A finished stream is down to its flush (and at most two more frames), all encoded:

@@ -22,6 +22,8 @@ class LeanStepper:
     The state lives in the model's runtime objects: one stepper per model at a time.
     """
 
+    steps_ahead = True
+
     def __init__(self, mimi: MimiEncoder, lm: LanguageModel, slots: int) -> None:
         self.num_slots = slots
         self.frame_size = mimi.frame_size
@@ -51,6 +53,13 @@ class LeanStepper:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._lm.step(codes, slots)
         return out.tokens, out.pauses
+
+    @torch.inference_mode()
+    def lm_step_ahead(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Later steps' text inputs guessed as padding, kept up to the first wrong guess."""
+        return [(out.tokens, out.pauses) for out in self._lm.step_ahead(codes, slots)]
 
     @torch.inference_mode()
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

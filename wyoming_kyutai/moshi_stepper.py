@@ -24,6 +24,8 @@ from moshi.models import LMGen  # noqa: E402
 class MoshiStepper:
     """Batched streaming through moshi's Mimi and LMGen, one row per slot."""
 
+    steps_ahead = False
+
     def __init__(self, mimi: Any, lm: Any, device: torch.device, slots: int) -> None:
         self.num_slots = slots
         self.frame_size = int(mimi.frame_size)
@@ -61,6 +63,13 @@ class MoshiStepper:
         self, codes: torch.Tensor, slots: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._step(codes, slots)
+
+    def lm_step_ahead(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """moshi steps one frame at a time: each slot's first step only."""
+        tokens, pauses = self._step(torch.stack([c[0] for c in codes]), slots)
+        return [(tokens[i : i + 1], pauses[i : i + 1]) for i in range(len(slots))]
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         steps = [self._step(codes[i : i + 1], [slot]) for i in range(len(codes))]

@@ -20,6 +20,8 @@ class Stepper(Protocol):
     num_slots: int
     frame_size: int
     """Samples per frame (80 ms at 24 kHz: 1920)."""
+    steps_ahead: bool
+    """Whether :meth:`lm_step_ahead` can keep more than one step of a slot per call."""
 
     def close(self) -> None:
         """Release the slots' state (the stepper is not used after this)."""
@@ -46,6 +48,14 @@ class Stepper(Protocol):
         Returns the greedy text tokens int64 [n] and the class-0 ("pause") probability of each
         end-of-turn head float32 [n, heads] (heads may be 0).
         """
+
+    def lm_step_ahead(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next steps of n distinct slots, ``codes[i]`` int64 [k_i >= 1, codebooks] for
+        slot ``slots[i]``, in one call where the runtime can: per slot, the results (as
+        :meth:`lm_step`, [v_i] and [v_i, heads]) of its first 1 <= v_i <= k_i steps, the
+        ones it could confirm; the slot has advanced by v_i steps."""
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``len(codes)`` consecutive LM steps of one slot (e.g. its flush), ``codes`` int64
