@@ -2,8 +2,10 @@
 
 Each open stream owns a batch slot. The worker thread repeats one iteration: encode the
 audio frames waiting in any slot through Mimi (a slot's several frames — a stream that fell
-behind, or the silent frames that flush the model's delay — in one call), then one LM step
-over every slot that has encoded frames waiting (+ VAD heads), through a :class:`Stepper`.
+behind, or the silent frames that flush the model's delay — in one call; a slot that already
+holds the codes of its next LM pass lets its frames gather for a later call), then one LM
+pass over every slot that has encoded frames waiting (+ VAD heads), through a
+:class:`Stepper`.
 Slots with nothing waiting are not computed, and a slot with a backlog puts a few of its
 steps in the pass (later text inputs guessed, kept where the pass confirms them) beside the
 others instead of holding them up. A slot is reset when a new stream
@@ -62,6 +64,8 @@ class _Slot:
     failed: bool = False
     plain_steps: int = 0
     """LM iterations left in which this slot takes one step only (after guesses missed)."""
+    misses: int = 0
+    """Look-ahead passes in a row whose guesses all missed."""
 
     def clear(self) -> None:
         self.frames.clear()
@@ -75,10 +79,17 @@ RUN_MARGIN_FRAMES = 2
 """Frames beyond the flush that may still go in a finished stream's final run."""
 LOOKAHEAD_FRAMES = 4
 """Default for :attr:`Engine.lookahead`: most steps of one slot with a backlog in one pass."""
-PASS_ROWS = 16
-"""Most rows of one LM pass that look ahead (a slot's own next step always goes in)."""
-PLAIN_AFTER_MISS = 8
-"""LM iterations a slot steps plainly after a look-ahead whose guesses all missed."""
+LOOKAHEAD_ROWS = 3
+"""Rows a pass may add for look-ahead, all slots together: each costs a share of a step (AMD
+EPYC AVX2, 2 cores, 1B int8: a pass of 4 rows 1.18x a step, 8 rows 1.6x, 16 rows 2.5x), so
+they go to the longest backlogs rather than to every slot."""
+MISSES_BEFORE_PLAIN = 3
+"""Look-ahead passes in a row whose guesses all missed after which a slot steps plainly for
+:data:`PLAIN_STEPS` iterations (then tries again). A trained model pads on most frames, so
+a miss now and then is the norm; a model that never pads (random weights) pays for one
+wasted pass in nine."""
+PLAIN_STEPS = 8
+"""See :data:`MISSES_BEFORE_PLAIN`."""
 
 
 class EngineStream:
@@ -283,7 +294,7 @@ class Engine:
                     slot.step = 0
                     slot.finishing = False
                     slot.failed = False
-                    slot.plain_steps = 0
+                    slot.plain_steps = slot.misses = 0
                     return stream
         return None
 
@@ -366,7 +377,9 @@ class Engine:
                     if slot.needs_reset:
                         slot.needs_reset = False
                         reset.append((slot, slot.stream))
-                    if slot.frames:
+                    if slot.frames and len(slot.encoded) < self._pass_steps:
+                        # a slot with enough codes for its next pass waits: its frames then
+                        # go through Mimi together (one read of Mimi's weights for all)
                         count = min(len(slot.frames), self.max_frames_per_step)
                         audio.append(
                             (slot, slot.stream, [slot.frames.popleft() for _ in range(count)])
@@ -430,8 +443,9 @@ class Engine:
         A slot with a backlog (a stream that fell behind, or a finished one whose flush waits
         for its run) puts up to :attr:`lookahead` of its steps in the pass, their text inputs
         guessed (the runtime keeps the ones it confirms; the rest wait for the next pass): the
-        weights are read once for all of them. After a look-ahead whose guesses all missed,
-        the slot steps plainly for :data:`PLAIN_AFTER_MISS` iterations.
+        weights are read once for all of them. A pass adds at most :data:`LOOKAHEAD_ROWS`
+        such rows, to the longest backlogs; after :data:`MISSES_BEFORE_PLAIN` passes in a row
+        whose guesses all missed, the slot steps plainly for :data:`PLAIN_STEPS` iterations.
 
         One run an iteration: the other streams' next step waits for it, and several flushes
         in a row held them up for their sum (4 real-time streams ending together: up to
@@ -446,17 +460,17 @@ class Engine:
         with self._cond:
             waiting = [s for s in self._slots if s.stream is not None and s.encoded]
             waiting = [s for s in waiting if not s.failed]
-            spare = PASS_ROWS - len(waiting)  # rows a pass may add for look-ahead
+            run_slot = next((s for s in waiting if self._runs_to_the_end(s)), None)
+            if run_slot is not None:
+                assert run_slot.stream is not None
+                run = (run_slot, run_slot.stream, list(run_slot.encoded))
+                run_slot.encoded.clear()
+                waiting.remove(run_slot)
+            counts = self._steps_in_pass(waiting)
             for slot in waiting:
-                stream = slot.stream
-                assert stream is not None
-                if run is None and self._runs_to_the_end(slot):
-                    run = (slot, stream, list(slot.encoded))
-                    slot.encoded.clear()
-                    continue
-                count = self._steps_in_pass(slot, spare)
-                spare -= count - 1
-                batch.append((slot, stream, [slot.encoded.popleft() for _ in range(count)]))
+                assert slot.stream is not None
+                entries = [slot.encoded.popleft() for _ in range(counts[slot.index])]
+                batch.append((slot, slot.stream, entries))
         touched += [(slot, stream) for slot, stream, _ in batch]
         if run is not None:
             touched.append(run[:2])
@@ -483,16 +497,33 @@ class Engine:
     def _input(self, entry: _Encoded) -> torch.Tensor:
         return entry.codes if entry.codes is not None else self._start_codes
 
-    def _steps_in_pass(self, slot: _Slot, spare: int) -> int:
-        """How many of the slot's waiting steps go in this pass (``spare``: rows left for
-        look-ahead in it); called under the lock."""
+    @property
+    def _pass_steps(self) -> int:
+        """Most steps of one slot an LM pass takes."""
         assert self.stepper is not None
-        if slot.plain_steps > 0:
-            slot.plain_steps -= 1
-            return 1
-        if not self.stepper.steps_ahead:
-            return 1
-        return max(1, min(len(slot.encoded), self.lookahead, 1 + spare))
+        return self.lookahead if self.stepper.steps_ahead else 1
+
+    def _steps_in_pass(self, slots: list[_Slot]) -> dict[int, int]:
+        """How many of each slot's waiting steps go in this pass: one, and the
+        :data:`LOOKAHEAD_ROWS` extra rows to the longest backlogs (up to :attr:`lookahead`
+        steps a slot) of slots not in a plain stretch; called under the lock."""
+        assert self.stepper is not None
+        counts = {slot.index: 1 for slot in slots}
+        eager = []
+        for slot in slots:
+            if slot.plain_steps > 0:
+                slot.plain_steps -= 1
+            elif min(len(slot.encoded), self._pass_steps) > 1:
+                eager.append(slot)
+        spare = LOOKAHEAD_ROWS
+        while spare and eager:
+            eager.sort(key=lambda s: counts[s.index] - len(s.encoded))  # most left to step first
+            slot = eager[0]
+            counts[slot.index] += 1
+            spare -= 1
+            if counts[slot.index] >= min(len(slot.encoded), self.lookahead):
+                eager.pop(0)
+        return counts
 
     def _keep(
         self, batch: list[tuple[_Slot, EngineStream, list[_Encoded]]], kept: list[int]
@@ -506,7 +537,11 @@ class Engine:
                 if slot.stream is stream and not slot.failed:
                     slot.encoded.extendleft(reversed(entries[count:]))
                     if count == 1 < len(entries):
-                        slot.plain_steps = PLAIN_AFTER_MISS
+                        slot.misses += 1
+                        if slot.misses >= MISSES_BEFORE_PLAIN:
+                            slot.plain_steps = PLAIN_STEPS
+                    elif count > 1:
+                        slot.misses = 0
                 out.append((slot, stream, entries[:count]))
         return out
 
