@@ -681,21 +681,13 @@ def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
         server.stop()
 
 
-def server_runs(
-    ckpt: Path,
-    max_n: int,
-    seconds: float,
-    eos_runs: int,
-    threads: int,
-    long_seconds: float,
-    pause_ckpt: Path | None = None,
-) -> dict[str, Any]:
-    """Through the real server: end of speech alone (also on ``pause_ckpt``, a checkpoint that
-    pads on silence), then N real-time streams up to capacity."""
-    out: dict[str, Any] = {"threads": threads, "trials": []}
-    out["end_of_speech_1"] = end_of_speech(ckpt, eos_runs, threads)
-    if pause_ckpt is not None:
-        out["end_of_speech_1_pads_on_silence"] = end_of_speech(pause_ckpt, eos_runs, threads)
+def capacity(
+    ckpt: Path, max_n: int, seconds: float, threads: int
+) -> tuple[list[dict[str, Any]], int]:
+    """N real-time streams through a server with N slots, N = 1, 2, ... until one of them
+    falls behind (p99 lag over 160 ms) or ``max_n``: the trials and the largest N that kept
+    up."""
+    trials: list[dict[str, Any]] = []
     best = 0
     for n in range(1, max_n + 1):
         server = Server(ckpt, slots=n, threads=threads)
@@ -704,17 +696,41 @@ def server_runs(
             trial["rss_mb"] = server.rss_mb()
         finally:
             server.stop()
-        out["trials"].append(trial)
+        trials.append(trial)
         print(
-            f"  threads {threads or 'default'}, {n} stream(s) of {seconds:.0f} s: lag p99 "
-            f"{trial['lag_p99_worst'] * 1000:.0f} ms, keeps up: {trial['keeps_up']}",
+            f"  {ckpt.name}, threads {threads or 'default'}, {n} stream(s) of {seconds:.0f} s: "
+            f"lag p99 {trial['lag_p99_worst'] * 1000:.0f} ms, keeps up: {trial['keeps_up']}",
             file=sys.stderr,
             flush=True,
         )
         if not trial["keeps_up"]:
             break
         best = n
+    return trials, best
+
+
+def server_runs(
+    ckpt: Path,
+    max_n: int,
+    seconds: float,
+    eos_runs: int,
+    threads: int,
+    long_seconds: float,
+    pause_ckpt: Path | None = None,
+    pause_trials: bool = False,
+) -> dict[str, Any]:
+    """Through the real server: end of speech alone (also on ``pause_ckpt``, a checkpoint that
+    pads on silence), then N real-time streams up to capacity (also on ``pause_ckpt`` if
+    ``pause_trials``: where look-ahead's guesses can come true)."""
+    out: dict[str, Any] = {"threads": threads, "trials": []}
+    out["end_of_speech_1"] = end_of_speech(ckpt, eos_runs, threads)
+    if pause_ckpt is not None:
+        out["end_of_speech_1_pads_on_silence"] = end_of_speech(pause_ckpt, eos_runs, threads)
+    out["trials"], best = capacity(ckpt, max_n, seconds, threads)
     out["capacity"] = best
+    if pause_trials and pause_ckpt is not None:
+        trials, out["capacity_pads_on_silence"] = capacity(pause_ckpt, max_n, seconds, threads)
+        out["trials_pads_on_silence"] = trials
     if long_seconds and best:
         server = Server(ckpt, slots=best, threads=threads)
         try:
@@ -930,6 +946,14 @@ def markdown(result: dict[str, Any]) -> str:
         )
         if lags:
             lines.append(f"| server, threads {t}: p99 lag by number of streams | {lags} |")
+        trials = srv.get("trials_pads_on_silence")
+        if trials:
+            lags = "; ".join(f"{x['streams']}: {_ms(x['lag_p99_worst'])}" for x in trials)
+            lines.append(
+                f"| server, threads {t}, the checkpoint that pads on silence: real-time streams "
+                f"that keep up | **{srv['capacity_pads_on_silence']}** (p99 lag by number of "
+                f"streams: {lags}) |"
+            )
         long = srv.get("long_trial")
         if long:
             lines.append(
@@ -1023,7 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
     say("server trials...")
     thread_settings = [cores - 1, cores] if cores > 1 else [cores]
     result["server"] = [
-        server_runs(ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0, pause)
+        server_runs(
+            ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0, pause, t == cores
+        )
         for t in thread_settings
     ]
     out_dir = ROOT / "benchmarks" / "results"

@@ -68,6 +68,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
                 ],
                 "end_of_speech_1": {"p50": 0.1, "p95": 0.2},
                 "end_of_speech_1_pads_on_silence": {"p50": 0.05, "p95": 0.06},
+                "trials_pads_on_silence": [{"streams": 1, "lag_p99_worst": 0.07}],
+                "capacity_pads_on_silence": 1,
             }
         ],
     }
@@ -84,3 +86,4 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| look-ahead, 2 stream(s) behind: 4 steps each in one pass | pass " in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table
+    assert "the checkpoint that pads on silence: real-time streams that keep up | **1** (" in table

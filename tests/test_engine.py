@@ -79,6 +79,22 @@ async def _collect(stream: EngineStream) -> list[int]:
     return tokens
 
 
+async def _queued_together(
+    eng: Engine, gate: _Batches, audios: list[np.ndarray]
+) -> list[list[int]]:
+    """A stream per audio, all of it and its end queued while the worker waits at ``gate``,
+    then released; each stream's tokens."""
+    streams = [await eng.open_stream() for _ in audios]
+    for stream, audio in zip(streams, audios, strict=True):
+        stream.push(audio)
+        stream.finish()
+    gate.release()
+    got = await asyncio.gather(*(_collect(s) for s in streams))
+    for stream in streams:
+        stream.close()
+    return list(got)
+
+
 async def _transcribe(
     eng: Engine, audio: np.ndarray, start_after: float = 0.0, pause: float = 0.0
 ) -> list[int]:
@@ -423,14 +439,7 @@ async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
         try:
             calls = _Recorder(eng)
             gate = _Batches(eng)  # the worker waits until both streams' audio is queued
-            streams = [await eng.open_stream() for _ in range(2)]
-            for stream, a in zip(streams, (audio, other), strict=True):
-                stream.push(a)
-                stream.finish()
-            gate.release()
-            got = await asyncio.gather(*(_collect(s) for s in streams))
-            for stream in streams:
-                stream.close()
+            got = await _queued_together(eng, gate, [audio, other])
         finally:
             gate.release()
             eng.stop()
@@ -461,14 +470,7 @@ async def test_streams_ending_together_run_one_flush_an_iteration(
             hold(slots)
 
         eng.fault_hook = iteration
-        streams = [await eng.open_stream() for _ in audios]
-        for stream, audio in zip(streams, audios, strict=True):
-            stream.push(audio)
-            stream.finish()
-        gate.release()
-        got = await asyncio.gather(*(_collect(s) for s in streams))
-        for stream in streams:
-            stream.close()
+        got = await _queued_together(eng, gate, audios)
         runs_by_iteration.append(len(calls.runs))
     finally:
         eng.stop()
