@@ -507,7 +507,6 @@ class Engine:
         """How many of each slot's waiting steps go in this pass: one, and the
         :data:`LOOKAHEAD_ROWS` extra rows to the longest backlogs (up to :attr:`lookahead`
         steps a slot) of slots not in a plain stretch; called under the lock."""
-        assert self.stepper is not None
         counts = {slot.index: 1 for slot in slots}
         eager = []
         for slot in slots:
@@ -521,7 +520,7 @@ class Engine:
             slot = eager[0]
             counts[slot.index] += 1
             spare -= 1
-            if counts[slot.index] >= min(len(slot.encoded), self.lookahead):
+            if counts[slot.index] >= min(len(slot.encoded), self._pass_steps):
                 eager.pop(0)
         return counts
 
