@@ -306,6 +306,60 @@ def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) ->
     return out
 
 
+def backlog(ckpt: Path, frames: int = 60, rows: int = 4) -> dict[str, Any]:
+    """One stream's backlog of ``frames`` frames (a command: 1 s of silence, then speech-like
+    audio, through Mimi; int8) run by look-ahead passes of ``rows`` steps, later text inputs
+    guessed as padding, or as the previous pass computed them (Jacobi, what the engine does):
+    LM passes and ms each way, side by side, alternated 3 times (the tokens are the same:
+    the passes verify every guess)."""
+    import torch
+
+    from wyoming_kyutai.checkpoint import load_model
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    lm = model.lm
+    lm.allocate(1)
+    model.mimi.allocate(1)
+    audio = np.zeros(frames * 1920, dtype=np.float32)
+    audio[12 * 1920 :] = speechlike((frames - 12) * 0.08, 24000, 7)[: (frames - 12) * 1920]
+    with torch.inference_mode():
+        codes = model.mimi.encode(torch.from_numpy(audio[None]), [0])[0].t()  # [frames, n_q]
+    pad = lm.config.padding_id
+
+    def run(jacobi: bool) -> tuple[list[int], int, float]:
+        guesses = [pad] * frames
+        tokens: list[int] = []
+        passes = 0
+        started = time.perf_counter()
+        with torch.inference_mode():
+            lm.reset([0])
+            while len(tokens) < frames:
+                done = len(tokens)
+                chunk = codes[done : done + rows]
+                (step,) = lm.step_ahead([chunk], [0], [guesses[done : done + len(chunk)]])
+                passes += 1
+                kept = len(step.tokens)
+                if jacobi and step.ahead is not None:
+                    for j, token in enumerate(step.ahead.tolist()):
+                        if done + kept + 1 + j < frames:
+                            guesses[done + kept + 1 + j] = token
+                tokens += step.tokens.tolist()
+        return tokens, passes, (time.perf_counter() - started) * 1000
+
+    out: dict[str, Any] = {"frames": frames, "rows": rows}
+    for _ in range(3):
+        for name, jacobi in (("padding", False), ("jacobi", True)):
+            tokens, passes, ms = run(jacobi)
+            out.setdefault("tokens", tokens)
+            assert tokens == out["tokens"]
+            out[f"passes_{name}"] = passes
+            out.setdefault(f"ms_{name}", []).append(ms)
+    del out["tokens"]
+    for name in ("padding", "jacobi"):
+        out[f"ms_{name}"] = round(float(np.median(out[f"ms_{name}"])), 1)
+    return out
+
+
 # --------------------------------------------------------------------------- 3. floor
 def _median_ms(run: Any, repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``run()``, in ms (one decimal)."""
@@ -746,6 +800,7 @@ PHASES: dict[str, Any] = {
     "agreement": lambda c, f, bf16=True: agreement(Path(c), f, bf16),
     "flush": lambda c, n: flush(Path(c), n),
     "lookahead": lambda c, b: lookahead(Path(c), b),
+    "backlog": lambda c: backlog(Path(c)),
     "floor": lambda c, b: lm_floor(Path(c), b),
     "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
@@ -881,6 +936,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"each in one pass | pass {value['pass_ms']} ms = {value['pass_over_step']}× a "
                 f"plain step ({value['step_ms']} ms); {value['per_step_all_right_ms']} ms a step "
                 "when the guesses are right |"
+            )
+    for key, label in (
+        ("random", "random weights"),
+        ("pads_on_silence", "the checkpoint that pads on silence"),
+    ):
+        b = result.get("backlog", {}).get(key)
+        if b:
+            lines.append(
+                f"| a backlog of {b['frames']} frames, 1 stream, {b['rows']} steps a pass, "
+                f"{label}: later text inputs guessed as padding vs as the last pass computed "
+                f"them | {b['passes_padding']} vs **{b['passes_jacobi']}** passes; "
+                f"{b['ms_padding']} vs {b['ms_jacobi']} ms |"
             )
     agree = result.get("agreement")
     if agree:
@@ -1038,6 +1105,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  {result['flush']}")
     result["lookahead"] = phase("lookahead", c, [1, 4])
     say(f"  look-ahead: {result['lookahead']}")
+    result["backlog"] = {
+        "random": phase("backlog", c),
+        "pads_on_silence": phase("backlog", str(pause)),
+    }
+    say(f"  backlog: {result['backlog']}")
     result["lm_floor"] = phase("floor", c, [1, 4, 8, 16])
     result["mimi_floor"] = phase("mimi_floor", c, [1, 8, 16], bf16)
     say("agreement...")

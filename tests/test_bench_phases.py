@@ -19,6 +19,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     agree = phase("agreement", c, 20)
     mem = phase("memory", c, 3)
     ahead = phase("lookahead", c, [1, 2])
+    backlog = {"random": phase("backlog", c), "pads_on_silence": phase("backlog", str(pause_dir))}
     assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
     assert lean["dtype"] == "bfloat16"
     assert lean["short"]["step_ms"] > 0 and lean["late"]["position"] == 95
@@ -39,6 +40,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert flush["pads_on_silence"]["passes"] < flush["pads_on_silence"]["frames"]
     assert flush["random"]["frames"] == flush["pads_on_silence"]["frames"] > 2
     assert ahead["rows"] == 4 and ahead["batch2"]["pass_ms"] > 0
+    for b in backlog.values():  # the same tokens either way (checked in the phase)
+        assert 0 < b["passes_jacobi"] <= b["passes_padding"] <= b["frames"]
     result = {
         "name": "t",
         "preset": "tiny",
@@ -51,6 +54,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
         "agreement": agree,
         "flush": flush,
         "lookahead": ahead,
+        "backlog": backlog,
         "memory": mem,
         "server": [
             {
@@ -77,6 +81,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| lean int8, Mimi bfloat16, batch 2, at position 95 |" in table
     assert "| lean int8, Mimi bfloat16 vs moshi float32 | LM on moshi's codes" in table
     assert "× its int8 floor (" in table
+    assert "| a backlog of 60 frames, 1 stream, 4 steps a pass, random weights:" in table
     assert lean["short"]["floor_ms"] > 0 and "floor_ms" not in moshi["short"]
     assert lean["short"]["mimi_floor_ms"] > 0 and "mimi_floor_ms" not in moshi["short"]
     assert "× its floor (" in table and "; the floors together " in table

@@ -19,6 +19,7 @@ from wyoming_kyutai.audio import FRAME_SAMPLES
 from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
+from wyoming_kyutai.stepper import Ahead
 
 INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
 """Token agreement of int8 (Mimi in float32, or in bfloat16) with Kyutai's float32 loop on the
@@ -328,12 +329,12 @@ class _Recorder:
         return self._lm_step(codes, slots)
 
     def lm_step_ahead(
-        self, codes: list[torch.Tensor], slots: list[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self, codes: list[torch.Tensor], slots: list[int], guesses: Any = None
+    ) -> list[Ahead]:
         self.steps.append(list(slots))
-        out = self._lm_step_ahead(codes, slots)
-        self.ahead.append(([len(c) for c in codes], [len(t) for t, _ in out]))
-        self.kept.append(sum(len(t) for t, _ in out))
+        out = self._lm_step_ahead(codes, slots, guesses)
+        self.ahead.append(([len(c) for c in codes], [len(k.tokens) for k in out]))
+        self.kept.append(sum(len(k.tokens) for k in out))
         return out
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,17 +492,23 @@ async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_re
     eng.start()
     try:
         assert eng.stepper is not None
-        real = eng.stepper.lm_step
         calls = {"two": 0}
 
-        def fail_third_shared_step(codes: torch.Tensor, slots: list[int]) -> Any:
-            if len(slots) == 2:
-                calls["two"] += 1
-                if calls["two"] == 3:
-                    raise RuntimeError("simulated kernel failure")
-            return real(codes, slots)
+        def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+            """``real``, but the third LM pass shared by both streams (a step or a look-ahead
+            pass: their backlogs take both) raises."""
 
-        eng.stepper.lm_step = fail_third_shared_step  # type: ignore[method-assign,assignment]
+            def call(codes: Any, slots: list[int], *rest: Any) -> Any:
+                if len(slots) == 2:
+                    calls["two"] += 1
+                    if calls["two"] == 3:
+                        raise RuntimeError("simulated kernel failure")
+                return real(codes, slots, *rest)
+
+            return call
+
+        eng.stepper.lm_step = failing(eng.stepper.lm_step)  # type: ignore[method-assign]
+        eng.stepper.lm_step_ahead = failing(eng.stepper.lm_step_ahead)  # type: ignore[method-assign]
         gate = _Batches(eng)
         victims = [await eng.open_stream(), await eng.open_stream()]
         for stream in victims:

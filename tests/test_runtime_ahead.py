@@ -119,3 +119,41 @@ def test_bad_arguments(roomy: Checkpoint) -> None:
         model.step_ahead([torch.zeros(0, 32, dtype=torch.long)], [0])
     with pytest.raises(ValueError, match="slots"):
         model.step_ahead([frames, frames], [1, 1])
+
+
+def _backlog_by_step_ahead(
+    model: LanguageModel, codes: torch.Tensor, slot: int, rows: int, jacobi: bool
+) -> tuple[list[int], int]:
+    """A backlog of ``codes`` run by step_ahead calls of ``rows`` frames each, later text
+    inputs guessed as padding or (``jacobi``) as the previous call predicted them (its
+    ``ahead``); the tokens and the number of calls."""
+    model.reset([slot])
+    guesses: list[int | None] = [None] * len(codes)
+    tokens: list[int] = []
+    calls = 0
+    pad = model.config.padding_id
+    while len(tokens) < len(codes):
+        done = len(tokens)
+        chunk = codes[done : done + rows]
+        guess = [0, *[pad if g is None else g for g in guesses[done + 1 : done + len(chunk)]]]
+        (step,) = model.step_ahead([chunk], [slot], [guess] if jacobi else None)
+        calls += 1
+        kept = len(step.tokens)
+        assert step.ahead is not None and len(step.ahead) == len(chunk) - kept
+        for j, token in enumerate(step.ahead.tolist()):
+            if done + kept + 1 + j < len(codes):
+                guesses[done + kept + 1 + j] = token
+        tokens += step.tokens.tolist()
+    return tokens, calls
+
+
+def test_a_backlog_guessed_from_the_last_pass_takes_fewer_passes(roomy: Checkpoint) -> None:
+    """Random weights never emit padding, so padding guesses keep one step a pass; guessing
+    each input as the previous pass computed it (Jacobi) keeps more, with moshi's tokens."""
+    codes = _codes(28, roomy.config["card"], seed=6)  # within the ring (context 32)
+    expected = _moshi(roomy, codes).tokens
+    model = _model(roomy, slots=2)
+    padded, padded_calls = _backlog_by_step_ahead(model, codes, 1, rows=4, jacobi=False)
+    jacobi, jacobi_calls = _backlog_by_step_ahead(model, codes, 1, rows=4, jacobi=True)
+    assert padded == expected and jacobi == expected
+    assert jacobi_calls < padded_calls

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ import torch
 from .audio import FRAME_SAMPLES
 from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
-from .stepper import Stepper
+from .stepper import Ahead, Stepper
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class _Encoded:
 
     codes: torch.Tensor | None
     frame: _Frame | None
+    guess: int | None = None
+    """A guess of this step's text input (the step before's output), from a look-ahead
+    pass that computed that step from a wrong input; None: padding."""
 
 
 @dataclass
@@ -62,10 +66,6 @@ class _Slot:
     step: int = 0
     finishing: bool = False
     failed: bool = False
-    plain_steps: int = 0
-    """LM iterations left in which this slot takes one step only (after guesses missed)."""
-    misses: int = 0
-    """Look-ahead passes in a row whose guesses all missed."""
 
     def clear(self) -> None:
         self.frames.clear()
@@ -83,13 +83,6 @@ LOOKAHEAD_ROWS = 3
 """Rows a pass may add for look-ahead, all slots together: each costs a share of a step (AMD
 EPYC AVX2, 2 cores, 1B int8: a pass of 4 rows 1.18x a step, 8 rows 1.6x, 16 rows 2.5x), so
 they go to the longest backlogs rather than to every slot."""
-MISSES_BEFORE_PLAIN = 3
-"""Look-ahead passes in a row whose guesses all missed after which a slot steps plainly for
-:data:`PLAIN_STEPS` iterations (then tries again). A trained model pads on most frames, so
-a miss now and then is the norm; a model that never pads (random weights) pays for one
-wasted pass in nine."""
-PLAIN_STEPS = 8
-"""See :data:`MISSES_BEFORE_PLAIN`."""
 
 
 class EngineStream:
@@ -294,7 +287,6 @@ class Engine:
                     slot.step = 0
                     slot.finishing = False
                     slot.failed = False
-                    slot.plain_steps = slot.misses = 0
                     return stream
         return None
 
@@ -442,10 +434,9 @@ class Engine:
 
         A slot with a backlog (a stream that fell behind, or a finished one whose flush waits
         for its run) puts up to :attr:`lookahead` of its steps in the pass, their text inputs
-        guessed (the runtime keeps the ones it confirms; the rest wait for the next pass): the
-        weights are read once for all of them. A pass adds at most :data:`LOOKAHEAD_ROWS`
-        such rows, to the longest backlogs; after :data:`MISSES_BEFORE_PLAIN` passes in a row
-        whose guesses all missed, the slot steps plainly for :data:`PLAIN_STEPS` iterations.
+        guessed (the runtime keeps the ones it confirms; the rest wait for the next pass, with
+        better guesses): the weights are read once for all of them. A pass adds at most
+        :data:`LOOKAHEAD_ROWS` such rows, to the longest backlogs.
 
         One run an iteration: the other streams' next step waits for it, and several flushes
         in a row held them up for their sum (4 real-time streams ending together: up to
@@ -483,10 +474,11 @@ class Engine:
                 text, pauses = self.stepper.lm_step(torch.cat(codes), slots)
                 self._deliver_results(batch, text.tolist(), pauses.tolist())
             else:
-                kept = self.stepper.lm_step_ahead(codes, slots)
-                batch = self._keep(batch, [len(tokens) for tokens, _ in kept])
-                text = torch.cat([tokens for tokens, _ in kept])
-                pauses = torch.cat([p for _, p in kept])
+                guesses = [[None, *(e.guess for e in entries[1:])] for _, _, entries in batch]
+                kept = self.stepper.lm_step_ahead(codes, slots, guesses)
+                batch = self._keep(batch, kept)
+                text = torch.cat([k.tokens for k in kept])
+                pauses = torch.cat([k.pauses for k in kept])
                 self._deliver_results(batch, text.tolist(), pauses.tolist())
         if run is not None:
             slot, stream, entries = run
@@ -506,14 +498,9 @@ class Engine:
     def _steps_in_pass(self, slots: list[_Slot]) -> dict[int, int]:
         """How many of each slot's waiting steps go in this pass: one, and the
         :data:`LOOKAHEAD_ROWS` extra rows to the longest backlogs (up to :attr:`lookahead`
-        steps a slot) of slots not in a plain stretch; called under the lock."""
+        steps a slot); called under the lock."""
         counts = {slot.index: 1 for slot in slots}
-        eager = []
-        for slot in slots:
-            if slot.plain_steps > 0:
-                slot.plain_steps -= 1
-            elif min(len(slot.encoded), self._pass_steps) > 1:
-                eager.append(slot)
+        eager = [slot for slot in slots if min(len(slot.encoded), self._pass_steps) > 1]
         spare = LOOKAHEAD_ROWS
         while spare and eager:
             eager.sort(key=lambda s: counts[s.index] - len(s.encoded))  # most left to step first
@@ -525,22 +512,30 @@ class Engine:
         return counts
 
     def _keep(
-        self, batch: list[tuple[_Slot, EngineStream, list[_Encoded]]], kept: list[int]
+        self, batch: list[tuple[_Slot, EngineStream, list[_Encoded]]], kept: list[Ahead]
     ) -> list[tuple[_Slot, EngineStream, list[_Encoded]]]:
         """After a look-ahead pass: the steps each slot kept; the others wait again at the
-        front of their slot (unless the stream is gone); slots whose guesses all missed step
-        plainly for a while."""
+        front of their slot (unless the stream is gone), each step after the first of them
+        with the pass's output of the step before it as the guess of its text input (Jacobi
+        iteration: those outputs came from a wrong input somewhere before them, yet mostly
+        hold; a 60-frame backlog on random weights, which never pad, takes 29 passes of 4
+        rows instead of 60, on the checkpoint that pads on silence 24 instead of 38).
+
+        A pass whose guesses all miss costs a slot a share of a step (at batch 1 on AMD EPYC
+        Zen 4, 4 rows cost 1.36x one row); it is not worth stepping plainly for a while after
+        misses: with these guesses that cost more than it saved (a 5 s backlog through the
+        engine, random weights: 28-44 LM calls with such stretches, 28-31 without)."""
         out = []
         with self._cond:
-            for (slot, stream, entries), count in zip(batch, kept, strict=True):
+            for (slot, stream, entries), result in zip(batch, kept, strict=True):
+                count = len(result.tokens)
                 if slot.stream is stream and not slot.failed:
+                    following = [*entries, *itertools.islice(slot.encoded, 1)]
+                    for later, token in zip(
+                        following[count + 1 :], result.ahead.tolist(), strict=False
+                    ):
+                        later.guess = token
                     slot.encoded.extendleft(reversed(entries[count:]))
-                    if count == 1 < len(entries):
-                        slot.misses += 1
-                        if slot.misses >= MISSES_BEFORE_PLAIN:
-                            slot.plain_steps = PLAIN_STEPS
-                    elif count > 1:
-                        slot.misses = 0
                 out.append((slot, stream, entries[:count]))
         return out
 

@@ -14,6 +14,7 @@ import torch
 from .runtime.lm import LanguageModel
 from .runtime.memory import check_memory
 from .runtime.mimi import MimiEncoder
+from .stepper import Ahead
 
 
 class LeanStepper:
@@ -56,13 +57,26 @@ class LeanStepper:
 
     @torch.inference_mode()
     def lm_step_ahead(
-        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Later steps' text inputs guessed as padding, kept up to the first wrong guess."""
-        return [(out.tokens, out.pauses) for out in self._lm.step_ahead(codes, slots)]
+        self,
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[Sequence[int | None]] | None = None,
+    ) -> list[Ahead]:
+        """Later steps' text inputs guessed (padding where there is no guess), kept up to
+        the first wrong guess."""
+        pad = self._lm.config.padding_id
+        given = None
+        if guesses is not None:
+            given = [[pad if g is None else int(g) for g in guess] for guess in guesses]
+        out = self._lm.step_ahead(codes, slots, given)
+        return [Ahead(o.tokens, o.pauses, _ahead(o.ahead)) for o in out]
 
     @torch.inference_mode()
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The flush in speculative passes (text inputs guessed as padding, verified)."""
         out = self._lm.step_run(codes, slot)
         return out.tokens, out.pauses
+
+
+def _ahead(tokens: torch.Tensor | None) -> torch.Tensor:
+    return tokens if tokens is not None else torch.zeros(0, dtype=torch.long)

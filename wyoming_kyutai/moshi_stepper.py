@@ -20,6 +20,8 @@ configure_moshi_env()
 import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
+from .stepper import Ahead  # noqa: E402
+
 
 class MoshiStepper:
     """Batched streaming through moshi's Mimi and LMGen, one row per slot."""
@@ -65,11 +67,15 @@ class MoshiStepper:
         return self._step(codes, slots)
 
     def lm_step_ahead(
-        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """moshi steps one frame at a time: each slot's first step only."""
+        self,
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[Sequence[int | None]] | None = None,
+    ) -> list[Ahead]:
+        """moshi steps one frame at a time: each slot's first step only (no guesses)."""
         tokens, pauses = self._step(torch.stack([c[0] for c in codes]), slots)
-        return [(tokens[i : i + 1], pauses[i : i + 1]) for i in range(len(slots))]
+        none = torch.zeros(0, dtype=torch.long)
+        return [Ahead(tokens[i : i + 1], pauses[i : i + 1], none) for i in range(len(slots))]
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         steps = [self._step(codes[i : i + 1], [slot]) for i in range(len(codes))]

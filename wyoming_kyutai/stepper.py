@@ -8,10 +8,19 @@ and knows nothing else about the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
+
+
+class Ahead(NamedTuple):
+    """One slot's result of :meth:`Stepper.lm_step_ahead`."""
+
+    tokens: torch.Tensor  # int64 [v]: the text tokens of the steps it kept (as lm_step)
+    pauses: torch.Tensor  # float32 [v, heads]: as lm_step
+    ahead: torch.Tensor  # int64 [k - v]: the pass's outputs of the rows it did not keep
+    # (guesses of those steps' outputs: of the next steps' text inputs); may be empty
 
 
 class Stepper(Protocol):
@@ -50,12 +59,17 @@ class Stepper(Protocol):
         """
 
     def lm_step_ahead(
-        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self,
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[Sequence[int | None]] | None = None,
+    ) -> list[Ahead]:
         """The next steps of n distinct slots, ``codes[i]`` int64 [k_i >= 1, codebooks] for
         slot ``slots[i]``, in one call where the runtime can: per slot, the results (as
         :meth:`lm_step`, [v_i] and [v_i, heads]) of its first 1 <= v_i <= k_i steps, the
-        ones it could confirm; the slot has advanced by v_i steps."""
+        ones it could confirm; the slot has advanced by v_i steps. ``guesses[i][j]`` (j >= 1)
+        guesses the text input of row j (the output of row j - 1; None: padding, what a
+        speech model emits on most frames); a wrong guess costs only speed."""
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``len(codes)`` consecutive LM steps of one slot (e.g. its flush), ``codes`` int64

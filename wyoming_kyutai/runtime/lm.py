@@ -137,6 +137,11 @@ class LmStep:
     pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
     text_logits: torch.Tensor  # float32 [n, text_card]
     passes: int = 1  # forward passes it took (step_run: 1 if every guess was right, up to n)
+    # step_ahead: the pass's outputs of the rows it did not keep, int64 [k - n]. Each was
+    # computed from a wrong input somewhere before it, so it is only a guess of that step's
+    # output, and a good one (a speech model's output depends little on its text input):
+    # the next call's guesses for the inputs of the steps after them (Jacobi iteration)
+    ahead: torch.Tensor | None = None
 
 
 def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -283,6 +288,9 @@ class LanguageModel:
         attends exactly as a step does (its own call), so in int8 a kept row is bit for bit
         the step's (every op is per row), in float32 within the last bits of the products.
 
+        Each result's ``ahead`` holds the outputs of the slot's rows it did not keep: the
+        guesses for the text inputs of the steps after them, for the next call.
+
         A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later call
         redoing the unkept rows needs the entries they overwrite) takes one row."""
         slots = self._check_slots(slots)
@@ -313,7 +321,12 @@ class LanguageModel:
         for slot, first, count in zip(slots, firsts.tolist(), counts, strict=True):
             end = first + _confirmed(out.tokens[first : first + count], text[first : first + count])
             results.append(
-                LmStep(out.tokens[first:end], out.pauses[first:end], out.text_logits[first:end])
+                LmStep(
+                    out.tokens[first:end],
+                    out.pauses[first:end],
+                    out.text_logits[first:end],
+                    ahead=out.tokens[end : first + count],
+                )
             )
             self._positions[slot] += end - first
             self._text[slot] = out.tokens[end - 1]
