@@ -42,6 +42,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert ahead["rows"] == 4 and ahead["batch2"]["pass_ms"] > 0
     for b in backlog.values():  # the same tokens either way (checked in the phase)
         assert 0 < b["passes_jacobi"] <= b["passes_padding"] <= b["frames"]
+    # random weights never pad: guesses from the last pass keep more steps a pass
+    assert backlog["random"]["passes_jacobi"] < backlog["random"]["passes_padding"]
     result = {
         "name": "t",
         "preset": "tiny",

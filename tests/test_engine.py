@@ -311,6 +311,11 @@ class _Recorder:
         self.kept: list[int] = []  # the steps each LM pass kept, all its slots together
         self.ahead: list[tuple[list[int], list[int]]] = []  # look-ahead: (offered, kept)
         self.runs: list[tuple[int, int]] = []  # (slot, steps)
+        # look-ahead guesses: for each slot, the outputs of the rows its last look-ahead pass
+        # did not keep; each next pass's guesses are checked against them (Jacobi)
+        self._unkept: dict[int, list[int]] = {}
+        self.guesses_checked = 0
+        self.guesses_wrong: list[tuple[int, int, Any, int]] = []  # (slot, row, given, expected)
         self._encode, self._lm_step = self.stepper.encode, self.stepper.lm_step
         self._lm_run, self._lm_step_ahead = self.stepper.lm_run, self.stepper.lm_step_ahead
         self.stepper.encode = self.encode  # type: ignore[method-assign,assignment]
@@ -326,19 +331,32 @@ class _Recorder:
     def lm_step(self, codes: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps.append(list(slots))
         self.kept.append(len(slots))
+        for slot in slots:
+            self._unkept.pop(slot, None)
         return self._lm_step(codes, slots)
 
     def lm_step_ahead(
         self, codes: list[torch.Tensor], slots: list[int], guesses: Any = None
     ) -> list[Ahead]:
         self.steps.append(list(slots))
+        for i, slot in enumerate(slots):
+            # row j's input is guessed as the last pass's output of the step before it
+            unkept = self._unkept.pop(slot, [])
+            for j in range(1, min(len(codes[i]), len(unkept) + 1)):
+                self.guesses_checked += 1
+                if guesses is None or guesses[i][j] != unkept[j - 1]:
+                    given = None if guesses is None else guesses[i][j]
+                    self.guesses_wrong.append((slot, j, given, unkept[j - 1]))
         out = self._lm_step_ahead(codes, slots, guesses)
+        for slot, result in zip(slots, out, strict=True):
+            self._unkept[slot] = result.ahead.tolist()
         self.ahead.append(([len(c) for c in codes], [len(k.tokens) for k in out]))
         self.kept.append(sum(len(k.tokens) for k in out))
         return out
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.runs.append((slot, len(codes)))
+        self._unkept.pop(slot, None)
         return self._lm_run(codes, slot)
 
 
@@ -407,6 +425,9 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     offered = [n for counts, _ in calls.ahead for n in counts]
     steps_a_pass = 4 if tiny_model.runtime == "lean" else 1
     assert max(offered, default=1) == steps_a_pass
+    # each step a pass did not keep came back guessed from that pass's outputs (Jacobi)
+    assert not calls.guesses_wrong
+    assert calls.guesses_checked > 0 or steps_a_pass == 1
     # a slot's frames wait for Mimi while it holds the codes of a whole pass (the start
     # step, queued in the same iteration, may make one more)
     assert max(calls.codes_waiting) <= steps_a_pass
@@ -447,6 +468,7 @@ async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
         assert got == expected
         kept = [n for _, counts in calls.ahead for n in counts]
         assert max(kept) >= 3  # guessed steps confirmed
+        assert calls.guesses_checked > 0 and not calls.guesses_wrong
         assert len(calls.steps) < len(expected[0])  # fewer passes than the stream's frames
 
 

@@ -62,6 +62,10 @@ def _drive(
         for slot, step, count in zip(slots, steps, expected, strict=True):
             if not padded:
                 assert len(step.tokens) == count
+            # ahead: the outputs of the rows run and not kept (one row near the ring's end)
+            offered = len(codes[slots.index(slot)])
+            run = offered if done[slot] + offered <= model.config.context else 1
+            assert step.ahead is not None and len(step.ahead) == run - len(step.tokens)
             assert 1 <= len(step.tokens) <= len(codes[slots.index(slot)])
             outputs[slot] += list(zip(step.tokens, step.text_logits, step.pauses, strict=True))
             done[slot] += len(step.tokens)
@@ -119,6 +123,10 @@ def test_bad_arguments(roomy: Checkpoint) -> None:
         model.step_ahead([torch.zeros(0, 32, dtype=torch.long)], [0])
     with pytest.raises(ValueError, match="slots"):
         model.step_ahead([frames, frames], [1, 1])
+    card = model.config.text_card
+    for guess in ([0], [0, card], [0, -1]):  # too few, or not a text token
+        with pytest.raises(ValueError, match="guesses"):
+            model.step_ahead([frames], [0], [guess])
 
 
 def _backlog_by_step_ahead(

@@ -522,9 +522,10 @@ class Engine:
         rows instead of 60, on the checkpoint that pads on silence 24 instead of 38).
 
         A pass whose guesses all miss costs a slot a share of a step (at batch 1 on AMD EPYC
-        Zen 4, 4 rows cost 1.36x one row); it is not worth stepping plainly for a while after
-        misses: with these guesses that cost more than it saved (a 5 s backlog through the
-        engine, random weights: 28-44 LM calls with such stretches, 28-31 without)."""
+        Zen 4, 4 rows cost 1.16-1.36x one row in two runs); it is not worth stepping plainly
+        for a while after misses: with these guesses that cost more than it saved (5 s of
+        audio queued at once through the engine, random weights, measured side by side with
+        a throwaway script: 28-44 LM calls with such stretches, 28-31 without)."""
         out = []
         with self._cond:
             for (slot, stream, entries), result in zip(batch, kept, strict=True):

@@ -137,7 +137,8 @@ class LmStep:
     pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
     text_logits: torch.Tensor  # float32 [n, text_card]
     passes: int = 1  # forward passes it took (step_run: 1 if every guess was right, up to n)
-    # step_ahead: the pass's outputs of the rows it did not keep, int64 [k - n]. Each was
+    # step_ahead: the pass's outputs of the rows it ran and did not keep, int64 (k - n; empty
+    # where the slot took one row near the end of its ring). Each was
     # computed from a wrong input somewhere before it, so it is only a guess of that step's
     # output, and a good one (a speech model's output depends little on its text input):
     # the next call's guesses for the inputs of the steps after them (Jacobi iteration)
@@ -312,7 +313,14 @@ class LanguageModel:
         firsts = torch.tensor([0, *counts[:-1]], dtype=torch.long).cumsum(0)
         if guesses is not None:
             for first, count, guess in zip(firsts.tolist(), counts, guesses, strict=True):
-                text[first + 1 : first + count] = torch.tensor(list(guess)[1:count])
+                later = [int(g) for g in list(guess)[1:count]]
+                if len(later) != count - 1 or not all(
+                    0 <= g < self.config.text_card for g in later
+                ):
+                    raise ValueError(
+                        f"guesses: one per row, text tokens in [0, {self.config.text_card})"
+                    )
+                text[first + 1 : first + count] = torch.tensor(later, dtype=torch.long)
         text[firsts] = self._text[slots]
         rows = torch.cat([frames[:count] for frames, count in zip(codes, counts, strict=True)])
         plan = self._cache.plan(row_slots, positions, self._rope)
