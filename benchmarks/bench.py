@@ -339,7 +339,7 @@ def backlog(ckpt: Path, frames: int = 60, rows: int = 4) -> dict[str, Any]:
                 (step,) = lm.step_ahead([chunk], [0], [guesses[done : done + len(chunk)]])
                 passes += 1
                 kept = len(step.tokens)
-                if jacobi and step.ahead is not None:
+                if jacobi:
                     for j, token in enumerate(step.ahead.tolist()):
                         if done + kept + 1 + j < frames:
                             guesses[done + kept + 1 + j] = token

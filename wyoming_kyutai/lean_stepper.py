@@ -69,14 +69,10 @@ class LeanStepper:
         if guesses is not None:
             given = [[pad if g is None else int(g) for g in guess] for guess in guesses]
         out = self._lm.step_ahead(codes, slots, given)
-        return [Ahead(o.tokens, o.pauses, _ahead(o.ahead)) for o in out]
+        return [Ahead(o.tokens, o.pauses, o.ahead) for o in out]
 
     @torch.inference_mode()
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The flush in speculative passes (text inputs guessed as padding, verified)."""
         out = self._lm.step_run(codes, slot)
         return out.tokens, out.pauses
-
-
-def _ahead(tokens: torch.Tensor | None) -> torch.Tensor:
-    return tokens if tokens is not None else torch.zeros(0, dtype=torch.long)

@@ -74,8 +74,7 @@ class MoshiStepper:
     ) -> list[Ahead]:
         """moshi steps one frame at a time: each slot's first step only (no guesses)."""
         tokens, pauses = self._step(torch.stack([c[0] for c in codes]), slots)
-        none = torch.zeros(0, dtype=torch.long)
-        return [Ahead(tokens[i : i + 1], pauses[i : i + 1], none) for i in range(len(slots))]
+        return [Ahead(tokens[i : i + 1], pauses[i : i + 1]) for i in range(len(slots))]
 
     def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         steps = [self._step(codes[i : i + 1], [slot]) for i in range(len(codes))]

@@ -19,9 +19,9 @@ class Ahead(NamedTuple):
 
     tokens: torch.Tensor  # int64 [v]: the text tokens of the steps it kept (as lm_step)
     pauses: torch.Tensor  # float32 [v, heads]: as lm_step
-    ahead: torch.Tensor  # int64: the pass's outputs of the rows it ran and did not keep
-    # (k - v; empty where it ran one row): guesses of those steps' outputs, i.e. of the
-    # next steps' text inputs
+    ahead: torch.Tensor = torch.zeros(0, dtype=torch.long)  # int64: the pass's outputs of
+    # the rows it ran and did not keep (k - v; empty where it ran one row): guesses of those
+    # steps' outputs, i.e. of the next steps' text inputs (never written: one shared default)
 
 
 class Stepper(Protocol):

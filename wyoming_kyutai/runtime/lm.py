@@ -16,7 +16,7 @@ decoding, greedy).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -141,8 +141,9 @@ class LmStep:
     # where the slot took one row near the end of its ring). Each was
     # computed from a wrong input somewhere before it, so it is only a guess of that step's
     # output, and a good one (a speech model's output depends little on its text input):
-    # the next call's guesses for the inputs of the steps after them (Jacobi iteration)
-    ahead: torch.Tensor | None = None
+    # the next call's guesses for the inputs of the steps after them (Jacobi iteration).
+    # Empty for step and step_run.
+    ahead: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
