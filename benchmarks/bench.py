@@ -214,49 +214,70 @@ def stepper_steps(
     return out
 
 
-def flush(ckpt: Path, spoken: int, repeats: int = 5) -> dict[str, Any]:
-    """The end of one utterance (batch 1), as the engine runs it after ``audio-stop``: the last
-    frame and the flush's silent frames through Mimi in one call, then their LM steps as one
+def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[str, Any]:
+    """The end of utterances, as the engine runs it after ``audio-stop``: the last frame and
+    the flush's silent frames through Mimi in one call, then their LM steps as one
     speculative run (``step_run``: guesses the model emits padding) and, side by side on the
-    same codes, as plain steps. Medians over ``repeats``, each after ``spoken`` speech frames.
+    same codes, as plain steps (batch 1); then ``streams`` utterances ending together, their
+    flushes in one shared run (as the engine runs them) vs one run after the other. Medians
+    over ``repeats``, each after ``spoken`` speech frames.
     """
     import torch
 
     from wyoming_kyutai.checkpoint import load_model
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
-    model.mimi.allocate(1)
-    model.lm.allocate(1)
-    speech = torch.from_numpy(speechlike(spoken * 0.08, 24000, 5)[None])
-    tail = torch.zeros(1, (model.flush_frames + 1) * 1920)
-    tail[0, :960] = speech[0, -960:]  # the last, half-filled frame (speech's last 40 ms)
-    times: dict[str, list[float]] = {"mimi": [], "run": [], "steps": []}
-    passes: list[int] = []
+    model.mimi.allocate(streams)
+    model.lm.allocate(streams)
+    speech = torch.from_numpy(
+        np.stack([speechlike(spoken * 0.08, 24000, 5 + i) for i in range(streams)])
+    )
+    tail = torch.zeros(streams, (model.flush_frames + 1) * 1920)
+    tail[:, :960] = speech[:, -960:]  # the last, half-filled frame (speech's last 40 ms)
+    times: dict[str, list[float]] = {m: [] for m in ("mimi", "run", "steps", "together", "apart")}
+    passes: dict[str, list[int]] = {"run": [], "together": []}
+
+    def spoken_then_tails(slots: list[int]) -> list[torch.Tensor]:
+        """``slots`` reset, their speech stepped; the tails' codes [T, n_q] per slot."""
+        model.mimi.reset(slots)
+        model.lm.reset(slots)
+        codes = model.mimi.encode(speech[: len(slots)], slots)
+        model.lm.step(codes[:, :, 0], slots)  # the start step
+        for i in range(codes.shape[2]):
+            model.lm.step(codes[:, :, i], slots)
+        started = time.perf_counter()
+        tails = model.mimi.encode(tail[: len(slots)], slots)
+        if len(slots) == 1:
+            times["mimi"].append((time.perf_counter() - started) * 1000)
+        return [t.t() for t in tails]
+
+    everyone = list(range(streams))
     with torch.inference_mode():
         for _ in range(repeats):
-            for mode in ("run", "steps"):
-                model.mimi.reset([0])
-                model.lm.reset([0])
-                codes = model.mimi.encode(speech, [0])[0]
-                model.lm.step(codes[:, 0][None], [0])  # the start step
-                for i in range(codes.shape[1]):
-                    model.lm.step(codes[:, i][None], [0])
+            for mode in ("run", "steps", "together", "apart"):
+                tails = spoken_then_tails([0] if mode in ("run", "steps") else everyone)
                 started = time.perf_counter()
-                codes = model.mimi.encode(tail, [0])[0].t()  # [T, n_q]
-                encoded = time.perf_counter()
-                if mode == "run":
-                    passes.append(model.lm.step_run(codes, 0).passes)
+                if mode in ("run", "together"):
+                    runs = model.lm.step_run(tails, everyone[: len(tails)])
+                    passes[mode].append(max(r.passes for r in runs))
+                elif mode == "apart":
+                    for slot, codes in enumerate(tails):
+                        model.lm.step_run([codes], [slot])
                 else:
-                    for row in codes:
+                    for row in tails[0]:
                         model.lm.step(row[None], [0])
-                times[mode].append((time.perf_counter() - encoded) * 1000)
-                times["mimi"].append((encoded - started) * 1000)
+                times[mode].append((time.perf_counter() - started) * 1000)
+    med = {k: round(float(np.median(v)), 1) for k, v in times.items()}
     return {
         "frames": model.flush_frames + 1,
-        "mimi_ms": round(float(np.median(times["mimi"])), 1),
-        "run_ms": round(float(np.median(times["run"])), 1),
-        "steps_ms": round(float(np.median(times["steps"])), 1),
-        "passes": int(np.median(passes)),
+        "mimi_ms": med["mimi"],
+        "run_ms": med["run"],
+        "steps_ms": med["steps"],
+        "passes": int(np.median(passes["run"])),
+        "streams": streams,
+        "together_ms": med["together"],
+        "together_passes": int(np.median(passes["together"])),
+        "apart_ms": med["apart"],
     }
 
 
@@ -925,6 +946,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{f['frames']} frames; LM {f['run_ms']} ms as a speculative run "
                 f"({f['passes']} passes) vs {f['steps_ms']} ms as steps |"
             )
+            if "together_ms" in f:
+                lines.append(
+                    f"| flush of {f['streams']} streams ending together, {key.replace('_', ' ')}"
+                    f": LM in one shared run vs one run after the other | "
+                    f"{f['together_ms']} ms ({f['together_passes']} passes) vs "
+                    f"{f['apart_ms']} ms |"
+                )
     ahead = result.get("lookahead")
     if ahead:
         rows = ahead["rows"]

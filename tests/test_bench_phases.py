@@ -39,6 +39,10 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     # a model that pads on silence confirms the flush's guesses: fewer passes than steps
     assert flush["pads_on_silence"]["passes"] < flush["pads_on_silence"]["frames"]
     assert flush["random"]["frames"] == flush["pads_on_silence"]["frames"] > 2
+    # streams ending together share their run's passes: no more than the slowest one's
+    for f in flush.values():
+        assert f["streams"] == 4 and 0 < f["together_passes"] <= f["frames"]
+        assert f["together_ms"] > 0 and f["apart_ms"] > 0
     assert ahead["rows"] == 4 and ahead["batch2"]["pass_ms"] > 0
     for b in backlog.values():  # the same tokens either way (checked in the phase)
         assert 0 < b["passes_jacobi"] <= b["passes_padding"] <= b["frames"]
@@ -90,6 +94,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| floor: Mimi's " in table and "bfloat16 batch 1 " in table
     assert "1 stream, the checkpoint that pads on silence | p50 50 ms" in table
     assert "| flush after audio-stop, batch 1, a checkpoint that emits padding" in table
+    assert "| flush of 4 streams ending together, pads on silence: LM in one shared run" in table
     assert "| look-ahead, 2 stream(s) behind: 4 steps each in one pass | pass " in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
     assert "server, threads 1: real-time streams that keep up" in table

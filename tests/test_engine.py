@@ -310,7 +310,7 @@ class _Recorder:
         self.steps: list[list[int]] = []  # the slots of each LM pass (steps or look-ahead)
         self.kept: list[int] = []  # the steps each LM pass kept, all its slots together
         self.ahead: list[tuple[list[int], list[int]]] = []  # look-ahead: (offered, kept)
-        self.runs: list[tuple[int, int]] = []  # (slot, steps)
+        self.runs: list[list[tuple[int, int]]] = []  # per run: (slot, steps) of each slot
         # look-ahead guesses: for each slot, the outputs of the rows its last look-ahead pass
         # did not keep; each next pass's guesses are checked against them (Jacobi)
         self._unkept: dict[int, list[int]] = {}
@@ -354,10 +354,13 @@ class _Recorder:
         self.kept.append(sum(len(k.tokens) for k in out))
         return out
 
-    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.runs.append((slot, len(codes)))
-        self._unkept.pop(slot, None)
-        return self._lm_run(codes, slot)
+    def lm_run(
+        self, codes: list[torch.Tensor], slots: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.runs.append([(slot, len(c)) for slot, c in zip(slots, codes, strict=True)])
+        for slot in slots:
+            self._unkept.pop(slot, None)
+        return self._lm_run(codes, slots)
 
 
 async def test_only_slots_with_audio_are_stepped(
@@ -418,7 +421,7 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     assert tokens == expected
     assert max(frames for _, frames in calls.encodes) == 8
     # the start step, then one per frame; the end (most of the flush) in one run
-    run_steps = sum(n for _, n in calls.runs)
+    run_steps = sum(n for run in calls.runs for _, n in run)
     assert sum(calls.kept) + run_steps == 1 + len(expected)
     assert len(calls.runs) == 1 and 1 < run_steps <= eng.flush_frames + 2
     # look-ahead offered up to 4 steps (lean); moshi steps one frame at a time
@@ -472,11 +475,12 @@ async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
         assert len(calls.steps) < len(expected[0])  # fewer passes than the stream's frames
 
 
-async def test_streams_ending_together_run_one_flush_an_iteration(
+async def test_streams_ending_together_share_one_run(
     tiny_model: LoadedModel, tiny_moshi: LoadedModel
 ) -> None:
-    """Several flushes in one iteration would hold every other stream's next step up for
-    their sum: one runs, the others step beside the rest and run later; tokens unchanged."""
+    """Streams that end together run their flushes in one run (the lean runtime's passes
+    shared by all), not one run an iteration, which made the last wait for all the others;
+    the tokens are Kyutai's, and the run takes far fewer passes than its steps."""
     audios = [_audio(1.0, seed=71 + i) for i in range(3)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
     eng = Engine(tiny_model, slots=3)
@@ -484,23 +488,27 @@ async def test_streams_ending_together_run_one_flush_an_iteration(
     try:
         calls = _Recorder(eng)
         gate = _Batches(eng)  # the worker waits until every stream has ended
-        hold = eng.fault_hook
-        assert hold is not None
-        runs_by_iteration: list[int] = []  # how many runs each LM iteration made
+        assert eng.stepper is not None
+        passes: list[int] = []
+        if tiny_model.runtime == "lean":
+            lm = eng.stepper._lm  # type: ignore[attr-defined]
+            step_ahead = lm.step_ahead
 
-        def iteration(slots: list[int]) -> None:
-            runs_by_iteration.append(len(calls.runs))
-            hold(slots)
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                passes.append(1)
+                return step_ahead(*args, **kwargs)
 
-        eng.fault_hook = iteration
+            lm.step_ahead = counted
         got = await _queued_together(eng, gate, audios)
-        runs_by_iteration.append(len(calls.runs))
     finally:
         eng.stop()
     assert got == expected
-    assert len(calls.runs) >= 2  # more than one stream ended in a run
-    made = [b - a for a, b in zip(runs_by_iteration, runs_by_iteration[1:], strict=False)]
-    assert max(made) == 1  # never two runs in one iteration
+    slots_in_runs = [slot for run in calls.runs for slot, _ in run]
+    assert sorted(slots_in_runs) == [0, 1, 2]  # every stream ended in a run
+    assert len(calls.runs) == 1  # ... the same one
+    if tiny_model.runtime == "lean":
+        steps = sum(n for run in calls.runs for _, n in run)
+        assert len(passes) - len(calls.ahead) < steps / 2  # the run's passes, shared
 
 
 async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_recovers(

@@ -235,14 +235,14 @@ class Engine:
         # the lean runtime prepares Mimi's products for each shape on first use (oneDNN,
         # 10-50 ms a shape on the AVX-512 machine, enough to put streams that start together
         # behind for seconds): the usual shapes are ready now (1..slots streams of one frame
-        # and of two, as when streams start or fall behind, and one stream's flush with its run)
+        # and of two, as when streams start or fall behind, and one stream's flush and its run)
         pairs = np.concatenate([silence, silence], axis=1)
         for n in range(1, self.num_slots + 1):
             if n < self.num_slots:
                 self.stepper.encode(silence[:n], everyone[:n])
             self.stepper.encode(pairs[:n], everyone[:n])
         flush = np.zeros((1, (self.flush_frames + 1) * FRAME_SAMPLES), dtype=np.float32)
-        self.stepper.lm_run(self.stepper.encode(flush, [0])[0].t(), 0)
+        self.stepper.lm_run([self.stepper.encode(flush, [0])[0].t()], [0])
         _LOGGER.info("Warm-up: %.0f ms", (time.monotonic() - started) * 1000)
         with self._cond:
             for slot in self._slots:
@@ -429,42 +429,38 @@ class Engine:
                         )
 
     def _lm_step(self, touched: list[tuple[_Slot, EngineStream]]) -> None:
-        """One LM pass over every slot with codes waiting (ascending slots), and the whole
-        rest of one finished stream (its flush) as one run; results out.
+        """One LM pass over every slot with codes waiting (ascending slots), then the whole
+        rest of every finished stream (its flush) as one run; results out.
 
         A slot with a backlog (a stream that fell behind, or a finished one whose flush waits
-        for its run) puts up to :attr:`lookahead` of its steps in the pass, their text inputs
+        for the run) puts up to :attr:`lookahead` of its steps in the pass, their text inputs
         guessed (the runtime keeps the ones it confirms; the rest wait for the next pass, with
         better guesses): the weights are read once for all of them. A pass adds at most
         :data:`LOOKAHEAD_ROWS` such rows, to the longest backlogs.
 
-        One run an iteration: the other streams' next step waits for it, and several flushes
-        in a row held them up for their sum (4 real-time streams ending together: up to
-        945 ms of lag on AMD EPYC Zen 4, 2 cores). Other finished streams step beside the
-        rest meanwhile and run what is left of their flush in a later iteration.
+        The flushes of all the streams that ended go in one run, whose passes they share
+        (the lean runtime: a few passes for all of them; one run each, an iteration apart,
+        made the last of N streams ending together wait for N runs).
 
         The slots stepped are added to ``touched`` first (a failure fails their streams).
         """
         assert self.stepper is not None
         batch: list[tuple[_Slot, EngineStream, list[_Encoded]]] = []
-        run: tuple[_Slot, EngineStream, list[_Encoded]] | None = None
+        runs: list[tuple[_Slot, EngineStream, list[_Encoded]]] = []
         with self._cond:
             waiting = [s for s in self._slots if s.stream is not None and s.encoded]
             waiting = [s for s in waiting if not s.failed]
-            run_slot = next((s for s in waiting if self._runs_to_the_end(s)), None)
-            if run_slot is not None:
-                assert run_slot.stream is not None
-                run = (run_slot, run_slot.stream, list(run_slot.encoded))
-                run_slot.encoded.clear()
-                waiting.remove(run_slot)
+            for slot in [s for s in waiting if self._runs_to_the_end(s)]:
+                assert slot.stream is not None
+                runs.append((slot, slot.stream, list(slot.encoded)))
+                slot.encoded.clear()
+                waiting.remove(slot)
             counts = self._steps_in_pass(waiting)
             for slot in waiting:
                 assert slot.stream is not None
                 entries = [slot.encoded.popleft() for _ in range(counts[slot.index])]
                 batch.append((slot, slot.stream, entries))
-        touched += [(slot, stream) for slot, stream, _ in batch]
-        if run is not None:
-            touched.append(run[:2])
+        touched += [(slot, stream) for slot, stream, _ in (*batch, *runs)]
         if self.fault_hook is not None:
             self.fault_hook([slot.index for slot, _, _ in batch])
         if batch:
@@ -480,11 +476,12 @@ class Engine:
                 text = torch.cat([k.tokens for k in kept])
                 pauses = torch.cat([k.pauses for k in kept])
                 self._deliver_results(batch, text.tolist(), pauses.tolist())
-        if run is not None:
-            slot, stream, entries = run
-            frames = torch.stack([e.codes for e in entries if e.codes is not None])
-            text, pauses = self.stepper.lm_run(frames, slot.index)
-            self._deliver_results([run], text.tolist(), pauses.tolist())
+        if runs:
+            frames = [torch.stack([self._input(e) for e in entries]) for *_, entries in runs]
+            results = self.stepper.lm_run(frames, [slot.index for slot, _, _ in runs])
+            text = torch.cat([t for t, _ in results])
+            pauses = torch.cat([p for _, p in results])
+            self._deliver_results(runs, text.tolist(), pauses.tolist())
 
     def _input(self, entry: _Encoded) -> torch.Tensor:
         return entry.codes if entry.codes is not None else self._start_codes

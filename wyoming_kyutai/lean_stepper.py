@@ -72,7 +72,8 @@ class LeanStepper:
         return [Ahead(o.tokens, o.pauses, o.ahead) for o in out]
 
     @torch.inference_mode()
-    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flush in speculative passes (text inputs guessed as padding, verified)."""
-        out = self._lm.step_run(codes, slot)
-        return out.tokens, out.pauses
+    def lm_run(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """In look-ahead passes shared by the slots (text inputs guessed, verified)."""
+        return [(out.tokens, out.pauses) for out in self._lm.step_run(codes, slots)]

@@ -76,9 +76,21 @@ class MoshiStepper:
         tokens, pauses = self._step(torch.stack([c[0] for c in codes]), slots)
         return [Ahead(tokens[i : i + 1], pauses[i : i + 1]) for i in range(len(slots))]
 
-    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = [self._step(codes[i : i + 1], [slot]) for i in range(len(codes))]
-        return torch.cat([t for t, _ in steps]), torch.cat([p for _, p in steps])
+    def lm_run(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One step at a time, the slots that still have steps together."""
+        tokens: list[list[torch.Tensor]] = [[] for _ in slots]
+        pauses: list[list[torch.Tensor]] = [[] for _ in slots]
+        for t in range(max(len(c) for c in codes)):
+            rows = [i for i, c in enumerate(codes) if t < len(c)]
+            text, probs = self._step(
+                torch.stack([codes[i][t] for i in rows]), [slots[i] for i in rows]
+            )
+            for j, i in enumerate(rows):
+                tokens[i].append(text[j : j + 1])
+                pauses[i].append(probs[j : j + 1])
+        return [(torch.cat(t), torch.cat(p)) for t, p in zip(tokens, pauses, strict=True)]
 
     def _step(self, codes: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(list(slots), dtype=torch.long)

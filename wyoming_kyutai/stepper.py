@@ -72,6 +72,10 @@ class Stepper(Protocol):
         guesses the text input of row j (the output of row j - 1; None: padding, what a
         speech model emits on most frames); a wrong guess costs only speed."""
 
-    def lm_run(self, codes: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``len(codes)`` consecutive LM steps of one slot (e.g. its flush), ``codes`` int64
-        [T, codebooks]: what T calls of :meth:`lm_step` would return, [T] and [T, heads]."""
+    def lm_run(
+        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``len(codes[i])`` steps of each of n distinct slots (e.g. the flushes of
+        streams that ended together), ``codes[i]`` int64 [T_i, codebooks] for slot
+        ``slots[i]``: per slot, what T_i calls of :meth:`lm_step` would return, [T_i] and
+        [T_i, heads]."""

@@ -3,9 +3,8 @@
 Every slot (stream) has its own ring of ``context`` entries per layer; the entry of absolute
 position ``p`` lives at ring index ``p % context``. A step is planned once for all layers
 (:meth:`KvCache.plan`): where each row writes, which rows attend together over how much of
-the ring, and the rotary tables. :meth:`KvCache.plan_chunk` plans instead several consecutive
-positions of one slot at once (causal within the chunk), for a run of steps whose inputs are
-known or guessed up front.
+the ring, and the rotary tables. Several consecutive positions of one slot (a look-ahead
+pass) are rows of their own, each attending over its ring as filled up to its position.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 
 class Rope:
@@ -65,9 +63,6 @@ class AttentionPlan:
     runs: list[Run]  # partition of the batch rows, in order
     cos: torch.Tensor  # float32 [n, 1, 1, head_dim], see Rope.tables
     sin: torch.Tensor
-    # a chunk (rows = consecutive positions of one slot, one run): bool [n, run.length], row
-    # i attends to ring entries [0, first position + i]; None for a step of distinct slots
-    mask: torch.Tensor | None = None
 
 
 def _runs(slots: Sequence[int], filled: Sequence[int]) -> list[Run]:
@@ -139,32 +134,6 @@ class KvCache:
         cos, sin = rope.tables(torch.tensor(positions, dtype=torch.long))
         return AttentionPlan(rows, write, _runs(slots, filled), cos, sin)
 
-    def plan_chunk(
-        self, slot: int, position: int, n: int, rope: Rope, exact: bool = False
-    ) -> AttentionPlan:
-        """The plan of ``n`` consecutive steps of ``slot`` from absolute ``position`` in one
-        pass, each row attending to the entries before it and itself. The chunk must not wrap
-        the ring (``position + n <= context``): ring index == position throughout.
-
-        By default the rows attend in one masked call (the slot's keys and values are read
-        once), which rounds differently from a step in the last bits. ``exact``: one call
-        per row, exactly as :meth:`plan` does for a step (bit for bit a step's result, but
-        the keys and values are read once per row)."""
-        end = position + n
-        if n < 1 or position < 0 or end > self.context:
-            raise ValueError(f"a chunk must fit the ring: [{position}, {end}) in {self.context}")
-        rows = torch.full((n,), slot, dtype=torch.long)
-        ring = torch.arange(position, end, dtype=torch.long)
-        heads = torch.arange(self.heads, dtype=torch.long)
-        write = ((slot * self.heads + heads[None, :]) * self.context + ring[:, None]).flatten()
-        cos, sin = rope.tables(ring)
-        one = slice(slot, slot + 1)
-        if exact:
-            runs = [Run(slice(i, i + 1), one, position + i + 1) for i in range(n)]
-            return AttentionPlan(rows, write, runs, cos, sin)
-        mask = torch.arange(end)[None, :] <= ring[:, None]  # [n, end]
-        return AttentionPlan(rows, write, [Run(slice(0, n), one, end)], cos, sin, mask)
-
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
@@ -174,15 +143,6 @@ class KvCache:
         flat = (-1, self.head_dim)
         keys.view(flat).index_copy_(0, plan.write, k.reshape(flat))
         values.view(flat).index_copy_(0, plan.write, v.reshape(flat))
-        if plan.mask is not None:  # one slot's chunk: its rows are the queries of one call
-            run = plan.runs[0]
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],  # [1, heads, n, head_dim]
-                keys[run.slots, :, : run.length],
-                values[run.slots, :, : run.length],
-                attn_mask=plan.mask,
-            )
-            return out[0].transpose(0, 1).flatten(1)
         outs = [
             _attend_one(
                 q[run.rows], keys[run.slots, :, : run.length], values[run.slots, :, : run.length]

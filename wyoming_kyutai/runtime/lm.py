@@ -5,12 +5,12 @@ step 0 the input is the start tokens (text ``text_card``, every audio codebook `
 step i >= 1 it is the text token chosen at step i-1 and the 32 audio codes given. The output is
 the argmax text token and, per end-of-turn ("extra") head, the probability of its class 0.
 
-:meth:`LanguageModel.step_run` runs several steps of one slot whose audio is known up front
-(the silent frames that flush the text delay at the end of an utterance) in a few chunked
-passes instead of one pass per step: the text input of each step (the previous step's output)
-is guessed, all positions run in one causal pass (the weights are read once for all rows),
-and the longest prefix whose guesses the pass itself confirms is kept (exact speculative
-decoding, greedy).
+:meth:`LanguageModel.step_ahead` runs the next few steps of several slots in one pass, and
+:meth:`LanguageModel.step_run` the whole known rest of several slots (the silent frames that
+flush the text delay at the end of utterances) in a few such passes instead of one pass per
+step: the text input of each step (the previous step's output) is guessed, the rows run in one
+pass (the weights are read once for all of them), and each slot keeps the longest prefix whose
+guesses the pass itself confirms (exact speculative decoding, greedy).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from .linear import Linear
 from .weights import WeightFile
 
 POOR_PASSES_BEFORE_STEPS = 2
-"""step_run with its own guesses: poor passes in a row after which the rest runs as steps."""
+"""step_run with its own guesses: passes in a row that kept a single step of a slot, after
+which the slot goes on one row a pass."""
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
@@ -130,13 +131,13 @@ def _check_supported(cfg: dict[str, Any]) -> None:
 
 @dataclass
 class LmStep:
-    """The result of one step for its n rows (in the order of the slots given), or of a run
-    of n steps of one slot (:meth:`LanguageModel.step_run`)."""
+    """The result of one step for its n rows (in the order of the slots given), or of n steps
+    of one slot (:meth:`LanguageModel.step_ahead`, :meth:`LanguageModel.step_run`)."""
 
     tokens: torch.Tensor  # int64 [n]: greedy text token
     pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
     text_logits: torch.Tensor  # float32 [n, text_card]
-    passes: int = 1  # forward passes it took (step_run: 1 if every guess was right, up to n)
+    passes: int = 1  # forward passes it took part in (step_run: 1 if every guess was right)
     # step_ahead: the pass's outputs of the rows it ran and did not keep, int64 (k - n; empty
     # where the slot took one row near the end of its ring). Each was
     # computed from a wrong input somewhere before it, so it is only a guess of that step's
@@ -344,97 +345,84 @@ class LanguageModel:
     @torch.no_grad()
     def step_run(
         self,
-        codes: torch.Tensor,
-        slot: int,
-        guess: int | Sequence[int] | None = None,
-        exact: bool = True,
-    ) -> LmStep:
-        """``len(codes)`` steps of ``slot`` on int64 ``codes`` [T, n_q] (as :meth:`step`):
-        the same tokens as T calls ``step(codes[i : i + 1], [slot])``, in fewer passes.
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[LmStep]:
+        """The next ``len(codes[i])`` steps of each of several slots whose audio is known up
+        front (``codes[i]`` int64 [T_i >= 1, n_q] for slot ``slots[i]``; distinct slots,
+        pass them ascending), e.g. the flushes of streams that ended together: per slot, what
+        T_i calls of :meth:`step` would give, in a few look-ahead passes (:meth:`step_ahead`)
+        shared by all the slots instead of one pass per step.
 
-        Each step's text input is guessed to be ``guess`` (default: the padding token; or one
-        guess per step, T of them, the first ignored: step 0's input is known) and the T
-        positions run in one causal pass; the outputs are kept up to and including the
-        first one that contradicts the next position's guess (that one is exact too: all its
-        inputs were right), and the rest runs again from there with that token as input.
+        Each step's text input is guessed (``guesses[i]``: one token per step, the first
+        ignored, as its input is known; default: the padding token), every slot's remaining
+        steps run in one pass, and each keeps its rows up to the first wrong guess; the rest
+        runs again in the next pass, from the token the pass confirmed. With the default
+        guess, a slot's later guesses are refined after each pass to what that pass predicted
+        (Jacobi iteration), and once a slot is the last one left, after
+        :data:`POOR_PASSES_BEFORE_STEPS` passes of it alone in a row that kept a single step,
+        it goes on one row a pass (a pass of many rows costs more than a step), which bounds
+        the cost of guesses that keep missing. While other slots share the passes, a slot's
+        rows are cheap beside the pass, and one row a pass would make the whole run wait for
+        that slot (4 flushes together, AMD EPYC Zen 4, `script/bench`'s flush phase: 9 passes
+        with that rule for every slot, 5 / 3 without on random weights / the checkpoint that
+        pads on silence; 600 / 470 ms, vs 990 / 1000 ms for the 4 runs one after another).
 
-        ``exact`` (default): each row attends exactly as a step does (one call per row, so
-        the slot's keys and values are read once per row); int8 tokens and logits are then
-        those of sequential steps bit for bit (every other op is per row), float32 ones
-        within the last bits of the matrix products. ``exact=False``: all rows attend in one
-        masked call (1B, position 700: ~30 ms less per pass); it rounds differently in the
-        last bits, and int8 activations can turn that into ~0.1 in a logit and flip a
-        near-tie (on random weights, which are full of near-ties).
-
-        With the default guess, the guesses for the rest are refined after each pass to what
-        that pass predicted (Jacobi iteration), and after two passes in a row that confirmed a
-        single step each the rest runs as plain steps (a pass costs ~1.6 steps), which bounds
-        the cost of guesses that keep missing.
-
-        Where the chunk would wrap the slot's KV ring (position + T > context: it would
-        overwrite entries a rewind still needs) it runs T sequential steps. ``passes`` in
-        the result says how many forward passes it took. Other slots are not touched."""
-        slot = self._check_slots([slot])[0]
-        n_q = self.config.n_q
-        if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] != n_q:
-            raise ValueError(f"codes must be [T >= 1, {n_q}], got {list(codes.shape)}")
-        count, start = int(codes.shape[0]), self._positions[slot]
-        if count == 1 or start + count > self.config.context:
-            return self._steps(codes, slot)
-        auto = guess is None  # our own guesses: refined between passes, given up if they miss
-        if guess is None or isinstance(guess, int):
-            pad = self.config.padding_id if guess is None else guess
-            text = torch.full((count,), pad, dtype=torch.long)
-        else:
-            text = torch.tensor([int(g) for g in guess], dtype=torch.long)
-            if text.shape != (count,):
-                raise ValueError(f"guess must be one token or {count}, got {len(text)}")
-        text[0] = self._text[slot]  # the first input is known
-        tokens = torch.empty(count, dtype=torch.long)
-        pauses = torch.empty(count, self.num_vad_heads)
-        logits = torch.empty(count, self.config.text_card)
-        done = passes = 0
-        poor = 0  # passes in a row that confirmed a single step
-        while done < count:
-            if auto and poor >= POOR_PASSES_BEFORE_STEPS:
-                # the guesses keep missing: a pass costs more than a step, so step the rest
-                self._positions[slot], self._text[slot] = start + done, text[done]
-                rest = self._steps(codes[done:], slot)
-                tokens[done:], pauses[done:], logits[done:] = (
-                    rest.tokens,
-                    rest.pauses,
-                    rest.text_logits,
-                )
-                passes += rest.passes
+        Rows attend exactly as steps do, so int8 tokens and logits are those of sequential
+        steps bit for bit, float32 ones within the last bits of the products. Near the end of
+        its ring a slot takes one row a pass (see :meth:`step_ahead`). Each result's
+        ``passes`` says how many passes its slot took part in. Other slots are not touched."""
+        slots = self._check_slots(slots)
+        n_q, pad = self.config.n_q, self.config.padding_id
+        if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
+            raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
+        inputs: list[torch.Tensor] = []  # per slot: each step's text input, guessed
+        for i, frames in enumerate(codes):
+            if frames.dim() != 2 or frames.shape[0] < 1 or frames.shape[1] != n_q:
+                raise ValueError(f"codes must be [T >= 1, {n_q}], got {list(frames.shape)}")
+            given = None if guesses is None else guesses[i]
+            if given is None:
+                inputs.append(torch.full((int(frames.shape[0]),), pad, dtype=torch.long))
+            elif len(given) != frames.shape[0]:
+                raise ValueError(f"guesses: one per step ({frames.shape[0]}), got {len(given)}")
+            else:
+                inputs.append(torch.tensor([int(g) for g in given], dtype=torch.long))
+        refine = [guesses is None or guesses[i] is None for i in range(len(slots))]
+        done = [0] * len(slots)
+        poor = [0] * len(slots)  # passes of the slot alone in a row that kept a single step
+        parts: list[list[LmStep]] = [[] for _ in slots]
+        while True:
+            active = [i for i in range(len(slots)) if done[i] < len(inputs[i])]
+            if not active:
                 break
-            plan = self._cache.plan_chunk(slot, start + done, count - done, self._rope, exact)
-            positions = list(range(start + done, start + count))
-            out = self._forward(codes[done:], text[done:], positions, plan)
-            passes += 1
-            valid = _confirmed(out.tokens, text[done:])
-            tokens[done : done + valid] = out.tokens[:valid]
-            pauses[done : done + valid] = out.pauses[:valid]
-            logits[done : done + valid] = out.text_logits[:valid]
-            first = done
-            done += valid
-            poor = poor + 1 if valid < 2 else 0
-            if done < count:  # the ring entries past it are rewritten by the next pass
-                text[done] = out.tokens[valid - 1]
-                if auto:  # guess the rest as this pass predicted it (Jacobi iteration)
-                    text[done + 1 :] = out.tokens[valid : count - first - 1]
-        self._positions[slot] = start + count
-        self._text[slot] = tokens[-1]
-        return LmStep(tokens=tokens, pauses=pauses, text_logits=logits, passes=passes)
-
-    def _steps(self, codes: torch.Tensor, slot: int) -> LmStep:
-        """``len(codes)`` plain steps of ``slot`` from where it is, as one LmStep."""
-        steps = [self.step(codes[i : i + 1], [slot]) for i in range(len(codes))]
-        return LmStep(
-            tokens=torch.cat([s.tokens for s in steps]),
-            pauses=torch.cat([s.pauses for s in steps]),
-            text_logits=torch.cat([s.text_logits for s in steps]),
-            passes=len(steps),
-        )
+            alone = len(active) == 1  # the pass is not shared: a row less is a row saved
+            rows = {
+                i: 1 if alone and refine[i] and poor[i] >= POOR_PASSES_BEFORE_STEPS else None
+                for i in active
+            }
+            out = self.step_ahead(
+                [codes[i][done[i] :][: rows[i]] for i in active],
+                [slots[i] for i in active],
+                [inputs[i][done[i] :][: rows[i]].tolist() for i in active],
+            )
+            for i, result in zip(active, out, strict=True):
+                parts[i].append(result)
+                done[i] += len(result.tokens)
+                poor[i] = poor[i] + 1 if alone and len(result.tokens) < 2 else 0
+                if refine[i] and done[i] + 1 < len(inputs[i]):
+                    # guess the rest as this pass predicted it (Jacobi iteration)
+                    later = result.ahead[: len(inputs[i]) - done[i] - 1]
+                    inputs[i][done[i] + 1 : done[i] + 1 + len(later)] = later
+        return [
+            LmStep(
+                tokens=torch.cat([p.tokens for p in steps]),
+                pauses=torch.cat([p.pauses for p in steps]),
+                text_logits=torch.cat([p.text_logits for p in steps]),
+                passes=len(steps),
+            )
+            for steps in parts
+        ]
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
