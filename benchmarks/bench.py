@@ -13,8 +13,9 @@ In one run, on the same machine and checkpoint, each model measurement in a fres
    lean int8 vs float32 (token agreement, text-logit cosine);
 5. memory: resident memory by part (weights, state per slot) and the loading peak;
 6. through the real server over TCP: real-time capacity (every stream's p99 lag ≤ 160 ms),
-   audio-stop → final transcript with 1 stream and with N, describe latency, for each thread
-   setting tried.
+   the streams served within twice the one-stream audio-stop target (audio-stop → final
+   transcript p50), audio-stop → final transcript with 1 stream and with N, describe latency,
+   for each thread setting tried.
 Writes benchmarks/results/<name>.json and <name>.md.
 """
 
@@ -816,8 +817,9 @@ def server_runs(
     pause_trials: bool = False,
 ) -> dict[str, Any]:
     """Through the real server: end of speech alone (also on ``pause_ckpt``, a checkpoint that
-    pads on silence), then N real-time streams up to capacity (also on ``pause_ckpt`` if
-    ``pause_trials``: where look-ahead's guesses can come true)."""
+    pads on silence), then N real-time streams while they keep up or are served within the
+    target (:func:`capacity`; also on ``pause_ckpt`` if ``pause_trials``: where look-ahead's
+    guesses can come true)."""
     out: dict[str, Any] = {"threads": threads, "trials": []}
     out["end_of_speech_1"] = end_of_speech(ckpt, eos_runs, threads)
     if pause_ckpt is not None:

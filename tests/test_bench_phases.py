@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from benchmarks import bench
 from benchmarks.bench import capacity, markdown, phase
 
 
@@ -130,3 +134,37 @@ def test_capacity_trials_run_through_the_real_server(tiny_dir: Path) -> None:
     for trial in trials:
         assert trial["within_target"] and isinstance(trial["keeps_up"], bool)
         assert 0 < trial["end_of_speech_p50"] <= trial["end_of_speech_p95"] < 5
+
+
+def test_capacity_counts_only_unbroken_runs_of_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials go on while N streams either keep up or are served within twice the target;
+    each capacity is the largest N for which every trial 1..N passed (scripted trials)."""
+    outcomes = {1: (True, True), 2: (False, True), 3: (True, True), 4: (False, False)}
+
+    class FakeServer:
+        address = "tcp://127.0.0.1:1"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def rss_mb(self) -> dict[str, float]:
+            return {}
+
+        def stop(self) -> None:
+            pass
+
+    async def trial(address: str, n: int, seconds: float) -> dict[str, Any]:
+        keeps_up, served = outcomes[n]
+        return {
+            "streams": n,
+            "lag_p99_worst": 0.1,
+            "keeps_up": keeps_up,
+            "end_of_speech_p50": 0.1 if served else 9.0,
+            "end_of_speech_p95": 0.2,
+        }
+
+    monkeypatch.setattr(bench, "Server", FakeServer)
+    monkeypatch.setattr(bench, "concurrent_trial", trial)
+    trials, keep_up, served = capacity(Path("x"), 6, 1.0, threads=1)
+    assert [t["streams"] for t in trials] == [1, 2, 3, 4]  # 4: neither, so no 5
+    assert keep_up == 1 and served == 3

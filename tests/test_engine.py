@@ -86,9 +86,10 @@ async def _queued_together(
     """A stream per audio, all of it and its end queued while the worker waits at ``gate``,
     then released; each stream's tokens."""
     streams = [await eng.open_stream() for _ in audios]
-    for stream, audio in zip(streams, audios, strict=True):
-        stream.push(audio)
-        stream.finish()
+    with eng._cond:  # the worker sees all of it at once, whenever it wakes
+        for stream, audio in zip(streams, audios, strict=True):
+            stream.push(audio)
+            stream.finish()
     gate.release()
     got = await asyncio.gather(*(_collect(s) for s in streams))
     for stream in streams:
@@ -432,8 +433,10 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     assert not calls.guesses_wrong
     assert calls.guesses_checked > 0 or steps_a_pass == 1
     # a slot's frames wait for Mimi while it holds the codes of a whole pass (the start
-    # step, queued in the same iteration, may make one more)
-    assert max(calls.codes_waiting) <= steps_a_pass
+    # step, queued in the same iteration, may make one more), except a finished stream's
+    # last frames, which its final run needs all together
+    for waiting, (_, frames) in zip(calls.codes_waiting, calls.encodes, strict=True):
+        assert waiting <= steps_a_pass or waiting + frames <= eng.flush_frames + 2 + 4
 
 
 async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
@@ -489,16 +492,17 @@ async def test_streams_ending_together_share_one_run(
         calls = _Recorder(eng)
         gate = _Batches(eng)  # the worker waits until every stream has ended
         assert eng.stepper is not None
-        passes: list[int] = []
+        passes: list[int] = []  # the passes of each lean run
         if tiny_model.runtime == "lean":
             lm = eng.stepper._lm  # type: ignore[attr-defined]
-            step_ahead = lm.step_ahead
+            step_run = lm.step_run
 
             def counted(*args: Any, **kwargs: Any) -> Any:
-                passes.append(1)
-                return step_ahead(*args, **kwargs)
+                out = step_run(*args, **kwargs)
+                passes.append(max(o.passes for o in out))
+                return out
 
-            lm.step_ahead = counted
+            lm.step_run = counted
         got = await _queued_together(eng, gate, audios)
     finally:
         eng.stop()
@@ -506,9 +510,8 @@ async def test_streams_ending_together_share_one_run(
     slots_in_runs = [slot for run in calls.runs for slot, _ in run]
     assert sorted(slots_in_runs) == [0, 1, 2]  # every stream ended in a run
     assert len(calls.runs) == 1  # ... the same one
-    if tiny_model.runtime == "lean":
-        steps = sum(n for run in calls.runs for _, n in run)
-        assert len(passes) - len(calls.ahead) < steps / 2  # the run's passes, shared
+    if tiny_model.runtime == "lean":  # speculative passes: fewer than any one slot's steps
+        assert passes[-1] < min(n for _, n in calls.runs[0])
 
 
 async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_recovers(

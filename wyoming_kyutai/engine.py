@@ -369,9 +369,12 @@ class Engine:
                     if slot.needs_reset:
                         slot.needs_reset = False
                         reset.append((slot, slot.stream))
-                    if slot.frames and len(slot.encoded) < self._pass_steps:
+                    if slot.frames and (
+                        len(slot.encoded) < self._pass_steps or self._flush_fits(slot)
+                    ):
                         # a slot with enough codes for its next pass waits: its frames then
-                        # go through Mimi together (one read of Mimi's weights for all)
+                        # go through Mimi together (one read of Mimi's weights for all);
+                        # not a finished stream's last frames: its run needs them all
                         count = min(len(slot.frames), self.max_frames_per_step)
                         audio.append(
                             (slot, slot.stream, [slot.frames.popleft() for _ in range(count)])
@@ -450,7 +453,10 @@ class Engine:
         with self._cond:
             waiting = [s for s in self._slots if s.stream is not None and s.encoded]
             waiting = [s for s in waiting if not s.failed]
-            for slot in [s for s in waiting if self._runs_to_the_end(s)]:
+            ending = [s for s in waiting if self._runs_to_the_end(s)]
+            if ending:  # streams that ended about together join it, a few steps apart
+                ending = [s for s in waiting if self._runs_to_the_end(s, self._pass_steps)]
+            for slot in ending:
                 assert slot.stream is not None
                 runs.append((slot, slot.stream, list(slot.encoded)))
                 slot.encoded.clear()
@@ -537,16 +543,24 @@ class Engine:
                 out.append((slot, stream, entries[:count]))
         return out
 
-    def _runs_to_the_end(self, slot: _Slot) -> bool:
-        """A finished stream is down to its flush (and at most two more frames), all encoded:
-        those steps go in one run, which the lean runtime computes in a few passes instead of
-        one a step. Longer backlogs keep stepping beside the other streams."""
+    def _runs_to_the_end(self, slot: _Slot, extra: int = 0) -> bool:
+        """A finished stream is down to its flush (and at most two more frames, plus
+        ``extra``), all encoded: those steps go in one run, which the lean runtime computes in
+        a few passes instead of one a step. Longer backlogs keep stepping beside the other
+        streams (with ``extra``: the look-ahead of one pass, for streams that join another's
+        run; look-ahead makes streams that ended together a few steps apart)."""
         return (
             slot.finishing
             and not slot.frames
-            and 1 < len(slot.encoded) <= self.flush_frames + RUN_MARGIN_FRAMES
+            and 1 < len(slot.encoded) <= self.flush_frames + RUN_MARGIN_FRAMES + extra
             and all(e.codes is not None for e in slot.encoded)
         )
+
+    def _flush_fits(self, slot: _Slot) -> bool:
+        """A finished stream's frames and codes left all fit a final run (one it may join:
+        see :meth:`_runs_to_the_end`); under the lock."""
+        left = len(slot.encoded) + len(slot.frames)
+        return slot.finishing and left <= self.flush_frames + RUN_MARGIN_FRAMES + self._pass_steps
 
     def _deliver_results(
         self,

@@ -384,8 +384,13 @@ class LanguageModel:
             given = None if guesses is None else guesses[i]
             if given is None:
                 inputs.append(torch.full((int(frames.shape[0]),), pad, dtype=torch.long))
-            elif len(given) != frames.shape[0]:
-                raise ValueError(f"guesses: one per step ({frames.shape[0]}), got {len(given)}")
+            elif len(given) != frames.shape[0] or not all(
+                0 <= int(g) < self.config.text_card for g in given
+            ):
+                raise ValueError(
+                    f"guesses: one per step ({frames.shape[0]}), text tokens in "
+                    f"[0, {self.config.text_card})"
+                )
             else:
                 inputs.append(torch.tensor([int(g) for g in given], dtype=torch.long))
         refine = [guesses is None or guesses[i] is None for i in range(len(slots))]
