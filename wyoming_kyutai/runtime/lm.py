@@ -27,8 +27,8 @@ from .linear import Linear
 from .weights import WeightFile
 
 POOR_PASSES_BEFORE_STEPS = 2
-"""step_run with its own guesses: passes in a row that kept a single step of a slot, after
-which the slot goes on one row a pass."""
+"""step_run with its own guesses: passes of a slot left alone in the run, in a row, that kept a
+single step, after which it goes on one row a pass."""
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
@@ -296,16 +296,12 @@ class LanguageModel:
 
         A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later call
         redoing the unkept rows needs the entries they overwrite) takes one row."""
-        slots = self._check_slots(slots)
-        if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
-            raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
-        n_q, pad = self.config.n_q, self.config.padding_id
+        slots = self._check_sets(codes, slots, guesses)
+        pad = self.config.padding_id
         counts: list[int] = []
         row_slots: list[int] = []
         positions: list[int] = []
         for slot, frames in zip(slots, codes, strict=True):
-            if frames.dim() != 2 or frames.shape[0] < 1 or frames.shape[1] != n_q:
-                raise ValueError(f"codes must be [k >= 1, {n_q}], got {list(frames.shape)}")
             start = self._positions[slot]
             count = int(frames.shape[0]) if start + frames.shape[0] <= self.config.context else 1
             counts.append(count)
@@ -316,9 +312,7 @@ class LanguageModel:
         if guesses is not None:
             for first, count, guess in zip(firsts.tolist(), counts, guesses, strict=True):
                 later = [int(g) for g in list(guess)[1:count]]
-                if len(later) != count - 1 or not all(
-                    0 <= g < self.config.text_card for g in later
-                ):
+                if len(later) != count - 1 or not self._are_text(later):
                     raise ValueError(
                         f"guesses: one per row, text tokens in [0, {self.config.text_card})"
                     )
@@ -373,20 +367,14 @@ class LanguageModel:
         steps bit for bit, float32 ones within the last bits of the products. Near the end of
         its ring a slot takes one row a pass (see :meth:`step_ahead`). Each result's
         ``passes`` says how many passes its slot took part in. Other slots are not touched."""
-        slots = self._check_slots(slots)
-        n_q, pad = self.config.n_q, self.config.padding_id
-        if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
-            raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
+        slots = self._check_sets(codes, slots, guesses)
         inputs: list[torch.Tensor] = []  # per slot: each step's text input, guessed
         for i, frames in enumerate(codes):
-            if frames.dim() != 2 or frames.shape[0] < 1 or frames.shape[1] != n_q:
-                raise ValueError(f"codes must be [T >= 1, {n_q}], got {list(frames.shape)}")
             given = None if guesses is None else guesses[i]
             if given is None:
+                pad = self.config.padding_id
                 inputs.append(torch.full((int(frames.shape[0]),), pad, dtype=torch.long))
-            elif len(given) != frames.shape[0] or not all(
-                0 <= int(g) < self.config.text_card for g in given
-            ):
+            elif len(given) != frames.shape[0] or not self._are_text(given):
                 raise ValueError(
                     f"guesses: one per step ({frames.shape[0]}), text tokens in "
                     f"[0, {self.config.text_card})"
@@ -461,6 +449,27 @@ class LanguageModel:
             return out.new_zeros(out.shape[0], 0)
         logits = F.linear(out, self._vad).view(out.shape[0], self.num_vad_heads, -1)
         return torch.softmax(logits, dim=-1)[..., 0]
+
+    def _check_sets(
+        self,
+        codes: Sequence[torch.Tensor],
+        slots: Sequence[int],
+        guesses: Sequence[object] | None,
+    ) -> list[int]:
+        """The slots of a :meth:`step_ahead` or :meth:`step_run` call, checked: distinct, as
+        many sets of codes (and guesses), each codes int64 [k >= 1, n_q]."""
+        slots = self._check_slots(slots)
+        if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
+            raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
+        n_q = self.config.n_q
+        for frames in codes:
+            if frames.dim() != 2 or frames.shape[0] < 1 or frames.shape[1] != n_q:
+                raise ValueError(f"codes must be [k >= 1, {n_q}], got {list(frames.shape)}")
+        return slots
+
+    def _are_text(self, tokens: Sequence[int]) -> bool:
+        """Whether all ``tokens`` are text token ids."""
+        return all(0 <= int(t) < self.config.text_card for t in tokens)
 
     def _check_slots(self, slots: Sequence[int]) -> list[int]:
         slots = [int(s) for s in slots]
