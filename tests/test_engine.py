@@ -19,7 +19,7 @@ from wyoming_kyutai.audio import FRAME_SAMPLES
 from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
-from wyoming_kyutai.stepper import Ahead
+from tests.steppers import Observed
 
 INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
 """Token agreement of int8 (Mimi in float32, or in bfloat16) with Kyutai's float32 loop on the
@@ -52,27 +52,6 @@ async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-class _Batches:
-    """Records how many streams each engine batch held (the engine's ``fault_hook``).
-
-    The worker is held before its first batch until :meth:`release`, so streams started a
-    little apart are sure to share batches rather than run one after the other.
-    """
-
-    def __init__(self, eng: Engine) -> None:
-        self.sizes: list[int] = []
-        self._gate = threading.Event()
-        eng.fault_hook = self._hook
-
-    def _hook(self, slots: list[int]) -> None:
-        if slots:
-            self._gate.wait(30)
-            self.sizes.append(len(slots))
-
-    def release(self) -> None:
-        self._gate.set()
-
-
 async def _collect(stream: EngineStream) -> list[int]:
     tokens = []
     while (result := await stream.get()) is not None:
@@ -81,15 +60,15 @@ async def _collect(stream: EngineStream) -> list[int]:
 
 
 async def _queued_together(
-    eng: Engine, gate: _Batches, audios: list[np.ndarray]
+    eng: Engine, gate: Observed, audios: list[np.ndarray]
 ) -> list[list[int]]:
-    """A stream per audio, all of it and its end queued while the worker waits at ``gate``,
+    """A stream per audio, all of it and its end queued while the worker waits at ``gate``
+    (a gated stepper: the worker may have reset and encoded some of it, but stepped none),
     then released; each stream's tokens."""
     streams = [await eng.open_stream() for _ in audios]
-    with eng._cond:  # the worker sees all of it at once, whenever it wakes
-        for stream, audio in zip(streams, audios, strict=True):
-            stream.push(audio)
-            stream.finish()
+    for stream, audio in zip(streams, audios, strict=True):
+        stream.push(audio)
+        stream.finish()
     gate.release()
     got = await asyncio.gather(*(_collect(s) for s in streams))
     for stream in streams:
@@ -127,8 +106,8 @@ async def test_batched_streams_each_match_the_reference(
 ) -> None:
     audios = [_audio(3.0, seed=1), _audio(1.2, seed=2), _audio(4.1, seed=3), _audio(0.7, seed=4)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
-    eng = Engine(tiny_model, slots=4)
-    batches = _Batches(eng)
+    batches = Observed(tiny_model, gated=True)
+    eng = Engine(tiny_model, slots=4, make_stepper=batches)
     eng.start()
     try:
         work = asyncio.gather(
@@ -202,16 +181,14 @@ async def test_a_model_fault_fails_only_that_batch_and_the_engine_recovers(
 ) -> None:
     audio = _audio(1.0, seed=8)
     expected = reference_tokens(tiny_moshi, audio)
-    eng = Engine(tiny_model, slots=2)
-    eng.start()
     calls = {"n": 0}
 
-    def explode_once(slots: list[int]) -> None:
-        if slots and calls["n"] == 0:
-            calls["n"] += 1
-            raise RuntimeError("simulated kernel failure")
+    def explode_once(slots: list[int]) -> bool:
+        calls["n"] += 1
+        return calls["n"] == 1
 
-    eng.fault_hook = explode_once
+    eng = Engine(tiny_model, slots=2, make_stepper=Observed(tiny_model, fail=explode_once))
+    eng.start()
     try:
         stream = await eng.open_stream()
         with pytest.raises(StreamFailed):
@@ -229,8 +206,8 @@ async def test_a_stream_longer_than_the_context_matches_the_reference(
     """The tiny LM keeps 64 frames (5.1 s): 7 s wraps its KV ring."""
     audio = _audio(7.0, seed=11)
     expected = reference_tokens(tiny_moshi, audio)
-    eng = Engine(tiny_model, slots=2)
-    batches = _Batches(eng)
+    batches = Observed(tiny_model, gated=True)
+    eng = Engine(tiny_model, slots=2, make_stepper=batches)
     eng.start()
     try:
         other = asyncio.ensure_future(_transcribe(eng, _audio(2.0, seed=12), 0.3))
@@ -256,11 +233,14 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(
     target = _audio(2.5, seed=21)
     eng = Engine(model, slots=4)
     eng.start()
-    batches: _Batches | None = None
     try:
-        calls = _Recorder(eng)
         alone = await _transcribe(eng, target)
-        batches = _Batches(eng)
+    finally:
+        eng.stop()
+    batches = Observed(model, gated=True)
+    eng = Engine(model, slots=4, make_stepper=batches)
+    eng.start()
+    try:
         loud = [_audio(3.0, seed=22) * 8.0, _audio(1.0, seed=23) * 0.01, _audio(2.0, seed=24)]
         work = asyncio.gather(
             _transcribe(eng, target, pause=0.001),
@@ -270,13 +250,11 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(
         batches.release()
         together = await work
     finally:
-        if batches is not None:
-            batches.release()
+        batches.release()
         eng.stop()
     assert together[0] == alone
-    assert batches is not None and max(batches.sizes) == 4
+    assert max(batches.sizes) == 4  # the batch really held company
     assert len(set(alone)) > 3
-    assert max(len(slots) for slots in calls.steps) >= 3  # the batch really held company
 
 
 @pytest.mark.parametrize("mimi_dtype", ["float32", "bfloat16"])
@@ -299,71 +277,6 @@ async def test_int8_tokens_mostly_agree_with_kyutais_float32_loop(
     assert agreement >= INT8_AGREEMENT_FLOORS[mimi_dtype], agreement
 
 
-class _Recorder:
-    """Wraps a started engine's stepper to record which slots each call was given."""
-
-    def __init__(self, eng: Engine) -> None:
-        assert eng.stepper is not None
-        self.stepper = eng.stepper
-        self._eng = eng
-        self.encodes: list[tuple[list[int], int]] = []  # (slots, frames per slot)
-        self.codes_waiting: list[int] = []  # codes a slot held when its frames were encoded
-        self.steps: list[list[int]] = []  # the slots of each LM pass (steps or look-ahead)
-        self.kept: list[int] = []  # the steps each LM pass kept, all its slots together
-        self.ahead: list[tuple[list[int], list[int]]] = []  # look-ahead: (offered, kept)
-        self.runs: list[list[tuple[int, int]]] = []  # per run: (slot, steps) of each slot
-        # look-ahead guesses: for each slot, the outputs of the rows its last look-ahead pass
-        # did not keep; each next pass's guesses are checked against them (Jacobi)
-        self._unkept: dict[int, list[int]] = {}
-        self.guesses_checked = 0
-        self.guesses_wrong: list[tuple[int, int, Any, int]] = []  # (slot, row, given, expected)
-        self._encode, self._lm_step = self.stepper.encode, self.stepper.lm_step
-        self._lm_run, self._lm_step_ahead = self.stepper.lm_run, self.stepper.lm_step_ahead
-        self.stepper.encode = self.encode  # type: ignore[method-assign,assignment]
-        self.stepper.lm_step = self.lm_step  # type: ignore[method-assign,assignment]
-        self.stepper.lm_run = self.lm_run  # type: ignore[method-assign,assignment]
-        self.stepper.lm_step_ahead = self.lm_step_ahead  # type: ignore[method-assign,assignment]
-
-    def encode(self, audio: np.ndarray, slots: list[int]) -> torch.Tensor:
-        self.encodes.append((list(slots), audio.shape[1] // FRAME_SAMPLES))
-        self.codes_waiting += [len(self._eng._slots[s].encoded) for s in slots]
-        return self._encode(audio, slots)
-
-    def lm_step(self, codes: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.steps.append(list(slots))
-        self.kept.append(len(slots))
-        for slot in slots:
-            self._unkept.pop(slot, None)
-        return self._lm_step(codes, slots)
-
-    def lm_step_ahead(
-        self, codes: list[torch.Tensor], slots: list[int], guesses: Any = None
-    ) -> list[Ahead]:
-        self.steps.append(list(slots))
-        for i, slot in enumerate(slots):
-            # row j's input is guessed as the last pass's output of the step before it
-            unkept = self._unkept.pop(slot, [])
-            for j in range(1, min(len(codes[i]), len(unkept) + 1)):
-                self.guesses_checked += 1
-                if guesses is None or guesses[i][j] != unkept[j - 1]:
-                    given = None if guesses is None else guesses[i][j]
-                    self.guesses_wrong.append((slot, j, given, unkept[j - 1]))
-        out = self._lm_step_ahead(codes, slots, guesses)
-        for slot, result in zip(slots, out, strict=True):
-            self._unkept[slot] = result.ahead.tolist()
-        self.ahead.append(([len(c) for c in codes], [len(k.tokens) for k in out]))
-        self.kept.append(sum(len(k.tokens) for k in out))
-        return out
-
-    def lm_run(
-        self, codes: list[torch.Tensor], slots: list[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        self.runs.append([(slot, len(c)) for slot, c in zip(slots, codes, strict=True)])
-        for slot in slots:
-            self._unkept.pop(slot, None)
-        return self._lm_run(codes, slots)
-
-
 async def test_only_slots_with_audio_are_stepped(
     tiny_model: LoadedModel, tiny_moshi: LoadedModel
 ) -> None:
@@ -371,18 +284,17 @@ async def test_only_slots_with_audio_are_stepped(
     audio_a, audio_b = _audio(3.0, seed=31), _audio(1.5, seed=32)
     expected_a = reference_tokens(tiny_moshi, audio_a)
     expected_b = reference_tokens(tiny_moshi, audio_b)
-    eng = Engine(tiny_model, slots=4)
+    calls = Observed(tiny_model, gated=True)
+    eng = Engine(tiny_model, slots=4, make_stepper=calls)
     eng.start()
     try:
         held = [await eng.open_stream(), await eng.open_stream()]  # slots 0 and 1, silent
-        calls = _Recorder(eng)
-        gate = _Batches(eng)  # the worker waits until both talkers' audio is queued
         held[0].close()
         talkers = [await eng.open_stream(), await eng.open_stream()]  # slots 0 and 2
         assert [t.slot_index for t in talkers] == [0, 2]
         for stream, audio in zip(talkers, (audio_b, audio_a), strict=True):
             stream.push(audio)
-        gate.release()
+        calls.release()  # the worker waited until both talkers' audio was queued
         for stream in talkers:
             stream.finish()
         got = await asyncio.gather(*(_collect(t) for t in talkers))
@@ -390,11 +302,12 @@ async def test_only_slots_with_audio_are_stepped(
         for stream in (*talkers, held[1]):
             stream.close()
     finally:
+        calls.release()
         eng.stop()
-    stepped = [s for slots in calls.steps for s in slots]
+    stepped = [s for slots, _, _ in calls.passes for s in slots]
     assert set(stepped) == {0, 1, 2}  # slot 3 (free) never computed
     assert stepped.count(1) <= 1  # slot 1 (held, silent): its stream's start step at most
-    assert any(len(slots) >= 2 for slots in calls.steps)  # the talkers shared steps
+    assert any(size >= 2 for size in calls.sizes)  # the talkers shared steps
 
 
 async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
@@ -405,38 +318,33 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     ahead (lean) where it can; the tokens are Kyutai's and every frame is stepped once."""
     audio = _audio(1.6, seed=33)  # 20 frames
     expected = reference_tokens(tiny_moshi, audio)
-    eng = Engine(tiny_model, slots=2, max_frames_per_step=8)
+    calls = Observed(tiny_model)
+    eng = Engine(tiny_model, slots=2, max_frames_per_step=8, make_stepper=calls)
     eng.start()
     try:
-        calls = _Recorder(eng)
         stream = await eng.open_stream()
         # everything at once: 20 audio frames + the flush are queued before the worker runs
         stream.push(audio)
         stream.finish()
-        tokens = []
-        while (result := await stream.get()) is not None:
-            tokens.append(result.token)
+        tokens = await _collect(stream)
         stream.close()
     finally:
         eng.stop()
     assert tokens == expected
     assert max(frames for _, frames in calls.encodes) == 8
-    # the start step, then one per frame; the end (most of the flush) in one run
-    run_steps = sum(n for run in calls.runs for _, n in run)
-    assert sum(calls.kept) + run_steps == 1 + len(expected)
-    assert len(calls.runs) == 1 and 1 < run_steps <= eng.flush_frames + 2
-    # look-ahead offered up to 4 steps (lean); moshi steps one frame at a time
-    offered = [n for counts, _ in calls.ahead for n in counts]
-    steps_a_pass = 4 if tiny_model.runtime == "lean" else 1
-    assert max(offered, default=1) == steps_a_pass
+    # the start step, then one per frame, each kept once
+    assert sum(sum(kept) for _, _, kept in calls.passes) == 1 + len(expected)
+    # look-ahead offered up to 4 steps a pass (lean), and the end (the flush) in one run
+    # offering all its steps; moshi steps one frame at a time
+    offered = [n for _, rows, _ in calls.passes for n in rows]
+    if tiny_model.runtime == "lean":
+        assert 4 in offered
+        assert eng.flush_frames <= max(offered) <= eng.flush_frames + 2 + 4
+        assert calls.guesses_checked > 0
+    else:
+        assert max(offered) == 1
     # each step a pass did not keep came back guessed from that pass's outputs (Jacobi)
     assert not calls.guesses_wrong
-    assert calls.guesses_checked > 0 or steps_a_pass == 1
-    # a slot's frames wait for Mimi while it holds the codes of a whole pass (the start
-    # step, queued in the same iteration, may make one more), except a finished stream's
-    # last frames, which its final run needs all together
-    for waiting, (_, frames) in zip(calls.codes_waiting, calls.encodes, strict=True):
-        assert waiting <= steps_a_pass or waiting + frames <= eng.flush_frames + 2 + 4
 
 
 async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
@@ -462,56 +370,45 @@ async def test_a_backlog_the_model_pads_on_is_stepped_several_frames_a_pass(
             plain.stop()
         if quantize == "none":
             assert expected == [reference_tokens(moshi, a) for a in (audio, other)]
-        eng = Engine(model, slots=2)
+        calls = Observed(model, gated=True)  # the worker waits until both streams are queued
+        eng = Engine(model, slots=2, make_stepper=calls)
         eng.start()
         try:
-            calls = _Recorder(eng)
-            gate = _Batches(eng)  # the worker waits until both streams' audio is queued
-            got = await _queued_together(eng, gate, [audio, other])
+            got = await _queued_together(eng, calls, [audio, other])
         finally:
-            gate.release()
+            calls.release()
             eng.stop()
         assert got == expected
-        kept = [n for _, counts in calls.ahead for n in counts]
-        assert max(kept) >= 3  # guessed steps confirmed
+        assert max(n for _, _, kept in calls.passes for n in kept) >= 3  # guesses confirmed
         assert calls.guesses_checked > 0 and not calls.guesses_wrong
-        assert len(calls.steps) < len(expected[0])  # fewer passes than the stream's frames
+        assert len(calls.passes) < len(expected[0])  # fewer passes than the stream's frames
 
 
 async def test_streams_ending_together_share_one_run(
     tiny_model: LoadedModel, tiny_moshi: LoadedModel
 ) -> None:
     """Streams that end together run their flushes in one run (the lean runtime's passes
-    shared by all), not one run an iteration, which made the last wait for all the others;
+    shared by all), not one run after another, which made the last wait for all the others;
     the tokens are Kyutai's, and the run takes far fewer passes than its steps."""
     audios = [_audio(1.0, seed=71 + i) for i in range(3)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
-    eng = Engine(tiny_model, slots=3)
+    calls = Observed(tiny_model, gated=True)  # the worker waits until every stream has ended
+    eng = Engine(tiny_model, slots=3, make_stepper=calls)
     eng.start()
     try:
-        calls = _Recorder(eng)
-        gate = _Batches(eng)  # the worker waits until every stream has ended
-        assert eng.stepper is not None
-        passes: list[int] = []  # the passes of each lean run
-        if tiny_model.runtime == "lean":
-            lm = eng.stepper._lm  # type: ignore[attr-defined]
-            step_run = lm.step_run
-
-            def counted(*args: Any, **kwargs: Any) -> Any:
-                out = step_run(*args, **kwargs)
-                passes.append(max(o.passes for o in out))
-                return out
-
-            lm.step_run = counted
-        got = await _queued_together(eng, gate, audios)
+        got = await _queued_together(eng, calls, audios)
     finally:
+        calls.release()
         eng.stop()
     assert got == expected
-    slots_in_runs = [slot for run in calls.runs for slot, _ in run]
-    assert sorted(slots_in_runs) == [0, 1, 2]  # every stream ended in a run
-    assert len(calls.runs) == 1  # ... the same one
-    if tiny_model.runtime == "lean":  # speculative passes: fewer than any one slot's steps
-        assert passes[-1] < min(n for _, n in calls.runs[0])
+    if tiny_model.runtime == "lean":
+        # a run pass offers a slot more rows than a plain pass's look-ahead (4)
+        runs = [(slots, rows) for slots, rows, _ in calls.passes if max(rows) > 4]
+        assert sorted(runs[0][0]) == [0, 1, 2]  # every stream ended in the same run
+        assert min(runs[0][1]) >= eng.flush_frames
+        assert len(runs) < eng.flush_frames  # speculative passes: fewer than the steps
+    else:  # one step a pass, the three streams' last steps together
+        assert calls.passes[-1][0] == [0, 1, 2]
 
 
 async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_recovers(
@@ -521,33 +418,24 @@ async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_re
     (after the results they already had), the others carry on, the slots work again."""
     audio = _audio(1.5, seed=61)
     expected = reference_tokens(tiny_moshi, audio)
-    eng = Engine(tiny_model, slots=3)
+    shared = {"passes": 0}
+
+    def third_shared(slots: list[int]) -> bool:
+        """The third LM pass shared by both streams raises."""
+        if len(slots) == 2:
+            shared["passes"] += 1
+            return shared["passes"] == 3
+        return False
+
+    calls = Observed(tiny_model, gated=True, fail=third_shared)
+    eng = Engine(tiny_model, slots=3, make_stepper=calls)
     eng.start()
     try:
-        assert eng.stepper is not None
-        calls = {"two": 0}
-
-        def failing(real: Callable[..., Any]) -> Callable[..., Any]:
-            """``real``, but the third LM pass shared by both streams (a step or a look-ahead
-            pass: their backlogs take both) raises."""
-
-            def call(codes: Any, slots: list[int], *rest: Any) -> Any:
-                if len(slots) == 2:
-                    calls["two"] += 1
-                    if calls["two"] == 3:
-                        raise RuntimeError("simulated kernel failure")
-                return real(codes, slots, *rest)
-
-            return call
-
-        eng.stepper.lm_step = failing(eng.stepper.lm_step)  # type: ignore[method-assign]
-        eng.stepper.lm_step_ahead = failing(eng.stepper.lm_step_ahead)  # type: ignore[method-assign]
-        gate = _Batches(eng)
         victims = [await eng.open_stream(), await eng.open_stream()]
         for stream in victims:
             stream.push(audio)
             stream.finish()
-        gate.release()
+        calls.release()
         for stream in victims:
             got = []
             with pytest.raises(StreamFailed):
@@ -555,8 +443,8 @@ async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_re
                     got.append(result.token)
             assert got == expected[: len(got)] and len(got) >= 1
             stream.close()
-        eng.fault_hook = None
         assert eng.free_slots == 3
         assert await _transcribe(eng, audio) == expected
     finally:
+        calls.release()
         eng.stop()

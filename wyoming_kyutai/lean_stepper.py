@@ -14,7 +14,7 @@ import torch
 from .runtime.lm import LanguageModel
 from .runtime.memory import check_memory
 from .runtime.mimi import MimiEncoder
-from .stepper import Ahead
+from .scheduler import Kept
 
 
 class LeanStepper:
@@ -23,11 +23,12 @@ class LeanStepper:
     The state lives in the model's runtime objects: one stepper per model at a time.
     """
 
-    steps_ahead = True
+    looks_ahead = True
 
     def __init__(self, mimi: MimiEncoder, lm: LanguageModel, slots: int) -> None:
         self.num_slots = slots
         self.frame_size = mimi.frame_size
+        self.start_codes = torch.zeros(lm.config.n_q, dtype=torch.long)
         self._mimi = mimi
         self._lm = lm
         per_slot = lm.nbytes()["kv_per_slot"] + mimi.nbytes()["state_per_slot"]
@@ -40,6 +41,27 @@ class LeanStepper:
         self._lm.allocate(0)
 
     @torch.inference_mode()
+    def warm_up(self, flush_frames: int) -> None:
+        """Every slot through a pass, and Mimi's usual shapes: the lean runtime prepares
+        Mimi's products for each shape on first use (oneDNN, 10-50 ms a shape, enough to put
+        streams that start together behind for seconds), so 1..slots streams of one frame and
+        of two (as when streams start or fall behind), and one stream's flush are ready."""
+        everyone = list(range(self.num_slots))
+        self.reset(everyone)
+        silence = np.zeros((self.num_slots, self.frame_size), dtype=np.float32)
+        codes = self.encode(silence, everyone)[:, :, 0]
+        for _ in range(2):  # the start step, then a step on the codes
+            self.lm_pass(everyone, [c[None] for c in codes], [[] for _ in everyone])
+        pairs = np.concatenate([silence, silence], axis=1)
+        for n in range(1, self.num_slots + 1):
+            if n < self.num_slots:
+                self.encode(silence[:n], everyone[:n])
+            self.encode(pairs[:n], everyone[:n])
+        flush = np.zeros((1, (flush_frames + 1) * self.frame_size), dtype=np.float32)
+        run = self.encode(flush, [0])[0].t()
+        self.lm_pass([0], [run], [[None] * (len(run) - 1)])
+
+    @torch.inference_mode()
     def reset(self, slots: Sequence[int]) -> None:
         self._mimi.reset(slots)
         self._lm.reset(slots)
@@ -49,31 +71,15 @@ class LeanStepper:
         return self._mimi.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)), slots)
 
     @torch.inference_mode()
-    def lm_step(
-        self, codes: torch.Tensor, slots: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._lm.step(codes, slots)
-        return out.tokens, out.pauses
-
-    @torch.inference_mode()
-    def lm_step_ahead(
+    def lm_pass(
         self,
-        codes: Sequence[torch.Tensor],
         slots: Sequence[int],
-        guesses: Sequence[Sequence[int | None]] | None = None,
-    ) -> list[Ahead]:
-        """Later steps' text inputs guessed (padding where there is no guess), kept up to
-        the first wrong guess."""
+        codes: Sequence[torch.Tensor],
+        guesses: Sequence[Sequence[int | None]],
+    ) -> list[Kept]:
         pad = self._lm.config.padding_id
-        given = None
-        if guesses is not None:
-            given = [[pad if g is None else int(g) for g in guess] for guess in guesses]
-        out = self._lm.step_ahead(codes, slots, given)
-        return [Ahead(o.tokens, o.pauses, o.ahead) for o in out]
-
-    @torch.inference_mode()
-    def lm_run(
-        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """In look-ahead passes shared by the slots (text inputs guessed, verified)."""
-        return [(out.tokens, out.pauses) for out in self._lm.step_run(codes, slots)]
+        given = [[pad if g is None else int(g) for g in guess] for guess in guesses]
+        return [
+            Kept(o.tokens.tolist(), [tuple(p) for p in o.pauses.tolist()], o.ahead.tolist())
+            for o in self._lm.step(codes, slots, given)
+        ]

@@ -1,8 +1,11 @@
 """The stepper over moshi's own modules: the CUDA path (CUDA graphs) and the test reference.
 
 Uses only moshi's public streaming API: ``streaming(batch)``, ``set_exec_mask`` and
-``reset_streaming`` on Mimi and ``LMGen``. Every row of the batch is computed each step
-(slots not in the step are masked, not skipped), as moshi does.
+``reset_streaming`` on Mimi and ``LMGen``. Every call has one shape for a given number of
+slots — one 80 ms frame for every row, slots not in the call masked, not skipped — because
+moshi's CUDA graphs (on by default on CUDA) capture one shape and refuse any other: a backlog
+or a flush is more calls, never wider ones. Codes stay on the model's device; a pass brings
+its tokens and end-of-turn probabilities to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -20,19 +23,19 @@ configure_moshi_env()
 import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
-from .stepper import Ahead  # noqa: E402
+from .scheduler import Kept  # noqa: E402
 
 
 class MoshiStepper:
     """Batched streaming through moshi's Mimi and LMGen, one row per slot."""
 
-    steps_ahead = False
+    looks_ahead = False
 
     def __init__(self, mimi: Any, lm: Any, device: torch.device, slots: int) -> None:
         self.num_slots = slots
         self.frame_size = int(mimi.frame_size)
+        self.start_codes = torch.zeros(int(mimi.num_codebooks), dtype=torch.long, device=device)
         self._mimi = mimi
-        self._lm = lm
         self._device = device
         self._gen = LMGen(lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
         self._streaming = ExitStack()
@@ -43,66 +46,58 @@ class MoshiStepper:
     def close(self) -> None:
         self._streaming.close()
 
+    def warm_up(self, flush_frames: int) -> None:
+        """Two calls of each shape serving uses (CUDA graphs run the first and capture the
+        second): a Mimi frame, the start step and a step, for every slot."""
+        everyone = list(range(self.num_slots))
+        self.reset(everyone)
+        silence = np.zeros((self.num_slots, 2 * self.frame_size), dtype=np.float32)
+        codes = self.encode(silence, everyone)[:, :, 0]
+        for _ in range(2):
+            self.lm_pass(everyone, [c[None] for c in codes], [[] for _ in everyone])
+
     def _mask(self, slots: Sequence[int]) -> torch.Tensor:
         mask = torch.zeros(self.num_slots, dtype=torch.bool)
         mask[list(slots)] = True
         return mask.to(self._device)
 
+    @torch.no_grad()
     def reset(self, slots: Sequence[int]) -> None:
         mask = self._mask(slots)
         self._mimi.reset_streaming(mask)
         self._gen.reset_streaming(mask)
 
+    @torch.no_grad()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
+        """One Mimi call of [slots, 1, frame_size] per frame."""
+        frames = audio.shape[1] // self.frame_size
         index = torch.tensor(list(slots), dtype=torch.long)
-        full = torch.zeros(self.num_slots, 1, audio.shape[1])
-        full[index, 0] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        self._mimi.set_exec_mask(self._mask(slots))
-        codes = self._mimi.encode(full.to(self._device))
-        return codes[index.to(codes.device)].cpu()
+        mask = self._mask(slots)
+        samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        codes = []
+        for j in range(frames):
+            full = torch.zeros(self.num_slots, 1, self.frame_size)
+            full[index, 0] = samples[:, j * self.frame_size : (j + 1) * self.frame_size]
+            self._mimi.set_exec_mask(mask)
+            codes.append(self._mimi.encode(full.to(self._device))[index.to(self._device)])
+        return torch.cat(codes, dim=2)
 
-    def lm_step(
-        self, codes: torch.Tensor, slots: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._step(codes, slots)
-
-    def lm_step_ahead(
+    @torch.no_grad()
+    def lm_pass(
         self,
-        codes: Sequence[torch.Tensor],
         slots: Sequence[int],
-        guesses: Sequence[Sequence[int | None]] | None = None,
-    ) -> list[Ahead]:
-        """moshi steps one frame at a time: each slot's first step only (no guesses)."""
-        tokens, pauses = self._step(torch.stack([c[0] for c in codes]), slots)
-        return [Ahead(tokens[i : i + 1], pauses[i : i + 1]) for i in range(len(slots))]
-
-    def lm_run(
-        self, codes: Sequence[torch.Tensor], slots: Sequence[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One step at a time, the slots that still have steps together."""
-        tokens: list[list[torch.Tensor]] = [[] for _ in slots]
-        pauses: list[list[torch.Tensor]] = [[] for _ in slots]
-        for t in range(max(len(c) for c in codes)):
-            rows = [i for i, c in enumerate(codes) if t < len(c)]
-            text, probs = self._step(
-                torch.stack([codes[i][t] for i in rows]), [slots[i] for i in rows]
-            )
-            for j, i in enumerate(rows):
-                tokens[i].append(text[j : j + 1])
-                pauses[i].append(probs[j : j + 1])
-        return [(torch.cat(t), torch.cat(p)) for t, p in zip(tokens, pauses, strict=True)]
-
-    def _step(self, codes: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(list(slots), dtype=torch.long)
-        full = torch.zeros(self.num_slots, codes.shape[1], 1, dtype=torch.long)
-        full[index, :, 0] = codes.cpu()
+        codes: Sequence[torch.Tensor],
+        guesses: Sequence[Sequence[int | None]],
+    ) -> list[Kept]:
+        """One step of each slot (its first row; moshi cannot look ahead)."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
+        first = torch.stack([c[0] for c in codes]).to(self._device)
+        full = torch.zeros(self.num_slots, first.shape[1], 1, dtype=torch.long, device=self._device)
+        full[index, :, 0] = first
         self._gen.set_exec_mask(self._mask(slots))
-        out = self._gen.step_with_extra_heads(full.to(self._device))
+        out = self._gen.step_with_extra_heads(full)
         assert out is not None
         tokens, heads = out
-        text = tokens[:, 0, 0].cpu()[index]
-        if heads:
-            pauses = torch.stack([h[:, 0, 0] for h in heads], dim=1).float().cpu()[index]
-        else:
-            pauses = torch.zeros(len(index), 0)
-        return text, pauses
+        columns = [tokens[:, 0, :1].float(), *(h[:, 0, :1].float() for h in heads)]
+        rows = torch.cat(columns, dim=1)[index].cpu().tolist()  # the one transfer
+        return [Kept([int(row[0])], [tuple(row[1:])]) for row in rows]

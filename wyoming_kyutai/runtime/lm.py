@@ -5,12 +5,12 @@ step 0 the input is the start tokens (text ``text_card``, every audio codebook `
 step i >= 1 it is the text token chosen at step i-1 and the 32 audio codes given. The output is
 the argmax text token and, per end-of-turn ("extra") head, the probability of its class 0.
 
-:meth:`LanguageModel.step_ahead` runs the next few steps of several slots in one pass, and
-:meth:`LanguageModel.step_run` the whole known rest of several slots (the silent frames that
-flush the text delay at the end of utterances) in a few such passes instead of one pass per
-step: the text input of each step (the previous step's output) is guessed, the rows run in one
-pass (the weights are read once for all of them), and each slot keeps the longest prefix whose
-guesses the pass itself confirms (exact speculative decoding, greedy).
+:meth:`LanguageModel.step` is the one entry point: a pass over the next steps of several
+slots. A slot may put several of its steps in the pass (the weights are read once for all of
+them): the text input of each step after the first (the previous step's output, not known yet)
+is given as a guess, and the slot keeps the longest prefix of rows whose guesses the pass itself
+confirms (exact speculative decoding, greedy). What to guess and how many rows to offer is the
+scheduler's policy (``scheduler.py``), not the model's.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ from torch.nn import functional as F
 from .attention import AttentionPlan, KvCache, Rope
 from .linear import Linear
 from .weights import WeightFile
-
-POOR_PASSES_BEFORE_STEPS = 2
-"""step_run with its own guesses: passes of a slot left alone in the run, in a row, that kept a
-single step, after which it goes on one row a pass."""
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
@@ -131,19 +127,17 @@ def _check_supported(cfg: dict[str, Any]) -> None:
 
 @dataclass
 class LmStep:
-    """The result of one step for its n rows (in the order of the slots given), or of n steps
-    of one slot (:meth:`LanguageModel.step_ahead`, :meth:`LanguageModel.step_run`)."""
+    """The result of a pass for one slot: its n kept steps (or, from ``_forward``, the rows of
+    the whole pass)."""
 
     tokens: torch.Tensor  # int64 [n]: greedy text token
     pauses: torch.Tensor  # float32 [n, num_vad_heads]: class-0 ("pause") probability per head
     text_logits: torch.Tensor  # float32 [n, text_card]
-    passes: int = 1  # forward passes it took part in (step_run: 1 if every guess was right)
-    # step_ahead: the pass's outputs of the rows it ran and did not keep, int64 (k - n; empty
-    # where the slot took one row near the end of its ring). Each was
-    # computed from a wrong input somewhere before it, so it is only a guess of that step's
-    # output, and a good one (a speech model's output depends little on its text input):
-    # the next call's guesses for the inputs of the steps after them (Jacobi iteration).
-    # Empty for step and step_run.
+    # the pass's outputs of the rows it ran and did not keep, int64 (k - n; empty where the
+    # slot took one row near the end of its ring). Each was computed from a wrong input
+    # somewhere before it, so it is only a guess of that step's output, and a good one (a
+    # speech model's output depends little on its text input): guesses of the inputs of the
+    # steps after them (Jacobi iteration).
     ahead: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
@@ -254,47 +248,30 @@ class LanguageModel:
             self._text[slot] = self.config.text_card
 
     @torch.no_grad()
-    def step(self, codes: torch.Tensor, slots: Sequence[int]) -> LmStep:
-        """One step of ``slots`` (distinct, any order; ascending runs of slots attend in one
-        call, so pass them sorted) with int64 ``codes`` [n, n_q] in [0, card) (-1: no input
-        for that codebook); a slot's codes are ignored at its step 0."""
-        slots = self._check_slots(slots)
-        n = len(slots)
-        if tuple(codes.shape) != (n, self.config.n_q):
-            raise ValueError(f"codes must be [{n}, {self.config.n_q}], got {list(codes.shape)}")
-        positions = [self._positions[s] for s in slots]
-        plan = self._cache.plan(slots, positions, self._rope)
-        result = self._forward(codes, self._text[plan.rows], positions, plan)
-        self._text.index_copy_(0, plan.rows, result.tokens)
-        for slot in slots:
-            self._positions[slot] += 1
-        return result
-
-    @torch.no_grad()
-    def step_ahead(
+    def step(
         self,
         codes: Sequence[torch.Tensor],
         slots: Sequence[int],
         guesses: Sequence[Sequence[int]] | None = None,
     ) -> list[LmStep]:
-        """One pass over the next steps of several slots at once: ``codes[i]`` int64
-        [k_i >= 1, n_q] are slot ``slots[i]``'s next k_i frames (as :meth:`step`; distinct
-        slots, pass them ascending). Returns, per slot, its first 1..k_i steps: exactly
-        those k_i calls of :meth:`step` would give, in one read of the weights.
+        """One pass over the next steps of several slots: ``codes[i]`` int64 [k_i >= 1, n_q]
+        are slot ``slots[i]``'s next k_i frames, in [0, card) (-1: no input for that codebook;
+        a slot's codes are ignored at its step 0). Distinct slots, ascending (ascending runs of
+        slots attend in one call). Returns, per slot, its first 1..k_i steps: exactly what
+        k_i passes of one row each would give, in one read of the weights.
 
-        A slot's first row takes its known text input; each later row's text input (the
-        output of the row before, not known yet) is guessed to be the padding token, which
-        a speech model emits on most frames (or ``guesses[i][j]`` for row j >= 1). The rows
-        are kept up to and including the first one whose output contradicts the next row's
-        guess (that one is exact too); the slot advances by that many steps and the rest of
-        its frames are for later calls. Each row
-        attends exactly as a step does (its own call), so in int8 a kept row is bit for bit
-        the step's (every op is per row), in float32 within the last bits of the products.
+        A slot's first row takes its known text input (the output of its last step); row j >= 1
+        takes ``guesses[i][j - 1]`` (k_i - 1 of them; default: the padding token, which a
+        speech model emits on most frames). The rows are kept up to and including the first
+        one whose output contradicts the next row's guess (that one is exact too); the slot
+        advances by that many steps. Each row attends exactly as a step does (its own call),
+        so in int8 a kept row is bit for bit the step's (every op is per row), in float32
+        within the last bits of the products.
 
-        Each result's ``ahead`` holds the outputs of the slot's rows it did not keep: the
-        guesses for the text inputs of the steps after them, for the next call.
+        Each result's ``ahead`` holds the outputs of the slot's rows it did not keep: guesses
+        of the text inputs of the steps after them, for a later pass.
 
-        A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later call
+        A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later pass
         redoing the unkept rows needs the entries they overwrite) takes one row."""
         slots = self._check_sets(codes, slots, guesses)
         pad = self.config.padding_id
@@ -310,13 +287,14 @@ class LanguageModel:
         text = torch.full((len(positions),), pad, dtype=torch.long)
         firsts = torch.tensor([0, *counts[:-1]], dtype=torch.long).cumsum(0)
         if guesses is not None:
-            for first, count, guess in zip(firsts.tolist(), counts, guesses, strict=True):
-                later = [int(g) for g in list(guess)[1:count]]
-                if len(later) != count - 1 or not self._are_text(later):
+            for i, (first, count) in enumerate(zip(firsts.tolist(), counts, strict=True)):
+                later = [int(g) for g in guesses[i]]
+                if len(later) != len(codes[i]) - 1 or not self._are_text(later):
                     raise ValueError(
-                        f"guesses: one per row, text tokens in [0, {self.config.text_card})"
+                        "guesses: one per row after the first, text tokens in "
+                        f"[0, {self.config.text_card})"
                     )
-                text[first + 1 : first + count] = torch.tensor(later, dtype=torch.long)
+                text[first + 1 : first + count] = torch.tensor(later[: count - 1], dtype=torch.long)
         text[firsts] = self._text[slots]
         rows = torch.cat([frames[:count] for frames, count in zip(codes, counts, strict=True)])
         plan = self._cache.plan(row_slots, positions, self._rope)
@@ -335,87 +313,6 @@ class LanguageModel:
             self._positions[slot] += end - first
             self._text[slot] = out.tokens[end - 1]
         return results
-
-    @torch.no_grad()
-    def step_run(
-        self,
-        codes: Sequence[torch.Tensor],
-        slots: Sequence[int],
-        guesses: Sequence[Sequence[int] | None] | None = None,
-    ) -> list[LmStep]:
-        """The next ``len(codes[i])`` steps of each of several slots whose audio is known up
-        front (``codes[i]`` int64 [T_i >= 1, n_q] for slot ``slots[i]``; distinct slots,
-        pass them ascending), e.g. the flushes of streams that ended together: per slot, what
-        T_i calls of :meth:`step` would give, in a few look-ahead passes (:meth:`step_ahead`)
-        shared by all the slots instead of one pass per step.
-
-        Each step's text input is guessed (``guesses[i]``: one token per step, the first
-        ignored, as its input is known; default: the padding token), every slot's remaining
-        steps run in one pass, and each keeps its rows up to the first wrong guess; the rest
-        runs again in the next pass, from the token the pass confirmed. With the default
-        guess, a slot's later guesses are refined after each pass to what that pass predicted
-        (Jacobi iteration), and once a slot is the last one left, after
-        :data:`POOR_PASSES_BEFORE_STEPS` passes of it alone in a row that kept a single step,
-        it goes on one row a pass (a pass of many rows costs more than a step), which bounds
-        the cost of guesses that keep missing. While other slots share the passes, a slot's
-        rows are cheap beside the pass, and one row a pass would make the whole run wait for
-        that slot (4 flushes together, AMD EPYC Zen 4, `script/bench`'s flush phase: 9 passes
-        with that rule for every slot, 5 / 3 without on random weights / the checkpoint that
-        pads on silence; 600 / 470 ms, vs 990 / 1000 ms for the 4 runs one after another).
-
-        Rows attend exactly as steps do, so int8 tokens and logits are those of sequential
-        steps bit for bit, float32 ones within the last bits of the products. Near the end of
-        its ring a slot takes one row a pass (see :meth:`step_ahead`). Each result's
-        ``passes`` says how many passes its slot took part in. Other slots are not touched."""
-        slots = self._check_sets(codes, slots, guesses)
-        inputs: list[torch.Tensor] = []  # per slot: each step's text input, guessed
-        for i, frames in enumerate(codes):
-            given = None if guesses is None else guesses[i]
-            if given is None:
-                pad = self.config.padding_id
-                inputs.append(torch.full((int(frames.shape[0]),), pad, dtype=torch.long))
-            elif len(given) != frames.shape[0] or not self._are_text(given):
-                raise ValueError(
-                    f"guesses: one per step ({frames.shape[0]}), text tokens in "
-                    f"[0, {self.config.text_card})"
-                )
-            else:
-                inputs.append(torch.tensor([int(g) for g in given], dtype=torch.long))
-        refine = [guesses is None or guesses[i] is None for i in range(len(slots))]
-        done = [0] * len(slots)
-        poor = [0] * len(slots)  # passes of the slot alone in a row that kept a single step
-        parts: list[list[LmStep]] = [[] for _ in slots]
-        while True:
-            active = [i for i in range(len(slots)) if done[i] < len(inputs[i])]
-            if not active:
-                break
-            alone = len(active) == 1  # the pass is not shared: a row less is a row saved
-            rows = {
-                i: 1 if alone and refine[i] and poor[i] >= POOR_PASSES_BEFORE_STEPS else None
-                for i in active
-            }
-            out = self.step_ahead(
-                [codes[i][done[i] :][: rows[i]] for i in active],
-                [slots[i] for i in active],
-                [inputs[i][done[i] :][: rows[i]].tolist() for i in active],
-            )
-            for i, result in zip(active, out, strict=True):
-                parts[i].append(result)
-                done[i] += len(result.tokens)
-                poor[i] = poor[i] + 1 if alone and len(result.tokens) < 2 else 0
-                if refine[i] and done[i] + 1 < len(inputs[i]):
-                    # guess the rest as this pass predicted it (Jacobi iteration)
-                    later = result.ahead[: len(inputs[i]) - done[i] - 1]
-                    inputs[i][done[i] + 1 : done[i] + 1 + len(later)] = later
-        return [
-            LmStep(
-                tokens=torch.cat([p.tokens for p in steps]),
-                pauses=torch.cat([p.pauses for p in steps]),
-                text_logits=torch.cat([p.text_logits for p in steps]),
-                passes=len(steps),
-            )
-            for steps in parts
-        ]
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
@@ -456,8 +353,8 @@ class LanguageModel:
         slots: Sequence[int],
         guesses: Sequence[object] | None,
     ) -> list[int]:
-        """The slots of a :meth:`step_ahead` or :meth:`step_run` call, checked: distinct, as
-        many sets of codes (and guesses), each codes int64 [k >= 1, n_q]."""
+        """The slots of a :meth:`step` call, checked: distinct, as many sets of codes (and
+        guesses), each codes int64 [k >= 1, n_q]."""
         slots = self._check_slots(slots)
         if len(codes) != len(slots) or (guesses is not None and len(guesses) != len(slots)):
             raise ValueError(f"{len(slots)} slots: give as many sets of codes (and guesses)")
