@@ -187,7 +187,7 @@ def stepper_steps(
             t0 = time.perf_counter()
             codes = stepper.encode(audio[:, i * 1920 : (i + 1) * 1920], slots)
             t1 = time.perf_counter()
-            stepper.lm_step(codes[:, :, 0], slots)
+            stepper.lm_pass(slots, [c[None] for c in codes[:, :, 0]], [[] for _ in slots])
             t2 = time.perf_counter()
             mimi_t.append(t1 - t0)
             lm_t.append(t2 - t1)
@@ -229,62 +229,127 @@ def stepper_steps(
     return out
 
 
+def _plain_steps(lm: Any, codes: Any, slots: list[int]) -> list[Any]:
+    """One plain step of each of ``slots`` (``codes`` int64 [n, n_q]: a frame each) through
+    ``LanguageModel.step``, one row a slot: its results, one per slot."""
+    return list(lm.step([c[None] for c in codes], slots))
+
+
+def _scheduled_pass(stepper: Any, sched: Any, rows: list[Any]) -> Any:
+    """One LM pass of the scheduler's ``rows`` through ``stepper``, its results applied, as the
+    engine's ``_pass`` runs it: the scheduler's ``Outcome``."""
+    import torch
+
+    start = stepper.start_codes
+    codes = [torch.stack([start if s.codes is None else s.codes for s in r.steps]) for r in rows]
+    kept = stepper.lm_pass([r.claim.index for r in rows], codes, [r.guesses for r in rows])
+    return sched.apply(rows, kept, time.monotonic())
+
+
+def _final_run(stepper: Any, sched: Any) -> tuple[int, dict[object, list[int]]]:
+    """The scheduler's final run over ``stepper``, as the engine's ``_iterate`` drives it: the
+    plan that moves the finished streams down to their flush into the run (nothing else may
+    wait), then its passes until it is over. The passes, and each stream's tokens."""
+    assert not sched.plan_pass(), "only finished streams down to their flush may wait"
+    tokens: dict[object, list[int]] = {}
+    passes = 0
+    while rows := sched.plan_run():
+        outcome = _scheduled_pass(stepper, sched, rows)
+        passes += 1
+        for owner, result in outcome.results:
+            tokens.setdefault(owner, []).append(result.token)
+    assert not sched.has_work(), "the run ends its streams"
+    return passes, tokens
+
+
 def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[str, Any]:
     """The end of utterances, as the engine runs it after ``audio-stop``: the last frame and
-    the flush's silent frames through Mimi in one call, then their LM steps as one
-    speculative run (``step_run``: guesses the model emits padding) and, side by side on the
-    same codes, as plain steps (batch 1); then ``streams`` utterances ending together, their
-    flushes in one shared run (as the engine runs them) vs one run after the other. Medians
-    over ``repeats``, each after ``spoken`` speech frames.
+    the flush's silent frames through Mimi in one call, then their LM steps as the scheduler's
+    final run over the stepper (:func:`_final_run`: speculative passes, later text inputs
+    guessed as padding, then as the last pass computed them) and, side by side on the same
+    audio, as plain steps (batch 1: the same run with look-ahead 1, one row a pass); then
+    ``streams`` utterances ending together, their flushes in one shared run (as the engine
+    runs them) vs one run after the other. Medians over ``repeats``, each after ``spoken``
+    speech frames (the start step and a plain pass a frame, not timed).
     """
     import torch
 
     from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Scheduler
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
-    model.mimi.allocate(streams)
-    model.lm.allocate(streams)
-    speech = torch.from_numpy(
-        np.stack([speechlike(spoken * 0.08, 24000, 5 + i) for i in range(streams)])
-    )
-    tail = torch.zeros(streams, (model.flush_frames + 1) * 1920)
+    stepper = model.make_stepper(streams)
+    count = model.flush_frames + 1  # the last frame, then the flush
+    speech = np.stack([speechlike(spoken * 0.08, 24000, 5 + i) for i in range(streams)])
+    tail = np.zeros((streams, count * 1920), dtype=np.float32)
     tail[:, :960] = speech[:, -960:]  # the last, half-filled frame (speech's last 40 ms)
     times: dict[str, list[float]] = {m: [] for m in ("mimi", "run", "steps", "together", "apart")}
     passes: dict[str, list[int]] = {"run": [], "together": []}
 
-    def spoken_then_tails(slots: list[int]) -> list[torch.Tensor]:
-        """``slots`` reset, their speech stepped; the tails' codes [T, n_q] per slot."""
-        model.mimi.reset(slots)
-        model.lm.reset(slots)
-        codes = model.mimi.encode(speech[: len(slots)], slots)
-        model.lm.step(codes[:, :, 0], slots)  # the start step
+    def after_speech(n: int, lookahead: int = LOOKAHEAD_STEPS) -> tuple[Scheduler, list[Claim]]:
+        """A scheduler over slots 0..n-1, each held by a stream whose speech the stepper has
+        stepped, its tail not queued yet (all of it one Mimi call, as for the 1B model)."""
+        sched = Scheduler(n, model.flush_frames, lookahead, max(FRAMES_PER_CALL, count))
+        claims = []
+        for _ in range(n):
+            claim = sched.take(lambda i: f"stream {i}")
+            assert claim is not None
+            claims.append(claim)
+        slots = [claim.index for claim in sched.take_resets()]
+        stepper.reset(slots)
+        codes = stepper.encode(speech[:n], slots)
+        nothing: list[list[int | None]] = [[] for _ in slots]
+        stepper.lm_pass(slots, [stepper.start_codes[None] for _ in slots], nothing)
         for i in range(codes.shape[2]):
-            model.lm.step(codes[:, :, i], slots)
-        started = time.perf_counter()
-        tails = model.mimi.encode(tail[: len(slots)], slots)
-        if len(slots) == 1:
-            times["mimi"].append((time.perf_counter() - started) * 1000)
-        return [t.t() for t in tails]
+            stepper.lm_pass(slots, [c[None] for c in codes[:, :, i]], nothing)
+        return sched, claims
 
-    everyone = list(range(streams))
+    def finish(sched: Scheduler, claims: list[Claim]) -> float:
+        """The streams' tails queued as their last frames and encoded as the engine does (the
+        scheduler's groups, a Mimi call each): Mimi's ms."""
+        for claim in claims:
+            frames = [Frame(f, 0.0) for f in np.split(tail[claim.index], count)]
+            assert sched.add_frames(claim, frames, last=True)
+        ms = 0.0
+        for group in sched.take_audio():
+            samples = np.stack([np.concatenate([f.samples for f in fs]) for fs in group.frames])
+            started = time.perf_counter()
+            codes = stepper.encode(samples, [claim.index for claim in group.claims])
+            ms += (time.perf_counter() - started) * 1000
+            for row, (claim, frames) in enumerate(zip(group.claims, group.frames, strict=True)):
+                sched.encoded(claim, frames, codes[row].unbind(1))
+        return ms
+
+    def timed_run(sched: Scheduler) -> tuple[float, int, dict[object, list[int]]]:
+        started = time.perf_counter()
+        n, tokens = _final_run(stepper, sched)
+        return (time.perf_counter() - started) * 1000, n, tokens
+
     with torch.inference_mode():
         for _ in range(repeats):
-            for mode in ("run", "steps", "together", "apart"):
-                tails = spoken_then_tails([0] if mode in ("run", "steps") else everyone)
-                started = time.perf_counter()
-                if mode in ("run", "together"):
-                    runs = model.lm.step_run(tails, everyone[: len(tails)])
-                    passes[mode].append(max(r.passes for r in runs))
-                elif mode == "apart":
-                    for slot, codes in enumerate(tails):
-                        model.lm.step_run([codes], [slot])
-                else:
-                    for row in tails[0]:
-                        model.lm.step(row[None], [0])
-                times[mode].append((time.perf_counter() - started) * 1000)
+            tokens = {}
+            for mode, ahead in (("run", LOOKAHEAD_STEPS), ("steps", 1)):
+                sched, claims = after_speech(1, ahead)
+                times["mimi"].append(finish(sched, claims))
+                ms, n, tokens[mode] = timed_run(sched)
+                times[mode].append(ms)
+                if mode == "run":
+                    passes["run"].append(n)
+            assert tokens["run"] == tokens["steps"]  # the run's passes verify every guess
+            sched, claims = after_speech(streams)
+            finish(sched, claims)
+            ms, n, _ = timed_run(sched)
+            times["together"].append(ms)
+            passes["together"].append(n)
+            sched, claims = after_speech(streams)
+            apart = 0.0
+            for claim in claims:
+                finish(sched, [claim])
+                apart += timed_run(sched)[0]
+            times["apart"].append(apart)
     med = {k: round(float(np.median(v)), 1) for k, v in times.items()}
     return {
-        "frames": model.flush_frames + 1,
+        "frames": count,
         "mimi_ms": med["mimi"],
         "run_ms": med["run"],
         "steps_ms": med["steps"],
@@ -297,7 +362,7 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[s
 
 
 def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) -> dict[str, Any]:
-    """What a look-ahead pass (``step_ahead``: ``rows`` steps of each slot in one pass, later
+    """What a look-ahead pass (``LanguageModel.step`` with ``rows`` steps of each slot, later
     text inputs guessed) costs against plain steps, int8, side by side on the same codes: slots
     0..b-1 take ``rows`` plain steps (their tokens are the truth), then slots b..2b-1 take the
     same steps in one pass guessing those tokens (all kept). Early in a command (from
@@ -321,15 +386,16 @@ def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) ->
         with torch.inference_mode():
             lm.reset(plain + ahead)
             for frame in codes[:10]:
-                lm.step(torch.cat([frame, frame]), plain + ahead)
+                _plain_steps(lm, torch.cat([frame, frame]), plain + ahead)
             for i in range(passes):
                 frames = codes[10 + i * rows : 10 + (i + 1) * rows]  # [rows, b, n_q]
                 started = time.perf_counter()
-                truth = [lm.step(frame, plain).tokens for frame in frames]
+                steps = [_plain_steps(lm, frame, plain) for frame in frames]
                 step_ms.append((time.perf_counter() - started) * 1000 / rows)
-                guesses = [[0, *[int(t[j]) for t in truth[:-1]]] for j in range(b)]
+                truth = [[int(s.tokens[0]) for s in row] for row in steps]  # [rows][b]
+                guesses = [[truth[t][j] for t in range(rows - 1)] for j in range(b)]
                 started = time.perf_counter()
-                kept = lm.step_ahead([frames[:, j] for j in range(b)], ahead, guesses)
+                kept = lm.step([frames[:, j] for j in range(b)], ahead, guesses)
                 pass_ms.append((time.perf_counter() - started) * 1000)
                 assert all(len(k.tokens) == rows for k in kept)
         step, one_pass = float(np.median(step_ms)), float(np.median(pass_ms))
@@ -344,42 +410,56 @@ def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) ->
 
 def backlog(ckpt: Path, frames: int = 60, rows: int = 4) -> dict[str, Any]:
     """One stream's backlog of ``frames`` frames (a command: 1 s of silence, then speech-like
-    audio, through Mimi; int8) run by look-ahead passes of ``rows`` steps, later text inputs
-    guessed as padding, or as the previous pass computed them (Jacobi, what the engine does):
+    audio, through Mimi; int8; the first frame is the stream's start step) run by look-ahead
+    passes of ``rows`` steps, later text inputs guessed as padding (``LanguageModel.step``
+    without guesses), or as the previous pass computed them (Jacobi: what the engine does, the
+    scheduler's ``plan_pass``/``apply`` over the stepper, the backlog waiting in one slot):
     LM passes and ms each way, side by side, alternated 3 times (the tokens are the same:
     the passes verify every guess)."""
     import torch
 
     from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.scheduler import Frame, Scheduler
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
-    lm = model.lm
-    lm.allocate(1)
-    model.mimi.allocate(1)
+    stepper = model.make_stepper(1)
     audio = np.zeros(frames * 1920, dtype=np.float32)
     audio[12 * 1920 :] = speechlike((frames - 12) * 0.08, 24000, 7)[: (frames - 12) * 1920]
-    with torch.inference_mode():
-        codes = model.mimi.encode(torch.from_numpy(audio[None]), [0])[0].t()  # [frames, n_q]
-    pad = lm.config.padding_id
+    stepper.reset([0])
+    codes = stepper.encode(audio[None], [0])[0].t()  # [frames, n_q]
 
-    def run(jacobi: bool) -> tuple[list[int], int, float]:
-        guesses = [pad] * frames
+    def padded() -> tuple[list[int], int]:
         tokens: list[int] = []
         passes = 0
+        while len(tokens) < frames:
+            (step,) = model.lm.step([codes[len(tokens) : len(tokens) + rows]], [0])
+            passes += 1
+            tokens += step.tokens.tolist()
+        return tokens, passes
+
+    def scheduled(sched: Scheduler) -> tuple[list[int], int]:
+        tokens: list[int] = []
+        passes = 0
+        while planned := sched.plan_pass():
+            outcome = _scheduled_pass(stepper, sched, planned)
+            passes += 1
+            tokens += [result.token for _, result in outcome.results]
+        return tokens, passes
+
+    def waiting() -> Scheduler:
+        """A scheduler whose one slot holds the backlog (its model state reset)."""
+        sched = Scheduler(1, model.flush_frames, lookahead=rows, lookahead_rows=rows - 1)
+        claim = sched.take(lambda i: "backlog")
+        assert claim is not None and sched.take_resets() == [claim]
+        sched.encoded(claim, [Frame(None, 0.0)] * frames, codes.unbind(0))
+        return sched
+
+    def run(jacobi: bool) -> tuple[list[int], int, float]:
+        stepper.reset([0])
+        sched = waiting() if jacobi else None
         started = time.perf_counter()
         with torch.inference_mode():
-            lm.reset([0])
-            while len(tokens) < frames:
-                done = len(tokens)
-                chunk = codes[done : done + rows]
-                (step,) = lm.step_ahead([chunk], [0], [guesses[done : done + len(chunk)]])
-                passes += 1
-                kept = len(step.tokens)
-                if jacobi:
-                    for j, token in enumerate(step.ahead.tolist()):
-                        if done + kept + 1 + j < frames:
-                            guesses[done + kept + 1 + j] = token
-                tokens += step.tokens.tolist()
+            tokens, passes = padded() if sched is None else scheduled(sched)
         return tokens, passes, (time.perf_counter() - started) * 1000
 
     out: dict[str, Any] = {"frames": frames, "rows": rows}
@@ -560,8 +640,8 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
 
         def run(codes: torch.Tensor) -> list[Any]:
             model.lm.reset([0])
-            model.lm.step(codes[None, :, 0], [0])
-            return [model.lm.step(codes[None, :, i], [0]) for i in range(frames)]
+            _plain_steps(model.lm, codes[None, :, 0], [0])
+            return [_plain_steps(model.lm, codes[None, :, i], [0])[0] for i in range(frames)]
 
         with torch.inference_mode():
             model.mimi.reset([0])

@@ -18,9 +18,9 @@ from wyoming_kyutai.scheduler import Kept
 
 
 class Observed:
-    """A real stepper (made on first use) that records the calls made while serving (after
-    warm-up); ``gated``: holds the worker before its first LM pass until :meth:`release`;
-    ``fail(slots)`` True: that pass raises, as a failing kernel would."""
+    """A real stepper (made by ``model``, which :class:`WrappedModel` sets) that records the
+    calls made while serving (after warm-up); ``gated``: holds the worker before its first LM
+    pass until :meth:`release`; ``fail(slots)`` True: that pass raises, as a kernel would."""
 
     def __init__(
         self,
@@ -28,7 +28,7 @@ class Observed:
         gated: bool = False,
         fail: Callable[[list[int]], bool] | None = None,
     ) -> None:
-        self._model = model
+        self.model = model
         self.inner: Any = None
         self.fail = fail
         self.serving = False
@@ -44,7 +44,7 @@ class Observed:
         self.guesses_wrong: list[tuple[int, int, Any, int]] = []  # slot, row, given, expected
 
     def __call__(self, slots: int) -> Observed:
-        self.inner = self._model.make_stepper(slots)
+        self.inner = self.model.make_stepper(slots)
         return self
 
     def __getattr__(self, name: str) -> Any:
@@ -98,6 +98,7 @@ class WrappedModel:
     def __init__(self, model: Any, wrapper: Observed) -> None:
         self._model = model
         self._wrapper = wrapper
+        wrapper.model = model
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,11 +13,10 @@ import torch
 
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
-from wyoming_kyutai.audio import FRAME_SAMPLES
+from tests.steppers import Observed
 from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
-from tests.steppers import Observed
 
 INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
 """Token agreement of int8 (Mimi in float32, or in bfloat16) with Kyutai's float32 loop on the

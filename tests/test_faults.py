@@ -18,6 +18,7 @@ from wyoming.info import Describe
 from wyoming.ping import Ping
 
 from tests.audio_gen import speechlike, to_pcm
+from tests.steppers import Observed
 from tests.wyoming_io import (
     Client,
     SyncClient,
@@ -126,18 +127,19 @@ async def test_a_client_that_never_reads_is_dropped_and_others_are_served(
 async def test_a_model_failure_errors_that_stream_and_the_engine_recovers(
     tiny_dir: Path,
 ) -> None:
-    async with running_app(tiny_dir, slots=2, end_of_turn=False) as app:
+    fail = {"armed": False}
+
+    def explode(slots: list[int]) -> bool:
+        """The first LM pass after arming fails, as a CUDA error would."""
+        armed, fail["armed"] = fail["armed"], False
+        return armed
+
+    stepper = Observed(None, fail=explode)
+    async with running_app(tiny_dir, stepper=stepper, slots=2, end_of_turn=False) as app:
         pcm = to_pcm(speechlike(0.8, seed=6))
         first = await Client.connect(app.server.address)
         expected = final_text(await first.utterance(pcm))
-        fail = {"armed": True}
-
-        def explode(slots: list[int]) -> None:
-            if slots and fail["armed"]:
-                fail["armed"] = False
-                raise RuntimeError("simulated CUDA error")
-
-        app.engine.fault_hook = explode
+        fail["armed"] = True
         victim = await Client.connect(app.server.address)
         await victim.start_audio()
         await victim.send_audio(pcm)

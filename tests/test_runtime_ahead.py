@@ -1,4 +1,4 @@
-"""LanguageModel.step_ahead (several slots' next steps in one pass, later text inputs guessed)
+"""LanguageModel.step (several slots' next steps in one pass, later text inputs guessed)
 against moshi's LMGen and against plain steps, on small generated checkpoints."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def roomy(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
 def _drive(
     model: LanguageModel, streams: dict[int, torch.Tensor], truth: dict[int, list[int]], seed: int
 ) -> tuple[dict[int, Reference], int]:
-    """Run the streams (slot -> codes) to their end by step_ahead calls: each call gives a
+    """Run the streams (slot -> codes) to their end by step calls: each call gives a
     random 1-4 of each active slot's next frames, their later text inputs guessed right or
     wrong at random (or left to the padding default). Checks that each call keeps exactly the
     rows up to the first wrong guess (``truth``: the slot's tokens step by step); returns each
@@ -51,14 +51,17 @@ def _drive(
         for slot in slots:
             k = min(rng.randint(1, 4), len(streams[slot]) - done[slot])
             codes.append(streams[slot][done[slot] : done[slot] + k])
-            right = truth[slot][done[slot] - 1 : done[slot] + k - 1] if done[slot] else [0]
-            guess = [t if rng.random() < 0.7 else (t + 1) % 64 for t in right]
-            guesses.append(guess[:k] + [0] * (k - len(guess)))
+            # row j >= 1 takes the output of step done + j - 1: guesses[-1][j - 1]
+            right = truth[slot][done[slot] : done[slot] + k - 1]
+            guesses.append([t if rng.random() < 0.7 else (t + 1) % 64 for t in right])
+            assert len(guesses[-1]) == k - 1
             fits = done[slot] + k <= model.config.context
-            wrong = [j for j in range(1, k) if guesses[-1][j] != truth[slot][done[slot] + j - 1]]
+            wrong = [
+                j for j in range(1, k) if guesses[-1][j - 1] != truth[slot][done[slot] + j - 1]
+            ]
             expected.append((wrong[0] if wrong else k) if fits else 1)
         padded = rng.random() < 0.3  # the default guess: padding
-        steps = model.step_ahead(codes, slots, None if padded else guesses)
+        steps = model.step(codes, slots, None if padded else guesses)
         for slot, step, count in zip(slots, steps, expected, strict=True):
             if not padded:
                 assert len(step.tokens) == count
@@ -116,23 +119,36 @@ def test_bad_arguments(roomy: Checkpoint) -> None:
     model = _model(roomy, slots=2)
     frames = torch.zeros(2, 32, dtype=torch.long)
     with pytest.raises(ValueError, match="slots"):
-        model.step_ahead([frames], [0, 1])
+        model.step([frames], [0, 1])
     with pytest.raises(ValueError, match="slots"):
-        model.step_ahead([frames, frames], [0, 1], [[3, 3]])
+        model.step([frames, frames], [0, 1], [[3]])
     with pytest.raises(ValueError, match="codes"):
-        model.step_ahead([torch.zeros(0, 32, dtype=torch.long)], [0])
+        model.step([torch.zeros(0, 32, dtype=torch.long)], [0])
     with pytest.raises(ValueError, match="slots"):
-        model.step_ahead([frames, frames], [1, 1])
+        model.step([frames, frames], [1, 1])
     card = model.config.text_card
-    for guess in ([0], [0, card], [0, -1]):  # too few, or not a text token
+    # one guess per row after the first: too few, too many (the old dummy entry for row 0),
+    # or not a text token
+    for guess in ([], [0, 3], [card], [-1]):
         with pytest.raises(ValueError, match="guesses"):
-            model.step_ahead([frames], [0], [guess])
+            model.step([frames], [0], [guess])
+    with pytest.raises(ValueError, match="guesses"):  # a row alone takes no guess
+        model.step([frames[:1]], [0], [[3]])
+    # near the end of its ring a slot takes one row, yet its guesses still count its rows
+    model.allocate(2)
+    model.reset([0])
+    for _ in range(model.config.context - 1):
+        model.step([frames[:1]], [0], [[]])
+    with pytest.raises(ValueError, match="guesses"):
+        model.step([frames], [0], [[]])
+    (step,) = model.step([frames], [0], [[3]])
+    assert len(step.tokens) == 1 and len(step.ahead) == 0
 
 
-def _backlog_by_step_ahead(
+def _backlog_by_steps(
     model: LanguageModel, codes: torch.Tensor, slot: int, rows: int, jacobi: bool
 ) -> tuple[list[int], int]:
-    """A backlog of ``codes`` run by step_ahead calls of ``rows`` frames each, later text
+    """A backlog of ``codes`` run by step calls of ``rows`` frames each, later text
     inputs guessed as padding or (``jacobi``) as the previous call predicted them (its
     ``ahead``); the tokens and the number of calls."""
     model.reset([slot])
@@ -143,8 +159,8 @@ def _backlog_by_step_ahead(
     while len(tokens) < len(codes):
         done = len(tokens)
         chunk = codes[done : done + rows]
-        guess = [0, *[pad if g is None else g for g in guesses[done + 1 : done + len(chunk)]]]
-        (step,) = model.step_ahead([chunk], [slot], [guess] if jacobi else None)
+        guess = [pad if g is None else g for g in guesses[done + 1 : done + len(chunk)]]
+        (step,) = model.step([chunk], [slot], [guess] if jacobi else None)
         calls += 1
         kept = len(step.tokens)
         assert step.ahead is not None and len(step.ahead) == len(chunk) - kept
@@ -161,7 +177,7 @@ def test_a_backlog_guessed_from_the_last_pass_takes_fewer_passes(roomy: Checkpoi
     codes = _codes(28, roomy.config["card"], seed=6)  # within the ring (context 32)
     expected = _moshi(roomy, codes).tokens
     model = _model(roomy, slots=2)
-    padded, padded_calls = _backlog_by_step_ahead(model, codes, 1, rows=4, jacobi=False)
-    jacobi, jacobi_calls = _backlog_by_step_ahead(model, codes, 1, rows=4, jacobi=True)
+    padded, padded_calls = _backlog_by_steps(model, codes, 1, rows=4, jacobi=False)
+    jacobi, jacobi_calls = _backlog_by_steps(model, codes, 1, rows=4, jacobi=True)
     assert padded == expected and jacobi == expected
     assert jacobi_calls < padded_calls

@@ -1,10 +1,20 @@
-"""LanguageModel.step_run (the known rest of several slots' steps in shared speculative
-passes) against sequential steps and moshi's LMGen, on small generated checkpoints."""
+"""The final run (a finished stream's known rest of steps in shared speculative passes),
+as the engine does it: the real :class:`Scheduler` plans the passes (every remaining step of
+each slot in the run, Jacobi refinement of the guesses after each pass, the lone-slot
+fallback to one row a pass) and :meth:`LanguageModel.step` runs them; against sequential
+steps and moshi's LMGen, on small generated checkpoints.
+
+Pass counts: a run whose guesses are all right takes one pass, and one whose guesses hold a
+wrong one takes at least two (the first pass keeps exactly the rows up to the first wrong
+guess). Beyond that a run takes 1..steps passes: the scheduler always refines the guesses
+of the steps a pass did not keep from that pass's outputs, replacing the given ones (right
+or wrong), so "one pass per wrong guess" no longer holds exactly."""
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,9 +30,11 @@ from tests.test_runtime_lm import (
     _run_alone,
     _write,
     small,  # noqa: F401 - fixture
+    step_rows,
     tiny,  # noqa: F401 - fixture
 )
 from wyoming_kyutai.runtime.lm import LanguageModel, LmStep
+from wyoming_kyutai.scheduler import Frame, Kept, Scheduler
 
 FLUSH = 8  # silent frames that flush the 1B model's 0.5 s text delay
 
@@ -49,23 +61,112 @@ def _as_reference(steps: list[LmStep]) -> Reference:
     )
 
 
+@dataclass
+class Run:
+    """One slot's part of a final run."""
+
+    steps: list[LmStep]  # per pass it took part in, what the model kept of its rows
+    offered: list[int]  # per pass, the rows the scheduler gave it
+
+    @property
+    def passes(self) -> int:
+        return len(self.steps)
+
+    @property
+    def kept(self) -> list[int]:
+        return [len(s.tokens) for s in self.steps]
+
+
+def _final_run(
+    model: LanguageModel,
+    codes: dict[int, torch.Tensor],
+    guesses: dict[int, Sequence[int] | None] | None = None,
+) -> tuple[dict[int, Run], int]:
+    """The final run of the finished streams of ``codes`` (slot -> [T >= 2, n_q], the rest
+    of its stream after the steps it took) as the engine runs it: a Scheduler over
+    ``model.slots`` slots takes them, their frames are encoded to those codes, the pass plan
+    moves them all to the run, and each of the run's passes goes through ``model.step``
+    and back to the scheduler. ``guesses[slot]``: the guessed text inputs of its steps after
+    the first (T - 1; None: padding). Returns each slot's part and the passes of the run."""
+    guesses = guesses or {}
+    sched = Scheduler(
+        slots=model.slots,
+        flush_frames=max(len(c) for c in codes.values()),
+        lookahead=4,
+        frames_per_call=1000,
+    )
+    claims = [sched.take(lambda i: f"s{i}") for _ in range(model.slots)]
+    for claim in claims:
+        assert claim is not None
+        if claim.index not in codes:
+            sched.release(claim)
+    sched.take_resets()  # the model's state is the test's: no start step
+    for slot, frames in codes.items():
+        claim = claims[slot]
+        assert claim is not None
+        assert sched.add_frames(claim, [Frame(None, 0.0)] * len(frames), last=True)
+    for group in sched.take_audio():
+        for claim, frames in zip(group.claims, group.frames, strict=True):
+            sched.encoded(claim, frames, list(codes[claim.index]))
+    for slot, guess in guesses.items():
+        if guess is not None:
+            steps = sched.slots[slot].steps
+            assert len(guess) == len(steps) - 1
+            for step, token in zip(list(steps)[1:], guess, strict=True):
+                step.guess = token
+    assert sched.plan_pass() == []  # every slot went to the run, none to a plain pass
+    assert all(sched.slots[slot].in_run for slot in codes)
+    pad = model.config.padding_id
+    parts = {slot: Run([], []) for slot in codes}
+    delivered: dict[object, list[tuple[int, int]]] = {}  # owner: (step, token) handed out
+    ended: list[object] = []
+    passes = 0
+    while rows := sched.plan_run():
+        passes += 1
+        assert passes <= sum(len(c) for c in codes.values())
+        out = model.step(
+            [torch.stack([step.codes for step in r.steps]) for r in rows],
+            [r.claim.index for r in rows],
+            [[pad if g is None else g for g in r.guesses] for r in rows],
+        )
+        kept = [
+            Kept(o.tokens.tolist(), [tuple(p) for p in o.pauses.tolist()], o.ahead.tolist())
+            for o in out
+        ]
+        outcome = sched.apply(rows, kept, now=0.0)
+        for r, o in zip(rows, out, strict=True):
+            parts[r.claim.index].steps.append(o)
+            parts[r.claim.index].offered.append(len(r.steps))
+        for owner, result in outcome.results:
+            delivered.setdefault(owner, []).append((result.step, result.token))
+        ended += outcome.ended
+    for slot, part in parts.items():
+        assert sum(part.kept) == len(codes[slot])
+        owner = sched.slots[slot].owner
+        tokens = [int(t) for s in part.steps for t in s.tokens]
+        assert delivered[owner] == list(enumerate(tokens))  # in order, each step once
+        assert owner in ended
+    # the run's passes are shared: it takes as many as its slowest slot
+    assert passes == max(part.passes for part in parts.values())
+    return parts, passes
+
+
 def _run_flushed(
     model: LanguageModel,
     codes: torch.Tensor,
     prefix: int,
     slot: int = 0,
-    guess: Any = None,
+    guess: Sequence[int] | None = None,
     flush: int = FLUSH,
-) -> tuple[Reference, int]:
-    """Steps over ``codes[:prefix]``, one step_run over the next ``flush`` frames, steps over
-    the rest; the outputs and the passes step_run took."""
+) -> tuple[Reference, Run]:
+    """Steps over ``codes[:prefix]``, the final run of the next ``flush`` frames, steps over
+    the rest; the outputs and the slot's part of the run."""
     model.reset([slot])
-    steps = [model.step(frame[None], [slot]) for frame in codes[:prefix]]
-    run = model.step_run([codes[prefix : prefix + flush]], [slot], [guess])[0]
-    assert run.tokens.shape == (flush,)
-    steps.append(run)
-    steps += [model.step(frame[None], [slot]) for frame in codes[prefix + flush :]]
-    return _as_reference(steps), run.passes
+    steps = [step_rows(model, frame[None], [slot]) for frame in codes[:prefix]]
+    run = _final_run(model, {slot: codes[prefix : prefix + flush]}, {slot: guess})[0][slot]
+    steps += run.steps
+    steps += [step_rows(model, frame[None], [slot]) for frame in codes[prefix + flush :]]
+    return _as_reference(steps), run
 
 
 def _guesses(truth: list[int], wrong: int, seed: int, card: int) -> list[int]:

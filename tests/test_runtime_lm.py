@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from moshi.models import LMGen, loaders
 from safetensors.torch import save_file
 
 from wyoming_kyutai.random_checkpoint import MOSHI_NAME, _lm_config
-from wyoming_kyutai.runtime.lm import LanguageModel, LmConfig
+from wyoming_kyutai.runtime.lm import LanguageModel, LmConfig, LmStep
 from wyoming_kyutai.runtime.weights import WeightError, WeightFile
 
 # context 8 so that streams wrap the KV ring within a few steps; LayerScale on
@@ -106,9 +107,21 @@ def _model(ckpt: Checkpoint, slots: int, int8: bool = False) -> LanguageModel:
     return LanguageModel(WeightFile(ckpt.path), LmConfig.from_dict(ckpt.config), slots, int8)
 
 
+def step_rows(model: LanguageModel, codes: torch.Tensor, slots: Sequence[int]) -> LmStep:
+    """One step of each of ``slots`` (one pass, a row each) with ``codes`` [n, n_q]: the
+    slots' results as one LmStep, row i for ``slots[i]``."""
+    out = model.step([frame[None] for frame in codes], slots)
+    assert all(len(o.tokens) == 1 and len(o.ahead) == 0 for o in out)
+    return LmStep(
+        torch.cat([o.tokens for o in out]),
+        torch.cat([o.pauses for o in out]),
+        torch.cat([o.text_logits for o in out]),
+    )
+
+
 def _run_alone(model: LanguageModel, codes: torch.Tensor, slot: int = 0) -> Reference:
     model.reset([slot])
-    steps = [model.step(frame[None], [slot]) for frame in codes]
+    steps = [step_rows(model, frame[None], [slot]) for frame in codes]
     return Reference(
         [int(s.tokens[0]) for s in steps],
         torch.stack([s.text_logits[0] for s in steps]),
@@ -166,7 +179,7 @@ def _run_interleaved(model: LanguageModel, streams: list[_Stream], seed: int) ->
         rng.shuffle(batch)
         if batch:
             codes = torch.stack([s.codes[s.done] for s in batch])
-            out = model.step(codes, [s.slot for s in batch])
+            out = step_rows(model, codes, [s.slot for s in batch])
             for row, s in enumerate(batch):
                 assert s.outputs is not None
                 s.outputs.append((out.tokens[row], out.text_logits[row], out.pauses[row]))

@@ -17,6 +17,7 @@ from typing import Any
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event, async_read_event, async_write_event
 
+from tests.steppers import Observed, WrappedModel
 from wyoming_kyutai.app import App, create_app
 from wyoming_kyutai.checkpoint import load_model
 from wyoming_kyutai.settings import build_settings
@@ -102,8 +103,11 @@ def joined_deltas(events: list[Event]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_app(model_dir: Path, **overrides: Any) -> AsyncIterator[App]:
-    """The real server in this process, on a free TCP port of 127.0.0.1."""
+async def running_app(
+    model_dir: Path, stepper: Observed | None = None, **overrides: Any
+) -> AsyncIterator[App]:
+    """The real server in this process, on a free TCP port of 127.0.0.1 (``stepper``: a
+    wrapper around the model's stepper, to observe or fail its calls)."""
     values: dict[str, Any] = {
         "uri": "tcp://127.0.0.1:0",
         "device": "cpu",
@@ -119,6 +123,8 @@ async def running_app(model_dir: Path, **overrides: Any) -> AsyncIterator[App]:
         quantize=settings.quantize,
         runtime=settings.runtime,
     )
+    if stepper is not None:
+        model = WrappedModel(model, stepper)  # type: ignore[assignment]
     app = create_app(settings, model)
     await app.start()
     try:

@@ -311,10 +311,10 @@ class Engine:
         assert self.stepper is not None
         touched += [r.claim for r in rows]
         start = self.stepper.start_codes
-        codes = [torch.stack([start if s.codes is None else s.codes for s in r.steps]) for r in rows]
-        kept = self.stepper.lm_pass(
-            [r.claim.index for r in rows], codes, [r.guesses for r in rows]
-        )
+        codes = [
+            torch.stack([start if s.codes is None else s.codes for s in r.steps]) for r in rows
+        ]
+        kept = self.stepper.lm_pass([r.claim.index for r in rows], codes, [r.guesses for r in rows])
         with self._cond:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
         self._deliver(outcome)

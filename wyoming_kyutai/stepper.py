@@ -58,7 +58,8 @@ class Stepper(Protocol):
         guesses: Sequence[Sequence[int | None]],
     ) -> list[Kept]:
         """One LM pass over the next steps of n distinct slots (ascending): ``codes[i]`` int64
-        [k_i >= 1, codebooks] (k_i = 1 unless :attr:`looks_ahead`) are slot ``slots[i]``'s next frames;
+        [k_i >= 1, codebooks] (k_i = 1 unless :attr:`looks_ahead`) are slot ``slots[i]``'s
+        next frames;
         ``guesses[i]`` (k_i - 1 entries) guesses the text input of rows 1.. (the output of the
         row before; None: the padding token). Per slot, the greedy results of its first
         1 <= v_i <= k_i rows, the ones whose guessed inputs the pass confirmed (the slot has
