@@ -23,6 +23,7 @@ configure_moshi_env()
 import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
+from .runtime.memory import check_memory  # noqa: E402
 from .scheduler import Kept  # noqa: E402
 
 
@@ -38,6 +39,8 @@ class MoshiStepper:
         self._mimi = mimi
         self._device = device
         self._gen = LMGen(lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
+        if device.type == "cuda":
+            self._check_gpu_memory(slots)
         self._streaming = ExitStack()
         with torch.no_grad():
             self._streaming.enter_context(mimi.streaming(slots))
@@ -45,6 +48,17 @@ class MoshiStepper:
 
     def close(self) -> None:
         self._streaming.close()
+
+    def _check_gpu_memory(self, slots: int) -> None:
+        """Measure one slot's streaming state on the GPU and refuse ``slots`` of them (one
+        MemoryError line) where they would not fit in its free memory."""
+        torch.cuda.synchronize(self._device)
+        before = torch.cuda.memory_allocated(self._device)
+        with torch.no_grad(), self._mimi.streaming(1), self._gen.streaming(1):
+            per_slot = torch.cuda.memory_allocated(self._device) - before
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info(self._device)
+        check_memory(slots * per_slot, f"{slots} slots", available=free)
 
     def warm_up(self, flush_frames: int) -> None:
         """Two calls of each shape serving uses (CUDA graphs run the first and capture the

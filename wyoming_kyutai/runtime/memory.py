@@ -26,13 +26,16 @@ def check_memory(
     what: str,
     advice: str = "lower `slots`",
     meminfo: str | Path = MEMINFO,
+    available: int | None = None,
 ) -> None:
-    """Raise MemoryError (one line) if ``bytes_needed`` exceeds 90 % of the available memory.
+    """Raise MemoryError (one line) if ``bytes_needed`` exceeds 90 % of the available memory
+    (``available`` bytes, e.g. a GPU's free memory; default: the machine's, from ``meminfo``).
 
     ``what`` names what needs it, as the subject of "need": e.g. ``"8 slots"``. Where the
     available memory cannot be read (not Linux, no /proc), nothing is checked.
     """
-    available = available_bytes(meminfo)
+    if available is None:
+        available = available_bytes(meminfo)
     if available is None or bytes_needed <= available * HEADROOM:
         return
     raise MemoryError(
