@@ -288,7 +288,8 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[s
 
     def after_speech(n: int, lookahead: int = LOOKAHEAD_STEPS) -> tuple[Scheduler, list[Claim]]:
         """A scheduler over slots 0..n-1, each held by a stream whose speech the stepper has
-        stepped, its tail not queued yet (all of it one Mimi call, as for the 1B model)."""
+        stepped, its tail not queued yet (its Mimi call takes it all: the engine's takes up
+        to FRAMES_PER_CALL frames, the 1B model's whole tail)."""
         sched = Scheduler(n, model.flush_frames, lookahead, max(FRAMES_PER_CALL, count))
         claims = []
         for _ in range(n):
