@@ -7,7 +7,8 @@
 3. The server over TCP: N real-time streams at once (N up to ``slots``), each stream's lag
    and audio-stop → final transcript.
 
-Writes ``benchmarks/results/<name>.json`` and ``.md``. Needs a CUDA device.
+Writes ``benchmarks/results/<name>.json`` and ``.md``. Made for a CUDA device; ``--device
+cpu`` runs the same code on the CPU (a smoke run on a small checkpoint, as the tests do).
 """
 
 from __future__ import annotations
@@ -30,18 +31,28 @@ from benchmarks.bench import ROOT, concurrent_trial, machine, pct
 
 FRAME = 1920
 STEP_SECONDS = 0.08
+DEVICE = "cuda"
+"""Where the model runs (``--device``)."""
 
 
 def _sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def _load(ckpt: Path, dtype: str = "bfloat16") -> Any:
+def _allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if DEVICE.startswith("cuda") else 0
+
+
+def _load(ckpt: Path) -> Any:
     from wyoming_kyutai.model_loading import load_model
 
-    return load_model(str(ckpt), device="cuda", dtype=dtype, quantize="none", runtime="moshi")
+    dtype = "bfloat16" if DEVICE.startswith("cuda") else "float32"
+    return load_model(str(ckpt), device=DEVICE, dtype=dtype, quantize="none", runtime="moshi")
 
 
 def kyutai_loop(ckpt: Path, batches: list[int], steps: int = 40) -> list[dict[str, Any]]:
@@ -53,7 +64,7 @@ def kyutai_loop(ckpt: Path, batches: list[int], steps: int = 40) -> list[dict[st
     rows = []
     for batch in batches:
         gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
-        audio = torch.randn(batch, 1, FRAME, device="cuda") * 0.1
+        audio = torch.randn(batch, 1, FRAME, device=DEVICE) * 0.1
         mimi_s = lm_s = 0.0
         with torch.no_grad(), model.mimi.streaming(batch), gen.streaming(batch):
             for _ in range(4):  # warm-up and graph capture
@@ -79,7 +90,6 @@ def kyutai_loop(ckpt: Path, batches: list[int], steps: int = 40) -> list[dict[st
             }
         )
         del gen
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -112,12 +122,10 @@ class _Timed:
 def engine_split(ckpt: Path, slots: int, seconds: float = 4.0) -> dict[str, Any]:
     """``slots`` streams of ``seconds`` queued at once through the engine on the moshi
     stepper: ms per step in Mimi, the LM and the host work around them; memory per slot."""
-    import torch
-
     from wyoming_kyutai.engine import Engine
 
     model = _load(ckpt)
-    before = torch.cuda.memory_allocated()
+    before = _allocated()
     timed: list[_Timed] = []
 
     def make(n: int) -> Any:
@@ -126,7 +134,7 @@ def engine_split(ckpt: Path, slots: int, seconds: float = 4.0) -> dict[str, Any]
 
     engine = Engine(model, slots=slots, make_stepper=make)
     engine.start()
-    state_bytes = torch.cuda.memory_allocated() - before
+    state_bytes = _allocated() - before
     stepper = timed[0]
     stepper.inside = {k: 0.0 for k in stepper.inside}
     stepper.calls = {k: 0 for k in stepper.calls}
@@ -164,12 +172,14 @@ def engine_split(ckpt: Path, slots: int, seconds: float = 4.0) -> dict[str, Any]
 
 
 class CudaServer:
-    """``python -m wyoming_kyutai --device cuda`` with ``slots`` slots, on a free port."""
+    """``python -m wyoming_kyutai --device cuda`` (runtime moshi) with ``slots`` slots, on a
+    free port."""
 
     def __init__(self, ckpt: Path, slots: int) -> None:
         started = time.monotonic()
         args = [sys.executable, "-m", "wyoming_kyutai", "--uri", "tcp://127.0.0.1:0"]
-        args += ["--model", str(ckpt), "--device", "cuda", "--slots", str(slots)]
+        args += ["--model", str(ckpt), "--device", DEVICE, "--slots", str(slots)]
+        args += ["--runtime", "moshi", "--quantize", "none"]
         args += ["--max-connections", str(slots + 8), "--no-end-of-turn", "--slot-wait", "30"]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
@@ -268,27 +278,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0, help="each server trial's streams")
     parser.add_argument("--quick", action="store_true", help="fewer rows (a smoke run)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (a smoke run)")
     args = parser.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    on_gpu = DEVICE.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
         return 1
-    batches = [1, 16] if args.quick else [1, 16, 64, 256]
-    counts = [1, 4] if args.quick else [1, 16, 64, 128, 256]
+    batches = [1, 2] if args.quick else [1, 16, 64, 256]
+    counts = [1, 2] if args.quick else [1, 16, 64, 128, 256]
     counts = [n for n in counts if n <= args.slots]
     result: dict[str, Any] = {
         "checkpoint": args.checkpoint.name,
         "machine": {
             **machine(),
-            "gpu": torch.cuda.get_device_name(),
+            "gpu": torch.cuda.get_device_name() if on_gpu else "none (CPU smoke run)",
             "cuda": torch.version.cuda,
             "cuda_graphs": os.environ.get("NO_CUDA_GRAPH", "") in ("", "0", "no", "n"),
         },
     }
     result["kyutai_loop"] = kyutai_loop(args.checkpoint, batches)
     print(json.dumps(result["kyutai_loop"]), flush=True)
-    slot_rows = [16, args.slots] if not args.quick else [4]
+    slot_rows = [16, args.slots] if not args.quick else [args.slots]
     result["engine"] = [engine_split(args.checkpoint, n) for n in slot_rows]
     print(json.dumps(result["engine"]), flush=True)
     result["server"] = server_trials(args.checkpoint, args.slots, counts, args.seconds)

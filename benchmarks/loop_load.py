@@ -1,0 +1,104 @@
+"""What the server's event loop costs per stream: can one Python process feed hundreds?
+
+Runs the real server (``python -m wyoming_kyutai``) and sends it N real-time streams of
+16 kHz audio from this process. The server's main thread is its asyncio event loop (chunk
+parsing, resampling, the handler, deliveries to the clients); the model runs on its own
+worker thread. The main thread's CPU time over the trial (from /proc) per second of one
+stream's audio bounds the real-time streams one process can take (``1 / that`` on one core);
+cProfile (which profiles the main thread only) names the functions that cost most. Use a
+small checkpoint: the model is not what is measured.
+
+    python -m benchmarks.loop_load --checkpoint DIR --streams 64 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pstats
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench import ROOT, concurrent_trial
+
+
+def profile_server(ckpt: Path, streams: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        prof = Path(tmp) / "loop.prof"
+        args = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "wyoming_kyutai"]
+        args += ["--uri", "tcp://127.0.0.1:0", "--model", str(ckpt), "--device", "cpu"]
+        args += ["--slots", str(streams), "--max-connections", str(streams + 8)]
+        args += ["--no-end-of-turn", "--slot-wait", "30", "--audio-timeout", "120"]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        assert proc.stderr is not None
+        address = ""
+        while not address:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError("server exited")
+            found = re.search(r"Ready: listening on (\S+)", line)
+            address = found.group(1) if found else ""
+        threading.Thread(target=lambda: [None for _ in proc.stderr or []], daemon=True).start()
+        started, cpu_before = time.monotonic(), _thread_cpu(proc.pid)
+        trial = asyncio.run(concurrent_trial(address, streams, seconds))
+        wall, loop_cpu = time.monotonic() - started, _thread_cpu(proc.pid) - cpu_before
+        proc.send_signal(2)  # SIGINT: the server stops and cProfile writes its file
+        proc.wait(60)
+        stats = pstats.Stats(str(prof))
+    own = sorted(
+        (
+            (name, row[2])  # own time (wall clock, main thread)
+            for name, row in stats.stats.items()  # type: ignore[attr-defined]
+            if "select" not in name[2] and "poll" not in name[2]  # the loop's idle wait
+        ),
+        key=lambda item: -item[1],
+    )
+    stream_seconds = streams * seconds
+    return {
+        "streams": streams,
+        "seconds": seconds,
+        "wall_seconds": round(wall, 1),
+        "loop_cpu_seconds": round(loop_cpu, 3),
+        "loop_cpu_per_stream_second": round(loop_cpu / stream_seconds, 5),
+        "streams_one_core_could_feed": int(stream_seconds / loop_cpu) if loop_cpu else None,
+        "trial": trial,
+        "top_own_time": [
+            {"function": f"{Path(f).name}:{line} {fn}", "seconds": round(t, 3)}
+            for (f, line, fn), t in own[:15]
+        ],
+    }
+
+
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid``'s main thread."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    result = profile_server(args.checkpoint, args.streams, args.seconds)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
