@@ -116,7 +116,6 @@ class Row:
     file: str
     date: str
     step_ms: float | None
-    streams_worth: float | None
     keep_up: int | None
     keep_up_pads: int | None
     served: int | None
@@ -141,7 +140,6 @@ def row(file: str, result: dict[str, Any]) -> Row:
         file=file,
         date=str(result.get("date", ""))[:10],
         step_ms=step["step_ms"] if step else None,
-        streams_worth=step["streams_worth"] if step else None,
         keep_up=srv.get("capacity"),
         keep_up_pads=srv.get("capacity_pads_on_silence"),
         served=srv.get("served"),
@@ -185,7 +183,7 @@ def glance_table(results: dict[str, dict[str, Any]], results_link: str) -> str:
     for r in rows(results):
         step = "—"
         if r.step_ms is not None:
-            step = f"{r.step_ms:g} ms ({r.streams_worth:g}× real time)"
+            step = f"{r.step_ms:g} ms per 80 ms of audio"
         keep = _pair(r.keep_up_pads, r.keep_up)
         if r.trial_seconds:
             keep += f" ({r.trial_seconds:g} s streams)"
@@ -204,8 +202,9 @@ def legend(results: dict[str, dict[str, Any]]) -> str:
     return f"""\
 Two values `a / b`: `a` with a checkpoint that emits padding on silence, as a trained model
 does; `b` with random weights, which never pad (the worst case for the look-ahead and the
-flush). `—`: not measured in that run. Random weights of the real model's shape ({shapes}),
-one torch thread per core; streams go through the real server over TCP.
+flush). `—`: not measured in that run.
+All: random weights of the real model's shape ({shapes}), one torch thread per core;
+streams through the real server over TCP.
 """
 
 
@@ -232,7 +231,8 @@ How to read the columns:
 
 - **one step, 1 stream**: the model's work for 80 ms of one stream's audio (Mimi encoder +
   language model) with the defaults (lean runtime, int8 language model, Mimi in float32),
-  early in an utterance; `N× real time` = 80 ms divided by the step.
+  early in an utterance. Under 80 ms the step fits one stream's real time, before the
+  server's own work around it.
 - **real-time streams that keep up**: the most streams, talking at once in real time, for
   which every stream's p99 lag (an 80 ms frame complete → its step done) stays within two
   frames (160 ms).
