@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -43,6 +43,9 @@ from wyoming.event import async_read_event, async_write_event  # noqa: E402
 from wyoming.info import Describe  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+
+if TYPE_CHECKING:
+    from wyoming_kyutai.loaded_model import LeanModel, MoshiModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -109,9 +112,29 @@ def _native_bf16() -> bool:
     """Whether Mimi in bfloat16 is measured: only where the CPU has native bfloat16 (without
     it oneDNN emulates it, 10-40x slower than float32 on AMD EPYC AVX2: minutes of bench for
     a setting nobody should pick there, and the server warns against it)."""
-    from wyoming_kyutai.checkpoint import _cpu_has_native_bf16
+    from wyoming_kyutai.model_loading import cpu_has_native_bf16
 
-    return _cpu_has_native_bf16()
+    return cpu_has_native_bf16()
+
+
+def _lean(ckpt: Path, quantize: str = "int8", dtype: str = "auto") -> LeanModel:
+    """The checkpoint on our own runtime, as the server loads it on the CPU (int8 LM)."""
+    from wyoming_kyutai.loaded_model import LeanModel
+    from wyoming_kyutai.model_loading import load_model
+
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
+    assert isinstance(model, LeanModel)
+    return model
+
+
+def _moshi(ckpt: Path, dtype: str = "float32") -> MoshiModel:
+    """The checkpoint through moshi's own modules: Kyutai's loop, the reference."""
+    from wyoming_kyutai.loaded_model import MoshiModel
+    from wyoming_kyutai.model_loading import load_model
+
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none", runtime="moshi")
+    assert isinstance(model, MoshiModel)
+    return model
 
 
 # --------------------------------------------------------------------------- 1. reference
@@ -120,9 +143,7 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
     import torch
     from moshi.models import LMGen
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none", runtime="moshi")
+    model = _moshi(ckpt, dtype)
     gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
     audio = speechlike(frames * 0.08 + 0.5, 24000, 1)
     chunks = [torch.from_numpy(audio[i * 1920 : (i + 1) * 1920])[None, None] for i in range(frames)]
@@ -169,7 +190,8 @@ def stepper_steps(
     """
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.loaded_model import LeanModel, MoshiModel
+    from wyoming_kyutai.model_loading import load_model
 
     model = load_model(
         str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime=runtime, threads=threads
@@ -181,9 +203,14 @@ def stepper_steps(
     lm_t: list[float] = []
     floor_t: list[float] = []
     mimi_floor_t: list[float] = []
-    lean = model.runtime == "lean"
-    floor = _floor_pass(model, batch) if model.quantized and lean else None
-    mimi_floor = _mimi_floor_pass(model, batch, model.dtype) if lean else None
+    if isinstance(model, LeanModel):
+        quantized, model_dtype = model.quantized, model.mimi_dtype
+    else:
+        assert isinstance(model, MoshiModel)
+        quantized, model_dtype = False, model.dtype
+    lean = isinstance(model, LeanModel)
+    floor = _floor_pass(model, batch) if quantized and lean else None
+    mimi_floor = _mimi_floor_pass(model, batch, model_dtype) if lean else None
     with torch.inference_mode():
         stepper.reset(slots)
         for i in range(frames):
@@ -217,10 +244,10 @@ def stepper_steps(
             out["mimi_floor_ms"] = round(float(np.mean(mimi_floor_t[lo:hi])) * 1000, 1)
         return out
 
-    dtype_name = str(model.dtype).removeprefix("torch.")
+    dtype_name = str(model_dtype).removeprefix("torch.")
     out: dict[str, Any] = {
         "runtime": model.runtime,
-        "quantize": "int8" if model.quantized else f"none ({dtype_name})",
+        "quantize": "int8" if quantized else f"none ({dtype_name})",
         "dtype": dtype_name,
         "batch": batch,
         "frames": frames,
@@ -242,9 +269,7 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[s
     """
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     model.mimi.allocate(streams)
     model.lm.allocate(streams)
     speech = torch.from_numpy(
@@ -308,9 +333,7 @@ def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) ->
     share p of steps guessed right a step costs ``pass_ms / (1 + p + ... + p^(rows-1))``."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     lm = model.lm
     out: dict[str, Any] = {"rows": rows}
     gen = torch.Generator().manual_seed(0)
@@ -353,9 +376,7 @@ def backlog(ckpt: Path, frames: int = 60, rows: int = 4) -> dict[str, Any]:
     the passes verify every guess)."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     lm = model.lm
     lm.allocate(1)
     model.mimi.allocate(1)
@@ -435,9 +456,7 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
     weights with ``batch`` rows (plus the guard row), with nothing around them
     (:func:`_floor_pass`).
     """
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     linears = [m for m in model.lm.linears() if m.int8]
     weight_mb = sum(m.in_features * m.out_features for m in linears) / 1e6
     out: dict[str, Any] = {"linears": len(linears), "int8_weight_mb": round(weight_mb)}
@@ -502,9 +521,7 @@ def mimi_floor(
     floor under Mimi's step."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     products = _mimi_products(model.mimi)
     out: dict[str, Any] = {
         "products": len(products),
@@ -526,9 +543,7 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
     import torch
     from moshi.models import LMGen
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    ref = load_model(str(ckpt), device="cpu", dtype="float32", quantize="none", runtime="moshi")
+    ref = _moshi(ckpt)
     audio = speechlike(frames * 0.08, 24000, 3)
     with torch.no_grad(), ref.mimi.streaming(1):
         ref_codes = torch.cat(
@@ -557,7 +572,7 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
     del ref, gen
 
     def lean(quantize: str, dtype: str) -> dict[str, Any]:
-        model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
+        model = _lean(ckpt, quantize, dtype)
         model.mimi.allocate(1)
         model.lm.allocate(1)
 
@@ -608,10 +623,8 @@ def _rss_mb(pid: int | str = "self") -> dict[str, float]:
 
 def memory(ckpt: Path, slots: int) -> dict[str, Any]:
     """Resident memory by part for the server's default model (lean, int8) with ``slots``."""
-    from wyoming_kyutai.checkpoint import load_model
-
     before = _rss_mb()["VmRSS"]
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     loaded = _rss_mb()
     stepper = model.make_stepper(slots)
     serving = _rss_mb()

@@ -16,9 +16,10 @@ import torch
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
 from wyoming_kyutai.audio import FRAME_SAMPLES
-from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
+from wyoming_kyutai.loaded_model import LeanModel, LoadedModel
+from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.stepper import Ahead
 
 INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
@@ -252,7 +253,7 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(
     """int8 activations are quantized per stream, and Mimi's products (bfloat16 included)
     compute each row alike in any batch: batch company changes nothing."""
     model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
-    assert model.quantized and model.runtime == "lean"
+    assert isinstance(model, LeanModel) and model.quantized
     target = _audio(2.5, seed=21)
     eng = Engine(model, slots=4)
     eng.start()
@@ -285,7 +286,7 @@ async def test_int8_tokens_mostly_agree_with_kyutais_float32_loop(
 ) -> None:
     """int8 is not bit-exact (rounding flips near-ties); a floor on agreement catches breakage."""
     model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
-    assert model.dtype == getattr(torch, mimi_dtype)
+    assert isinstance(model, LeanModel) and model.mimi_dtype == getattr(torch, mimi_dtype)
     audios = [_audio(3.0, seed=s) for s in (51, 52, 53)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
     eng = Engine(model, slots=3)
@@ -427,7 +428,7 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     assert len(calls.runs) == 1 and 1 < run_steps <= eng.flush_frames + 2
     # look-ahead offered up to 4 steps (lean); moshi steps one frame at a time
     offered = [n for counts, _ in calls.ahead for n in counts]
-    steps_a_pass = 4 if tiny_model.runtime == "lean" else 1
+    steps_a_pass = 4 if isinstance(tiny_model, LeanModel) else 1
     assert max(offered, default=1) == steps_a_pass
     # each step a pass did not keep came back guessed from that pass's outputs (Jacobi)
     assert not calls.guesses_wrong
@@ -493,7 +494,7 @@ async def test_streams_ending_together_share_one_run(
         gate = _Batches(eng)  # the worker waits until every stream has ended
         assert eng.stepper is not None
         passes: list[int] = []  # the passes of each lean run
-        if tiny_model.runtime == "lean":
+        if isinstance(tiny_model, LeanModel):
             lm = eng.stepper._lm  # type: ignore[attr-defined]
             step_run = lm.step_run
 
@@ -510,7 +511,7 @@ async def test_streams_ending_together_share_one_run(
     slots_in_runs = [slot for run in calls.runs for slot, _ in run]
     assert sorted(slots_in_runs) == [0, 1, 2]  # every stream ended in a run
     assert len(calls.runs) == 1  # ... the same one
-    if tiny_model.runtime == "lean":  # speculative passes: fewer than any one slot's steps
+    if isinstance(tiny_model, LeanModel):  # speculative passes: fewer than any one slot's steps
         assert passes[-1] < min(n for _, n in calls.runs[0])
 
 

@@ -18,7 +18,7 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event, async_read_event, async_write_event
 
 from wyoming_kyutai.app import App, create_app
-from wyoming_kyutai.checkpoint import load_model
+from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.settings import build_settings
 
 RATE = 16000

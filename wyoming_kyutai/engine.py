@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .audio import FRAME_SAMPLES
-from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
+from .loaded_model import LoadedModel
 from .stepper import Ahead, Stepper
 
 _LOGGER = logging.getLogger(__name__)
