@@ -16,7 +16,8 @@ In one run, on the same machine and checkpoint, each model measurement in a fres
    the streams served within twice the one-stream audio-stop target (audio-stop → final
    transcript p50), audio-stop → final transcript with 1 stream and with N, describe latency,
    for each thread setting tried.
-Writes benchmarks/results/<name>.json and <name>.md.
+Writes benchmarks/results/<name>.json, then regenerates the reports from every result JSON
+(:mod:`benchmarks.report`: <name>.md, docs/performance.md, the README's table).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -40,6 +41,11 @@ from wyoming.asr import Transcribe  # noqa: E402
 from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
 from wyoming.event import async_read_event, async_write_event  # noqa: E402
 from wyoming.info import Describe  # noqa: E402
+
+from benchmarks import report  # noqa: E402
+
+if TYPE_CHECKING:
+    from wyoming_kyutai.loaded_model import LeanModel, MoshiModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -106,9 +112,29 @@ def _native_bf16() -> bool:
     """Whether Mimi in bfloat16 is measured: only where the CPU has native bfloat16 (without
     it oneDNN emulates it, 10-40x slower than float32 on AMD EPYC AVX2: minutes of bench for
     a setting nobody should pick there, and the server warns against it)."""
-    from wyoming_kyutai.checkpoint import _cpu_has_native_bf16
+    from wyoming_kyutai.model_loading import cpu_has_native_bf16
 
-    return _cpu_has_native_bf16()
+    return cpu_has_native_bf16()
+
+
+def _lean(ckpt: Path, quantize: str = "int8", dtype: str = "auto") -> LeanModel:
+    """The checkpoint on our own runtime, as the server loads it on the CPU (int8 LM)."""
+    from wyoming_kyutai.loaded_model import LeanModel
+    from wyoming_kyutai.model_loading import load_model
+
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
+    assert isinstance(model, LeanModel)
+    return model
+
+
+def _moshi(ckpt: Path, dtype: str = "float32") -> MoshiModel:
+    """The checkpoint through moshi's own modules: Kyutai's loop, the reference."""
+    from wyoming_kyutai.loaded_model import MoshiModel
+    from wyoming_kyutai.model_loading import load_model
+
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none", runtime="moshi")
+    assert isinstance(model, MoshiModel)
+    return model
 
 
 # --------------------------------------------------------------------------- 1. reference
@@ -117,9 +143,7 @@ def reference_loop(ckpt: Path, dtype: str, frames: int) -> dict[str, Any]:
     import torch
     from moshi.models import LMGen
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize="none", runtime="moshi")
+    model = _moshi(ckpt, dtype)
     gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
     audio = speechlike(frames * 0.08 + 0.5, 24000, 1)
     chunks = [torch.from_numpy(audio[i * 1920 : (i + 1) * 1920])[None, None] for i in range(frames)]
@@ -166,7 +190,8 @@ def stepper_steps(
     """
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
+    from wyoming_kyutai.loaded_model import LeanModel, MoshiModel
+    from wyoming_kyutai.model_loading import load_model
 
     model = load_model(
         str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime=runtime, threads=threads
@@ -178,9 +203,14 @@ def stepper_steps(
     lm_t: list[float] = []
     floor_t: list[float] = []
     mimi_floor_t: list[float] = []
-    lean = model.runtime == "lean"
-    floor = _floor_pass(model, batch) if model.quantized and lean else None
-    mimi_floor = _mimi_floor_pass(model, batch, model.dtype) if lean else None
+    if isinstance(model, LeanModel):
+        quantized, model_dtype = model.quantized, model.mimi_dtype
+    else:
+        assert isinstance(model, MoshiModel)
+        quantized, model_dtype = False, model.dtype
+    lean = isinstance(model, LeanModel)
+    floor = _floor_pass(model, batch) if quantized and lean else None
+    mimi_floor = _mimi_floor_pass(model, batch, model_dtype) if lean else None
     with torch.inference_mode():
         stepper.reset(slots)
         for i in range(frames):
@@ -214,10 +244,10 @@ def stepper_steps(
             out["mimi_floor_ms"] = round(float(np.mean(mimi_floor_t[lo:hi])) * 1000, 1)
         return out
 
-    dtype_name = str(model.dtype).removeprefix("torch.")
+    dtype_name = str(model_dtype).removeprefix("torch.")
     out: dict[str, Any] = {
         "runtime": model.runtime,
-        "quantize": "int8" if model.quantized else f"none ({dtype_name})",
+        "quantize": "int8" if quantized else f"none ({dtype_name})",
         "dtype": dtype_name,
         "batch": batch,
         "frames": frames,
@@ -274,10 +304,9 @@ def flush(ckpt: Path, spoken: int, repeats: int = 5, streams: int = 4) -> dict[s
     """
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
     from wyoming_kyutai.scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Scheduler
 
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     stepper = model.make_stepper(streams)
     count = model.flush_frames + 1  # the last frame, then the flush
     speech = np.stack([speechlike(spoken * 0.08, 24000, 5 + i) for i in range(streams)])
@@ -371,9 +400,7 @@ def lookahead(ckpt: Path, batches: list[int], rows: int = 4, passes: int = 8) ->
     share p of steps guessed right a step costs ``pass_ms / (1 + p + ... + p^(rows-1))``."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     lm = model.lm
     out: dict[str, Any] = {"rows": rows}
     gen = torch.Generator().manual_seed(0)
@@ -419,10 +446,9 @@ def backlog(ckpt: Path, frames: int = 60, rows: int = 4) -> dict[str, Any]:
     the passes verify every guess)."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
     from wyoming_kyutai.scheduler import Frame, Scheduler
 
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     stepper = model.make_stepper(1)
     audio = np.zeros(frames * 1920, dtype=np.float32)
     audio[12 * 1920 :] = speechlike((frames - 12) * 0.08, 24000, 7)[: (frames - 12) * 1920]
@@ -513,9 +539,7 @@ def lm_floor(ckpt: Path, batches: list[int], repeats: int = 10) -> dict[str, Any
     weights with ``batch`` rows (plus the guard row), with nothing around them
     (:func:`_floor_pass`).
     """
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     linears = [m for m in model.lm.linears() if m.int8]
     weight_mb = sum(m.in_features * m.out_features for m in linears) / 1e6
     out: dict[str, Any] = {"linears": len(linears), "int8_weight_mb": round(weight_mb)}
@@ -580,9 +604,7 @@ def mimi_floor(
     floor under Mimi's step."""
     import torch
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     products = _mimi_products(model.mimi)
     out: dict[str, Any] = {
         "products": len(products),
@@ -604,9 +626,7 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
     import torch
     from moshi.models import LMGen
 
-    from wyoming_kyutai.checkpoint import load_model
-
-    ref = load_model(str(ckpt), device="cpu", dtype="float32", quantize="none", runtime="moshi")
+    ref = _moshi(ckpt)
     audio = speechlike(frames * 0.08, 24000, 3)
     with torch.no_grad(), ref.mimi.streaming(1):
         ref_codes = torch.cat(
@@ -635,7 +655,7 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
     del ref, gen
 
     def lean(quantize: str, dtype: str) -> dict[str, Any]:
-        model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
+        model = _lean(ckpt, quantize, dtype)
         model.mimi.allocate(1)
         model.lm.allocate(1)
 
@@ -686,10 +706,8 @@ def _rss_mb(pid: int | str = "self") -> dict[str, float]:
 
 def memory(ckpt: Path, slots: int) -> dict[str, Any]:
     """Resident memory by part for the server's default model (lean, int8) with ``slots``."""
-    from wyoming_kyutai.checkpoint import load_model
-
     before = _rss_mb()["VmRSS"]
-    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model = _lean(ckpt)
     loaded = _rss_mb()
     stepper = model.make_stepper(slots)
     serving = _rss_mb()
@@ -958,234 +976,6 @@ def phase(name: str, *args: Any) -> dict[str, Any]:
     return result
 
 
-# --------------------------------------------------------------------------- report
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
-
-
-def _served_rows(srv: dict[str, Any], where: str, trials_key: str, served_key: str) -> list[str]:
-    """Rows: the streams served within twice the audio-stop target, and audio-stop →
-    transcript by number of streams (trials that recorded it)."""
-    if served_key not in srv or "end_of_speech_target" not in srv:
-        return []
-    limit = 2 * srv["end_of_speech_target"]
-    by_n = "; ".join(
-        f"{x['streams']}: {_ms(x['end_of_speech_p50'])} / {_ms(x['end_of_speech_p95'])}"
-        for x in srv[trials_key]
-    )
-    return [
-        f"| {where}: real-time streams served within twice the audio-stop target "
-        f"(audio-stop → transcript p50 ≤ {_ms(limit)}) | **{srv[served_key]}** |",
-        f"| {where}: audio-stop → transcript p50 / p95 by number of streams | {by_n} |",
-    ]
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """The result as the table the README quotes."""
-    m = result["machine"]
-    lines = [
-        f"### {result['name']} — {result['preset']} shape, random weights",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (torch CPU capability "
-        f"{m['torch_cpu_capability']}; {' '.join(m.get('cpu_flags', []))}), torch {m['torch']}. "
-        f"Command: `{result['command']}`",
-        *(
-            []
-            if m.get("native_bf16", True)
-            else ["", "No native bfloat16 on this CPU: the Mimi-in-bfloat16 rows are skipped."]
-        ),
-        "",
-        "| measure | value |",
-        "| --- | --- |",
-    ]
-    for r in result["reference"]:
-        lines.append(
-            f"| Kyutai's loop (moshi), {r['dtype']}, batch 1 | {r['frame_ms']} ms/frame "
-            f"(Mimi {r['mimi_ms']} + LM {r['lm_ms']}) |"
-        )
-    floor = result.get("lm_floor", {})
-    for row in result["steps"]:
-        for where in ("short", "late"):
-            w = row.get(where)
-            if not w:
-                continue
-            label = "early (5 s command)" if where == "short" else f"at position {w['position']}"
-            ratio = ""
-            if w.get("floor_ms"):
-                ratio = (
-                    f"; LM {w['lm_ms'] / w['floor_ms']:.2f}× its int8 floor ({w['floor_ms']} ms)"
-                )
-            if w.get("mimi_floor_ms"):
-                ratio += (
-                    f"; Mimi {w['mimi_ms'] / w['mimi_floor_ms']:.2f}× its floor "
-                    f"({w['mimi_floor_ms']} ms)"
-                )
-            if w.get("floor_ms") and w.get("mimi_floor_ms"):
-                both = w["floor_ms"] + w["mimi_floor_ms"]
-                ratio += (
-                    f"; the floors together {both:.1f} ms = "
-                    f"{row['batch'] * 80 / both:.1f} streams' worth"
-                )
-            mimi = f", Mimi {row['dtype']}" if row["runtime"] == "lean" else ""
-            lines.append(
-                f"| {row['runtime']} {row['quantize']}{mimi}, batch {row['batch']}, {label} | "
-                f"{w['step_ms']} ms/step (Mimi {w['mimi_ms']} + LM {w['lm_ms']}) = "
-                f"{w['streams_worth']} streams' worth{ratio} |"
-            )
-    if floor:
-        per_batch = ", ".join(
-            f"batch {k.removeprefix('batch').removesuffix('_ms')} {v} ms"
-            for k, v in floor.items()
-            if k.startswith("batch")
-        )
-        lines.append(
-            f"| floor: the LM's {floor['linears']} int8 matrix products alone "
-            f"({floor['int8_weight_mb']} MB) | {per_batch} |"
-        )
-    mimi_floor = result.get("mimi_floor")
-    if mimi_floor:
-        per_batch = "; ".join(
-            f"{dtype} "
-            + ", ".join(
-                f"batch {k.split('_batch')[1].removesuffix('_ms')} {v} ms"
-                for k, v in mimi_floor.items()
-                if k.startswith(f"{dtype}_batch")
-            )
-            for dtype in ("float32", "bfloat16")
-            if any(k.startswith(f"{dtype}_batch") for k in mimi_floor)
-        )
-        lines.append(
-            f"| floor: Mimi's {mimi_floor['products']} matrix products of a frame alone "
-            f"({mimi_floor['float32_weight_mb']} MB in float32, "
-            f"{mimi_floor['gmac_per_stream_frame']} GMAC a stream) | {per_batch} |"
-        )
-    for key, label in (
-        ("random", "random weights: the model's guessed padding never comes"),
-        ("pads_on_silence", "a checkpoint that emits padding on silence, as a trained one does"),
-    ):
-        f = result.get("flush", {}).get(key)
-        if f:
-            lines.append(
-                f"| flush after audio-stop, batch 1, {label} | Mimi {f['mimi_ms']} ms for "
-                f"{f['frames']} frames; LM {f['run_ms']} ms as a speculative run "
-                f"({f['passes']} passes) vs {f['steps_ms']} ms as steps |"
-            )
-            if "together_ms" in f:
-                lines.append(
-                    f"| flush of {f['streams']} streams ending together, {key.replace('_', ' ')}"
-                    f": LM in one shared run vs one run after the other | "
-                    f"{f['together_ms']} ms ({f['together_passes']} passes) vs "
-                    f"{f['apart_ms']} ms |"
-                )
-    ahead = result.get("lookahead")
-    if ahead:
-        rows = ahead["rows"]
-        for key, value in ahead.items():
-            if not key.startswith("batch"):
-                continue
-            lines.append(
-                f"| look-ahead, {key.removeprefix('batch')} stream(s) behind: {rows} steps "
-                f"each in one pass | pass {value['pass_ms']} ms = {value['pass_over_step']}× a "
-                f"plain step ({value['step_ms']} ms); {value['per_step_all_right_ms']} ms a step "
-                "when the guesses are right |"
-            )
-    for key, label in (
-        ("random", "random weights"),
-        ("pads_on_silence", "the checkpoint that pads on silence"),
-    ):
-        b = result.get("backlog", {}).get(key)
-        if b:
-            lines.append(
-                f"| a backlog of {b['frames']} frames, 1 stream, {b['rows']} steps a pass, "
-                f"{label}: later text inputs guessed as padding vs as the last pass computed "
-                f"them | {b['passes_padding']} vs **{b['passes_jacobi']}** passes; "
-                f"{b['ms_padding']} vs {b['ms_jacobi']} ms |"
-            )
-    agree = result.get("agreement")
-    if agree:
-        f32 = agree["float32"]
-        lines.append(
-            f"| lean float32 vs moshi float32 ({agree['frames']} frames) | tokens "
-            f"{f32['token_agreement'] * 100:.1f} %, max |logit diff| {f32['max_abs_logit_diff']},"
-            f" Mimi codes {f32['mimi_code_agreement'] * 100:.1f} % |"
-        )
-        for key, label in (("int8", "Mimi float32"), ("int8_bfloat16", "Mimi bfloat16")):
-            q = agree.get(key)
-            if q is None:
-                continue
-            lines.append(
-                f"| lean int8, {label} vs moshi float32 | LM on moshi's codes: tokens "
-                f"{q['token_agreement'] * 100:.1f} %, text-logit cosine mean "
-                f"{q['logit_cosine_mean']}, min {q['logit_cosine_min']}; Mimi codes "
-                f"{q['mimi_code_agreement'] * 100:.1f} %; end to end: tokens "
-                f"{q['end_to_end_token_agreement'] * 100:.1f} % |"
-            )
-    mem = result.get("memory")
-    if mem:
-        parts = ", ".join(f"{k} {v}" for k, v in mem["parts_mb"].items())
-        lines += [
-            f"| memory, lean int8, {mem['slots']} slots | model {mem['model_resident_mb']} MB "
-            f"resident, {mem['with_state_mb']} MB with state; parts (MB): {parts} |",
-            f"| loading peak | {mem['loading_peak_mb']} MB = {mem['peak_over_serving']}× the "
-            "serving size |",
-        ]
-    for srv in result["server"]:
-        t = srv["threads"] or "default"
-        cap = srv["capacity"]
-        at_n = next((x for x in srv["trials"] if x["streams"] == cap), None)
-        if at_n is None and srv["trials"]:
-            at_n = srv["trials"][0]
-        eos = srv["end_of_speech_1"]
-        lines.append(
-            f"| server, threads {t}: audio-stop → transcript, 1 stream | p50 {_ms(eos['p50'])}, "
-            f"p95 {_ms(eos['p95'])} |"
-        )
-        eos = srv.get("end_of_speech_1_pads_on_silence")
-        if eos:
-            lines.append(
-                f"| server, threads {t}: audio-stop → transcript, 1 stream, the checkpoint "
-                f"that pads on silence | p50 {_ms(eos['p50'])}, p95 {_ms(eos['p95'])} |"
-            )
-        lines.append(
-            f"| server, threads {t}: real-time streams that keep up "
-            f"({srv['trials'][0]['seconds']:.0f} s each, p99 lag ≤ 160 ms) | **{cap}** |"
-        )
-        if at_n:
-            lines += [
-                f"| server, threads {t}: audio-stop → transcript, {at_n['streams']} stream(s) | "
-                f"p50 {_ms(at_n['end_of_speech_p50'])}, p95 {_ms(at_n['end_of_speech_p95'])} |",
-                f"| server, threads {t}: describe with {at_n['streams']} stream(s) running | "
-                f"p50 {at_n['describe_p50'] * 1000:.1f} ms, max "
-                f"{at_n['describe_max'] * 1000:.1f} ms |",
-            ]
-        lags = "; ".join(
-            f"{x['streams']}: {_ms(x['lag_p99_worst'])}"
-            for x in srv["trials"]
-            if "lag_p99_worst" in x
-        )
-        if lags:
-            lines.append(f"| server, threads {t}: p99 lag by number of streams | {lags} |")
-        lines += _served_rows(srv, f"server, threads {t}", "trials", "served")
-        trials = srv.get("trials_pads_on_silence")
-        if trials:
-            lags = "; ".join(f"{x['streams']}: {_ms(x['lag_p99_worst'])}" for x in trials)
-            lines.append(
-                f"| server, threads {t}, the checkpoint that pads on silence: real-time streams "
-                f"that keep up | **{srv['capacity_pads_on_silence']}** (p99 lag by number of "
-                f"streams: {lags}) |"
-            )
-            where = f"server, threads {t}, the checkpoint that pads on silence"
-            lines += _served_rows(srv, where, "trials_pads_on_silence", "served_pads_on_silence")
-        long = srv.get("long_trial")
-        if long:
-            lines.append(
-                f"| server, threads {t}: {long['streams']} stream(s) of {long['seconds']:.0f} s |"
-                f" p99 lag {_ms(long['lag_p99_worst'])}, keeps up: {long['keeps_up']} |"
-            )
-    lines.append("")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="script/bench")
     parser.add_argument("--preset", default="stt-1b-en_fr", choices=["stt-1b-en_fr", "stt-2.6b-en"])
@@ -1282,9 +1072,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (out_dir / f"{name}.md").write_text(table)
-    print(table)
+    # <name>.md, docs/performance.md and the README's table, from every result JSON
+    for path in report.regenerate(out_dir):
+        say(f"wrote {path.relative_to(ROOT)}")
+    print(report.markdown(result))
     return 0
 
 

@@ -70,19 +70,16 @@ def run_moshi(moshi: Any, audio: torch.Tensor) -> tuple[torch.Tensor, float]:
         return _timed(lambda x: moshi.encode(x[:, None]), list(audio.split(FRAME, dim=-1)), 1)
 
 
-def run_ours(
-    path: Path, audio: torch.Tensor, expected: torch.Tensor, k: int, int8: bool
-) -> dict[str, Any]:
+def run_ours(path: Path, audio: torch.Tensor, expected: torch.Tensor, k: int) -> dict[str, Any]:
     """ms per frame of ours, frame by frame and k frames a call, and code agreement."""
     batch = len(audio)
-    encoder = MimiEncoder(WeightFile(path), MimiConfig.default(), batch, int8=int8)
+    encoder = MimiEncoder(WeightFile(path), MimiConfig.default(), batch)
     slots = list(range(batch))
     ours, ours_ms = _timed(lambda x: encoder.encode(x, slots), list(audio.split(FRAME, -1)), 1)
     encoder.reset(slots)
     calls = list(audio.split(k * FRAME, dim=-1))
     batched, batched_ms = _timed(lambda x: encoder.encode(x, slots), calls, k)
     return {
-        "int8": int8,
         "ours_ms": round(ours_ms, 1),
         f"ours_k{k}_ms": round(batched_ms, 1),
         "agreement_with_moshi": round((ours == expected).float().mean().item(), 4),
@@ -96,7 +93,6 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--k", type=int, default=8, help="frames per time-batched call")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--int8", action="store_true", help="also run the int8 transformer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,9 +102,8 @@ def main() -> None:
             audio = _audio(batch, args.frames)
             expected, moshi_ms = run_moshi(moshi, audio)
             print(json.dumps({"batch": batch, "moshi_ms": round(moshi_ms, 1)}), flush=True)
-            for int8 in (False, True) if args.int8 else (False,):
-                result = run_ours(path, audio, expected, args.k, int8)
-                print(json.dumps({"batch": batch, **result}), flush=True)
+            result = run_ours(path, audio, expected, args.k)
+            print(json.dumps({"batch": batch, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import async_read_event, async_write_event
 
 from wyoming_kyutai.app import create_app
-from wyoming_kyutai.checkpoint import load_model
+from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.settings import build_settings
 
 

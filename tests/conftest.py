@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from wyoming_kyutai.checkpoint import LoadedModel, load_model  # noqa: E402
+from wyoming_kyutai.loaded_model import LoadedModel  # noqa: E402
+from wyoming_kyutai.model_loading import load_model  # noqa: E402
 from wyoming_kyutai.random_checkpoint import make_checkpoint  # noqa: E402
 
 

@@ -11,8 +11,8 @@ import torch
 from moshi.models import LMGen
 
 from wyoming_kyutai.audio import PcmConverter, PcmFormat
-from wyoming_kyutai.checkpoint import LoadedModel
 from wyoming_kyutai.decoding import TranscriptDecoder
+from wyoming_kyutai.loaded_model import LoadedModel, MoshiModel
 
 
 def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
@@ -23,7 +23,7 @@ def reference_tokens(model: LoadedModel, audio24k: np.ndarray) -> list[int]:
     ``int(seconds * 24000)``. ``model`` must be loaded with ``runtime="moshi"``: the reference
     is moshi's own modules.
     """
-    assert model.runtime == "moshi", "the reference runs moshi's own modules"
+    assert isinstance(model, MoshiModel), "the reference runs moshi's own modules"
     prefix = np.zeros(int(model.silence_prefix_seconds * 24000), dtype=np.float32)
     audio24k = np.concatenate([prefix, np.asarray(audio24k, dtype=np.float32)])
     frame = model.frame_size

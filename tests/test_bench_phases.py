@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from benchmarks import bench
-from benchmarks.bench import capacity, markdown, phase
+from benchmarks.bench import capacity, phase
+from benchmarks.report import markdown
 
 
 def test_step_floor_agreement_and_memory_phases_measure_and_render(

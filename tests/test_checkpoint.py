@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wyoming_kyutai.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from wyoming_kyutai.checkpoint_files import CheckpointError, resolve_checkpoint
+from wyoming_kyutai.model_loading import load_model
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -24,7 +24,7 @@ from tests.audio_gen import silence, speechlike, to_pcm
 from tests.reference import reference_text
 from tests.steppers import Observed
 from tests.wyoming_io import Client, final_text, running_app
-from wyoming_kyutai.checkpoint import load_model
+from wyoming_kyutai.model_loading import load_model
 
 
 class _OneShape:

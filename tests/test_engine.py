@@ -14,9 +14,10 @@ import torch
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
 from tests.steppers import Observed
-from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
+from wyoming_kyutai.loaded_model import LeanModel, LoadedModel
+from wyoming_kyutai.model_loading import load_model
 
 INT8_AGREEMENT_FLOORS = {"float32": 0.7, "bfloat16": 0.35}
 """Token agreement of int8 (Mimi in float32, or in bfloat16) with Kyutai's float32 loop on the
@@ -226,7 +227,7 @@ async def test_int8_streams_do_not_depend_on_the_rest_of_the_batch(
     """int8 activations are quantized per stream, and Mimi's products (bfloat16 included)
     compute each row alike in any batch: batch company changes nothing."""
     model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
-    assert model.quantized and model.runtime == "lean"
+    assert isinstance(model, LeanModel) and model.quantized
     target = _audio(2.5, seed=21)
     eng = Engine(model, slots=4)
     eng.start()
@@ -260,7 +261,7 @@ async def test_int8_tokens_mostly_agree_with_kyutais_float32_loop(
 ) -> None:
     """int8 is not bit-exact (rounding flips near-ties); a floor on agreement catches breakage."""
     model = load_model(str(tiny_dir), device="cpu", dtype=mimi_dtype, quantize="int8")
-    assert model.dtype == getattr(torch, mimi_dtype)
+    assert isinstance(model, LeanModel) and model.mimi_dtype == getattr(torch, mimi_dtype)
     audios = [_audio(3.0, seed=s) for s in (51, 52, 53)]
     expected = [reference_tokens(tiny_moshi, a) for a in audios]
     eng = Engine(model, slots=3)
@@ -334,7 +335,7 @@ async def test_a_backlog_is_encoded_in_one_call_and_looked_ahead(
     # look-ahead offered up to 4 steps a pass (lean), and the end (the flush) in one run
     # offering all its steps; moshi steps one frame at a time
     offered = [n for _, rows, _ in calls.passes for n in rows]
-    if tiny_model.runtime == "lean":
+    if isinstance(tiny_model, LeanModel):
         assert 4 in offered
         assert eng.flush_frames <= max(offered) <= eng.flush_frames + 2 + 4
         assert calls.guesses_checked > 0
@@ -398,7 +399,7 @@ async def test_streams_ending_together_share_one_run(
         calls.release()
         eng.stop()
     assert got == expected
-    if tiny_model.runtime == "lean":
+    if isinstance(tiny_model, LeanModel):
         # a run pass offers a slot more rows than a plain pass's look-ahead (4)
         runs = [(slots, rows) for slots, rows, _ in calls.passes if max(rows) > 4]
         assert sorted(runs[0][0]) == [0, 1, 2]  # every stream ended in the same run

@@ -130,9 +130,9 @@ def test_defaults_live_only_in_settings() -> None:
     policy = turn_policy(settings, num_vad_heads=4)
     assert policy == TurnPolicy() and policy.end_of_turn == EndOfTurnSettings()
     assert HandlerSettings() == HandlerSettings(slot_wait=settings.slot_wait, turn=policy)
-    from wyoming_kyutai import checkpoint, client, health
+    from wyoming_kyutai import client, health, model_loading
 
-    assert DEFAULTS["model"] == checkpoint.DEFAULT_MODEL
+    assert DEFAULTS["model"] == model_loading.DEFAULT_MODEL
     assert DEFAULTS["uri"] == health.DEFAULT_URI
     assert client.main.__module__ == "wyoming_kyutai.client"
 

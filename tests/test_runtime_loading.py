@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from wyoming_kyutai import checkpoint
-from wyoming_kyutai.checkpoint import CheckpointError, load_model
+from wyoming_kyutai import model_loading
+from wyoming_kyutai.checkpoint_files import CheckpointError
+from wyoming_kyutai.loaded_model import LeanModel
+from wyoming_kyutai.model_loading import load_model
 
 
 @pytest.fixture
@@ -34,9 +36,9 @@ def test_int8_loading_picks_a_row_independent_engine(
     if "onednn" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch has no onednn quantized engine")
     torch.backends.quantized.engine = "onednn"  # not row-independent
-    with caplog.at_level(logging.INFO, logger="wyoming_kyutai.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="wyoming_kyutai.model_loading"):
         model = load_model(str(tiny_dir), device="cpu", quantize="int8", runtime="lean")
-    assert model.quantized
+    assert isinstance(model, LeanModel) and model.quantized
     assert torch.backends.quantized.engine == _expected_engine()
     assert f"{_expected_engine()} quantized engine" in caplog.text
 
@@ -195,7 +197,7 @@ def test_lm_settings_that_are_off_still_load(tiny_dir: Path, tmp_path: Path) -> 
 def test_lean_mimi_dtype(tiny_dir: Path, dtype: str, expected: str) -> None:
     """Mimi's products stay float32 (Kyutai's codes) unless bfloat16 is asked for."""
     model = load_model(str(tiny_dir), device="cpu", dtype=dtype, quantize="int8", runtime="lean")
-    assert model.dtype == getattr(torch, expected)
+    assert isinstance(model, LeanModel) and model.mimi_dtype == getattr(torch, expected)
     products = [p for layer in model.mimi.transformer.layers for p in layer.linears]
     assert products and {p.dtype for p in products} == {getattr(torch, expected)}
 
@@ -203,8 +205,8 @@ def test_lean_mimi_dtype(tiny_dir: Path, dtype: str, expected: str) -> None:
 def test_bfloat16_without_native_support_warns(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(checkpoint, "_cpu_has_native_bf16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="wyoming_kyutai.checkpoint"):
+    monkeypatch.setattr(model_loading, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="wyoming_kyutai.model_loading"):
         model = load_model(str(tiny_dir), device="cpu", dtype="bfloat16", runtime="lean")
-    assert model.dtype == torch.bfloat16
+    assert isinstance(model, LeanModel) and model.mimi_dtype == torch.bfloat16
     assert "no native bfloat16" in caplog.text

@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
-from wyoming_kyutai.checkpoint import LoadedModel, load_model
 from wyoming_kyutai.engine import Engine
+from wyoming_kyutai.loaded_model import LoadedModel
+from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.random_checkpoint import MOSHI_NAME, make_checkpoint
 
 PREFIX_SECONDS = 0.3
@@ -127,7 +128,7 @@ def test_make_checkpoint_refuses_unknown_options(tmp_path: Path) -> None:
 
 
 def test_the_make_command_takes_dtype_and_prefix(tmp_path: Path) -> None:
-    from wyoming_kyutai.checkpoint import main
+    from wyoming_kyutai.checkpoint_cli import main
 
     out = tmp_path / "cli"
     args = ["make", str(out), "--dtype", "bfloat16", "--silence-prefix-seconds", "0.5"]

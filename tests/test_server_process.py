@@ -17,7 +17,7 @@ from wyoming.info import Describe
 from tests.audio_gen import silence, speechlike, to_pcm, write_wav
 from tests.reference import reference_text
 from tests.wyoming_io import Client, final_text, joined_deltas, server_process
-from wyoming_kyutai.checkpoint import LoadedModel
+from wyoming_kyutai.loaded_model import LoadedModel
 
 # float32 without int8: the transcripts must then be exactly those of Kyutai's own loop
 MODEL_ARGS = ("--device", "cpu", "--dtype", "float32", "--quantize", "none", "--no-end-of-turn")

@@ -15,7 +15,7 @@ import numpy as np
 from tests.audio_gen import silence, speechlike, to_pcm, write_wav
 from tests.wyoming_io import Client, running_app
 from wyoming_kyutai.audio import MODEL_RATE
-from wyoming_kyutai.checkpoint import LoadedModel
+from wyoming_kyutai.loaded_model import LoadedModel
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

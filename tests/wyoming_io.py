@@ -19,7 +19,7 @@ from wyoming.event import Event, async_read_event, async_write_event
 
 from tests.steppers import Observed, WrappedModel
 from wyoming_kyutai.app import App, create_app
-from wyoming_kyutai.checkpoint import load_model
+from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.settings import build_settings
 
 RATE = 16000

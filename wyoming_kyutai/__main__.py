@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_server(settings: Settings) -> int:
     from .app import create_app
-    from .checkpoint import CheckpointError, load_configured
+    from .checkpoint_files import CheckpointError
+    from .model_loading import load_configured
     from .model_thread import run_in_own_thread
 
     try:

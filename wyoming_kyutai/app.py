@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .checkpoint import LoadedModel
 from .endpointing import EndOfTurnSettings, turn_policy
 from .engine import Engine
 from .framing import FrameLimits
 from .handler import HandlerSettings, SttHandler
+from .loaded_model import LoadedModel
 from .server import Connection, ServerLimits, SttServer
 from .settings import Settings
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .audio import FRAME_SAMPLES
-from .checkpoint import LoadedModel
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
+from .loaded_model import LoadedModel
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
 from .stepper import Stepper
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .uri import UriError, parse_uri
+from .uri import parse_uri
 
 ENV_PREFIX = "WYOMING_KYUTAI_"
 DEFAULT_ZEROCONF_NAME = "kyutai"
@@ -31,104 +31,137 @@ class SettingsError(Exception):
     """A bad configuration value or key; the message is one line."""
 
 
-def _s(help: str, **rules: Any) -> Any:
-    return field(metadata={"help": help, **rules})
+def base_language(code: str) -> str:
+    """``en-US``/``en_us``/``EN`` → ``en``."""
+    return code.strip().replace("_", "-").split("-")[0].lower()
+
+
+def _s(default: Any, help: str, group: str | None = None, **rules: Any) -> Any:
+    """A setting: its ``default``, the ``help`` line (CLI flag and config/default.yaml) and
+    the ``group`` of settings it belongs to (see :func:`in_group`), plus its rules: ``min``,
+    ``max``, ``choices``, ``pattern``; ``each`` (a function applied to every item of a list,
+    duplicates then dropped); ``validate`` (a function that raises ValueError on a bad value,
+    run once every value is in range); ``const`` (the value of the flag given without one)."""
+    return field(default=default, metadata={"help": help, "group": group, **rules})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """All settings. Units are in the names or the help text."""
+    """All settings, each with its default, help and rules (see :func:`_s`).
+
+    Units are in the names or the help text. Groups: ``model`` picks and loads the model,
+    ``turn`` is the end-of-turn policy (endpointing.turn_policy).
+    """
 
     # --- server
-    uri: str = _s("where to listen: tcp://HOST:PORT, unix://PATH or stdio://")
-    zeroconf: str | None = _s(
-        "announce on the LAN for Home Assistant discovery under this name (null: off)"
+    uri: str = _s(
+        "tcp://127.0.0.1:10300",
+        "where to listen: tcp://HOST:PORT, unix://PATH or stdio://",
+        validate=parse_uri,
     )
-    debug: bool = _s("debug logging (transcripts appear in logs only at this level)")
+    zeroconf: str | None = _s(
+        None,
+        "announce on the LAN for Home Assistant discovery under this name (null: off)",
+        const=DEFAULT_ZEROCONF_NAME,
+    )
+    debug: bool = _s(False, "debug logging (transcripts appear in logs only at this level)")
     # --- model
-    model: str = _s("Hugging Face repo id or local checkpoint directory")
-    data_dir: str | None = _s("model download cache (null: the Hugging Face default)")
-    offline: bool = _s("never touch the network; the model must already be downloaded")
-    device: str = _s("auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    model: str = _s(
+        DEFAULT_MODEL, "Hugging Face repo id or local checkpoint directory", group="model"
+    )
+    data_dir: str | None = _s(
+        None, "model download cache (null: the Hugging Face default)", group="model"
+    )
+    offline: bool = _s(
+        False, "never touch the network; the model must already be downloaded", group="model"
+    )
+    device: str = _s(
+        "auto", "auto, cpu, cuda or cuda:N", group="model", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
+    )
     dtype: str = _s(
+        "auto",
         "auto, float32 or bfloat16: the model's compute type (auto: bfloat16 on CUDA and on "
         "CPUs with native bfloat16); lean runtime: Mimi's matrix products (auto: float32)",
+        group="model",
         choices=("auto", "float32", "bfloat16"),
     )
-    threads: int = _s("CPU threads for the model (0: torch's default)", min=0, max=256)
+    threads: int = _s(
+        0, "CPU threads for the model (0: torch's default)", group="model", min=0, max=256
+    )
     quantize: str = _s(
+        "auto",
         "auto (int8 on CPU, none on CUDA), none or int8: int8 weights for the model's linears",
+        group="model",
         choices=("auto", "none", "int8"),
     )
     runtime: str = _s(
+        "auto",
         "auto (lean on CPU, moshi on CUDA), lean (our own CPU forward pass) or moshi (Kyutai's "
         "Python modules)",
+        group="model",
         choices=("auto", "lean", "moshi"),
     )
-    languages: list[str] | None = _s("languages to advertise (null: those the model supports)")
+    languages: list[str] | None = _s(
+        None, "languages to advertise (null: those the model supports)", each=base_language
+    )
     # --- engine
-    slots: int = _s("utterances transcribed at once (batch slots)", min=1, max=64)
-    slot_wait: float = _s("seconds to wait for a free slot before answering busy", min=0)
+    slots: int = _s(4, "utterances transcribed at once (batch slots)", min=1, max=64)
+    slot_wait: float = _s(2.0, "seconds to wait for a free slot before answering busy", min=0)
     # --- end of turn
-    end_of_turn: bool = _s("end utterances early with the model's semantic VAD")
-    end_of_turn_head: int = _s("VAD head index used for end of turn", min=0, max=15)
-    end_of_turn_threshold: float = _s("pause probability that ends a turn", min=0, max=1)
-    end_of_turn_min_words: int = _s("words heard before a turn may end", min=0)
-    end_of_turn_ignore_steps: int = _s("80 ms steps at the start that never end a turn", min=0)
-    end_of_turn_consecutive_steps: int = _s("steps in a row above the threshold to end", min=1)
+    end_of_turn: bool = _s(True, "end utterances early with the model's semantic VAD", group="turn")
+    end_of_turn_head: int = _s(
+        2, "VAD head index used for end of turn", group="turn", min=0, max=15
+    )
+    end_of_turn_threshold: float = _s(
+        0.5, "pause probability that ends a turn", group="turn", min=0, max=1
+    )
+    end_of_turn_min_words: int = _s(1, "words heard before a turn may end", group="turn", min=0)
+    end_of_turn_ignore_steps: int = _s(
+        12, "80 ms steps at the start that never end a turn", group="turn", min=0
+    )
+    end_of_turn_consecutive_steps: int = _s(
+        1, "steps in a row above the threshold to end", group="turn", min=1
+    )
     no_speech_timeout: float = _s(
-        "with end of turn on: seconds of audio without a word that end the turn (0: never)", min=0
+        8.0,
+        "with end of turn on: seconds of audio without a word that end the turn (0: never)",
+        group="turn",
+        min=0,
     )
     server_ends_turns: bool = _s(
-        "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
+        False, "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
     )
     # --- limits
-    max_connections: int = _s("open connections at once; more are refused", min=1)
-    max_header_bytes: int = _s("longest event header line, bytes", min=1024)
-    max_data_bytes: int = _s("largest event data block, bytes", min=1024)
-    max_payload_bytes: int = _s("largest audio payload, bytes", min=1024)
-    idle_timeout: float = _s("seconds a connection may stay silent between utterances", min=0.1)
-    audio_timeout: float = _s("seconds without audio that abort an utterance", min=0.1)
-    max_utterance_seconds: float = _s("longest utterance; then it is finished", min=1)
-    output_queue_events: int = _s("events queued for a slow reader before dropping it", min=16)
+    max_connections: int = _s(64, "open connections at once; more are refused", min=1)
+    max_header_bytes: int = _s(65536, "longest event header line, bytes", min=1024)
+    max_data_bytes: int = _s(65536, "largest event data block, bytes", min=1024)
+    max_payload_bytes: int = _s(1048576, "largest audio payload, bytes", min=1024)
+    idle_timeout: float = _s(
+        120.0, "seconds a connection may stay silent between utterances", min=0.1
+    )
+    audio_timeout: float = _s(10.0, "seconds without audio that abort an utterance", min=0.1)
+    max_utterance_seconds: float = _s(60.0, "longest utterance; then it is finished", min=1)
+    output_queue_events: int = _s(512, "events queued for a slow reader before dropping it", min=16)
     shutdown_grace: float = _s(
-        "seconds in-flight utterances get to finish on SIGTERM (keep under Docker's 10)", min=0
+        5.0,
+        "seconds in-flight utterances get to finish on SIGTERM (keep under Docker's 10)",
+        min=0,
     )
 
 
-DEFAULTS: dict[str, Any] = {
-    "uri": "tcp://127.0.0.1:10300",
-    "zeroconf": None,
-    "debug": False,
-    "model": DEFAULT_MODEL,
-    "data_dir": None,
-    "offline": False,
-    "device": "auto",
-    "dtype": "auto",
-    "threads": 0,
-    "quantize": "auto",
-    "runtime": "auto",
-    "languages": None,
-    "slots": 4,
-    "slot_wait": 2.0,
-    "end_of_turn": True,
-    "end_of_turn_head": 2,
-    "end_of_turn_threshold": 0.5,
-    "end_of_turn_min_words": 1,
-    "end_of_turn_ignore_steps": 12,
-    "end_of_turn_consecutive_steps": 1,
-    "no_speech_timeout": 8.0,
-    "server_ends_turns": False,
-    "max_connections": 64,
-    "max_header_bytes": 65536,
-    "max_data_bytes": 65536,
-    "max_payload_bytes": 1048576,
-    "idle_timeout": 120.0,
-    "audio_timeout": 10.0,
-    "max_utterance_seconds": 60.0,
-    "output_queue_events": 512,
-    "shutdown_grace": 5.0,
-}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
+"""Every setting's default, by name (read from the fields)."""
+
+
+def in_group(name: str) -> tuple[str, ...]:
+    """The names of the settings in group ``name``, in field order."""
+    return tuple(f.name for f in fields(Settings) if f.metadata["group"] == name)
+
+
+MODEL_SETTINGS = in_group("model")
+"""The settings that pick and load the model."""
+TURN_SETTINGS = in_group("turn")
+"""The settings of the end-of-turn policy (endpointing.turn_policy)."""
 
 
 def _kind(f: dataclasses.Field[Any]) -> str:
@@ -183,15 +216,10 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
             or not all(isinstance(x, str) and x.strip() for x in items)
         ):
             raise SettingsError(f"setting {name!r}: expected a list of strings, got {raw!r}")
-        if name == "languages":  # "en-US", "EN" → "en": what Home Assistant matches on
-            items = list(dict.fromkeys(base_language(x) for x in items))
+        if "each" in f.metadata:  # languages: "en-US", "EN" → "en", what HA matches on
+            items = list(dict.fromkeys(f.metadata["each"](x) for x in items))
         return items
     raise AssertionError(kind)
-
-
-def base_language(code: str) -> str:
-    """``en-US``/``en_us``/``EN`` → ``en``."""
-    return code.strip().replace("_", "-").split("-")[0].lower()
 
 
 def _check(f: dataclasses.Field[Any], value: Any) -> None:
@@ -211,15 +239,17 @@ def _check(f: dataclasses.Field[Any], value: Any) -> None:
         raise SettingsError(f"setting {f.name!r}: {f.metadata['help']}; got {value!r}")
 
 
+def _validate(f: dataclasses.Field[Any], value: Any) -> None:
+    """The field's own ``validate`` function, if any (after every value passed :func:`_check`)."""
+    if "validate" in f.metadata and value is not None:
+        try:
+            f.metadata["validate"](value)
+        except ValueError as err:
+            raise SettingsError(f"setting {f.name!r}: {err}") from None
+
+
 def _fields() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in fields(Settings)}
-
-
-def _check_uri(uri: str) -> None:
-    try:
-        parse_uri(uri)
-    except UriError as err:
-        raise SettingsError(f"setting 'uri': {err}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -263,31 +293,9 @@ def build_settings(
         merged[key] = _coerce(known[key], raw, from_text=isinstance(raw, str))
     for key, value in merged.items():
         _check(known[key], value)
-    _check_uri(merged["uri"])
+    for key, value in merged.items():
+        _validate(known[key], value)
     return Settings(**merged)
-
-
-MODEL_SETTINGS = (
-    "model",
-    "data_dir",
-    "offline",
-    "device",
-    "dtype",
-    "threads",
-    "quantize",
-    "runtime",
-)
-"""The settings that pick and load the model."""
-TURN_SETTINGS = (
-    "end_of_turn",
-    "end_of_turn_head",
-    "end_of_turn_threshold",
-    "end_of_turn_min_words",
-    "end_of_turn_ignore_steps",
-    "end_of_turn_consecutive_steps",
-    "no_speech_timeout",
-)
-"""The settings of the end-of-turn policy (endpointing.turn_policy)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
@@ -297,11 +305,11 @@ def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None
             continue
         flag = "--" + name.replace("_", "-")
         kind = _kind(f)
-        if name == "zeroconf":
+        if "const" in f.metadata:
             parser.add_argument(
                 flag,
                 nargs="?",
-                const=DEFAULT_ZEROCONF_NAME,
+                const=f.metadata["const"],
                 default=argparse.SUPPRESS,
                 metavar="NAME",
                 help=f.metadata["help"],
@@ -335,7 +343,7 @@ def default_yaml() -> str:
         "# (e.g. WYOMING_KYUTAI_SLOTS=8) > this file > built-in default.",
     ]
     for name, f in _fields().items():
-        value = yaml.safe_dump({name: DEFAULTS[name]}, default_flow_style=True).strip()
+        value = yaml.safe_dump({name: f.default}, default_flow_style=True).strip()
         value = value.removeprefix("{").removesuffix("}")
         lines.append(f"# {f.metadata['help']}")
         lines.append(value)

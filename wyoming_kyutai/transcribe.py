@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
-from .checkpoint import CheckpointError, LoadedModel, load_configured
+from .checkpoint_files import CheckpointError
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
+from .loaded_model import LoadedModel
+from .model_loading import load_configured
 from .model_thread import run_in_own_thread
 from .settings import (
     MODEL_SETTINGS,

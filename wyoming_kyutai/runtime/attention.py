@@ -88,8 +88,8 @@ _MADV_HUGEPAGE = 14
 def _zeros_on_huge_pages(shape: tuple[int, ...]) -> torch.Tensor:
     """A float32 zero tensor whose memory is backed by transparent huge pages where the OS
     allows it (Linux, THP "madvise" or "always"): a step writes and reads a few rows in each
-    of thousands of heads, and 4 KiB pages made those accesses TLB-bound (measured: -25% on
-    attention late in a stream, -50% on the cache writes)."""
+    of thousands of heads, and 4 KiB pages make those accesses TLB-bound (attention late in
+    a stream and the cache writes are markedly slower on them)."""
     tensor = torch.empty(shape)
     if sys.platform.startswith("linux"):
         start = tensor.data_ptr()
@@ -158,14 +158,11 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> to
     ``values`` [n, heads, length, head_dim] (views of the cache); float32 [n, heads, head_dim].
 
     Plain products and a softmax rather than ``F.scaled_dot_product_attention``: its CPU
-    flash kernel rounds a row differently with the number of rows in the call (seen on AMD
-    EPYC Zen 4: a stream alone != batched), while here every (row, head) is its own product.
-    The scores as keys @ query (a matrix-vector product over the contiguous ring, at memory
-    speed) rather than query @ keys^T (half as fast late in a stream). Measured on AMD EPYC
-    Zen 4 (2 cores, torch 2.13), 1B shape, per layer incl. the cache writes, SDPA -> this:
-    batch 1: 54 -> 52 us at position 30, 233 -> 167 at 200, 616 -> 430 at 725; batch 8 in
-    one run: 391 -> 339, 1395 -> 980, 4862 -> 3355; batch 16: 724 -> 612, 3110 -> 2337,
-    9486 -> 7698; 8 runs of one row: 439 -> 461, 1593 -> 1218, 5230 -> 3986.
+    flash kernel rounds a row differently with the number of rows in the call (a stream
+    alone would not give the bits it gives batched), while here every (row, head) is its own
+    product. The scores as keys @ query (a matrix-vector product over the contiguous ring,
+    at memory speed) rather than query @ keys^T (about half as fast late in a stream). For
+    these one-query shapes this is also faster than SDPA, the more so the longer the ring.
     """
     n, heads, length, head_dim = keys.shape
     scores = torch.baddbmm(  # [n * heads, length, 1]

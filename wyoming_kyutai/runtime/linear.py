@@ -114,11 +114,10 @@ class Dense:
 
     The weight is prepacked once for oneDNN: for the few rows a streaming step multiplies,
     PyTorch's default float32 product (MKL) re-lays out the weight at every call and reads
-    it at ~10 GB/s. Measured on AMD EPYC Zen 4, 2 cores, torch 2.13, Mimi's 80 products of
-    one frame: float32 21 -> 10 ms at batch 1, 41 -> 18 at batch 8, 64 -> 29 at batch 16;
-    bfloat16 12 -> 6, 17 -> 9, 19 -> 14. Each row's result there is the same whatever the
-    number of rows (checked for 1-4000 rows of Mimi's shapes in bfloat16; in float32 one
-    shape's single row differs in the last bit). The same products as moshi's up to float32
+    it slowly; prepacked, Mimi's products of a frame take about half the time, in float32
+    and in bfloat16. With oneDNN each row's result is the same whatever the number of rows
+    (checked for 1-4000 rows of Mimi's shapes in bfloat16; in float32 one shape's single row
+    differs in the last bit). The same products as moshi's up to float32
     rounding order. Where this torch has no oneDNN, or it refuses the weight, a plain
     ``matmul`` on the weight laid out [in, out] (``packed=False`` forces that; the default is
     :data:`ONEDNN` at construction).
@@ -155,7 +154,7 @@ class Dense:
         if self.dtype == torch.float32 or x.numel() != x.shape[-1]:
             return torch.matmul(x, self.matrix)
         # torch's bfloat16 matmul computes a single row by another path than several, which
-        # rounds differently (AMD EPYC Zen 4, torch 2.13): a stream's result must not depend
+        # rounds differently (torch 2.13): a stream's result must not depend
         # on how many others share its call, so one row runs as two
         twice = x.reshape(1, -1).expand(2, -1)
         return torch.mm(twice, self.matrix)[:1].view(*x.shape[:-1], -1)
@@ -172,8 +171,8 @@ def _needs_reduced_range(engine: str) -> bool:
 
     fbgemm without VNNI sums pairs of uint8 x int8 products in int16, which full 8-bit
     activations can overflow; with AVX512-VNNI it accumulates in int32, and 8 bits halve the
-    activations' rounding error (measured on AMD EPYC Zen 4: relative error of a 2048-wide
-    product 2.0 % -> 1.2 %). Checked once, on the kernel itself: a product whose pairs would
+    activations' rounding step (a 2048-wide product's error drops by about 40 %). Checked
+    once, on the kernel itself: a product whose pairs would
     overflow int16 (every activation and weight at its largest) must come out right with 8
     bits. qnnpack takes no such option (and warns if asked)."""
     if engine == "qnnpack":

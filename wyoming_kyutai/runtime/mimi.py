@@ -242,9 +242,8 @@ class MimiEncoder:
 
     Precision: float32 by default, which gives moshi's codes. ``dtype`` bfloat16: every
     matrix product (convolutions, transformer) in bfloat16 with float32 accumulation, the
-    rest in float32 (only fast on CPUs with native bfloat16); ``int8``: the transformer's
-    products with int8 weights (:class:`~.linear.Linear`). Both change some of the later
-    (acoustic) codes (the bench reports bfloat16's share; the tests floor both).
+    rest in float32 (only fast on CPUs with native bfloat16); it changes some of the later
+    (acoustic) codes (the bench reports the share; the tests floor it).
     """
 
     def __init__(
@@ -253,7 +252,6 @@ class MimiEncoder:
         config: MimiConfig,
         slots: int = 0,
         num_codebooks: int = 32,
-        int8: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
@@ -290,7 +288,6 @@ class MimiEncoder:
             max_period=config.max_period,
             layer_scale=config.layer_scale,
             step=stride,
-            int8=int8,
             dtype=dtype,
         )
         dim = config.dimension

@@ -20,19 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .linear import Dense, Linear
+from .linear import Dense
 from .weights import WeightError, WeightFile
 
 FRAMES_PER_PASS = 8
-"""Mimi frames a float (float32 or bfloat16) pass of the transformer covers at most (longer
-calls run in several).
+"""Mimi frames a pass of the transformer covers at most (longer calls run in several).
 
-int8 passes cover one frame: its products round differently for different numbers of rows,
-and int8's activation rounding can turn such a last-bit difference into another code, so one
-frame per pass keeps the transformer's rounding that of one-frame calls. bfloat16 products
-give each row the same bits whatever the row count (see :class:`.linear.Dense`) and the
-attention runs one frame per call (:meth:`EncoderTransformer._attend`), so several frames
-share a pass. (In float32 the products' last-bit differences stay far below the codes'
+bfloat16 products give each row the same bits whatever the row count (see
+:class:`.linear.Dense`) and the attention runs one frame per call
+(:meth:`EncoderTransformer._attend`), so several frames share a pass and still give the codes
+of one-frame calls. (In float32 the products' last-bit differences stay far below the codes'
 resolution.)
 """
 
@@ -55,7 +52,6 @@ class _Layer:
         dim: int,
         hidden: int,
         scaled: bool,
-        int8: bool,
         dtype: torch.dtype,
     ) -> None:
         attn = f"{prefix}.self_attn"
@@ -69,10 +65,7 @@ class _Layer:
         linear2 = weights.take(f"{prefix}.linear2.weight", (dim, hidden))
         # float: x @ W.T as moshi computes it, up to float32 rounding order, or in ``dtype``
         # (bfloat16: see :class:`.linear.Dense`)
-        products: list[Linear | Dense] = [
-            Linear(w, int8=True) if int8 else Dense(w, dtype)
-            for w in (in_proj, out_proj, linear1, linear2)
-        ]
+        products = [Dense(w, dtype) for w in (in_proj, out_proj, linear1, linear2)]
         self.in_proj, self.out_proj, self.linear1, self.linear2 = products
         self.linears = tuple(products)
         """The four products, in that order."""
@@ -105,7 +98,7 @@ class _Pass:
 class EncoderTransformer:
     """Streaming causal transformer over ``[n, T, D]`` latents for slots ``index``.
 
-    Matrix products in float32, in ``dtype`` bfloat16, or (``int8``) with int8 weights.
+    Matrix products in float32 or in ``dtype`` bfloat16.
 
     A call runs in passes of at most ``chunk`` steps. A pass first writes its keys and values
     into the slots' rings, then attends over the rings: a ring holds
@@ -125,7 +118,6 @@ class EncoderTransformer:
         max_period: float,
         layer_scale: bool,
         step: int,
-        int8: bool = False,
         dtype: torch.dtype = torch.float32,
         prefix: str = "encoder_transformer.transformer",
     ) -> None:
@@ -135,12 +127,10 @@ class EncoderTransformer:
             raise ValueError("the transformer context must hold at least one frame")
         self.dim, self.heads, self.context, self.step = d_model, num_heads, context, step
         self.head_dim = d_model // num_heads
-        self.chunk = step if int8 else step * FRAMES_PER_PASS
+        self.chunk = step * FRAMES_PER_PASS
         self.capacity = context + self.chunk - 1
         self.layers = [
-            _Layer(
-                weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, int8, dtype
-            )
+            _Layer(weights, f"{prefix}.layers.{i}", d_model, dim_feedforward, layer_scale, dtype)
             for i in range(num_layers)
         ]
         half = torch.arange(self.head_dim // 2, dtype=torch.float32)
@@ -270,9 +260,7 @@ def _attention(
     [n, H, T, head_dim].
 
     Plain products and a softmax: for the few queries of a frame SDPA with a bool mask costs
-    more (AMD EPYC Zen 4, 2 cores, Kyutai's Mimi, one frame, per call, SDPA -> this: batch 1
-    90 -> 87 us, batch 8 650 -> 490, batch 16 1310 -> 935 in int8; 560 -> 460 and 940 -> 800
-    at batch 8 and 16 in float32). Masked entries score the lowest float32
+    more, at every batch size (most at large batches). Masked entries score the lowest float32
     (``bias + scale * q k``), whose softmax weight is exactly 0: the result is the masked one
     up to float32 rounding order.
     """
@@ -291,9 +279,9 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _product(dense: Linear | Dense, x: torch.Tensor) -> torch.Tensor:
-    """``dense(x)`` as float32 (int8 and float32 products give float32; a bfloat16 product's
-    result, rounded to bfloat16, is widened)."""
+def _product(dense: Dense, x: torch.Tensor) -> torch.Tensor:
+    """``dense(x)`` as float32 (a float32 product gives float32; a bfloat16 product's result,
+    rounded to bfloat16, is widened)."""
     return dense(x).float()
 
 
