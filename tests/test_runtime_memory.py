@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wyoming_kyutai.runtime.memory import available_bytes, check_memory
-from wyoming_kyutai.settings import Settings
+from wyoming_kyutai.settings import build_settings, connection_limit
 
 _MEMINFO = """MemTotal:        4000000 kB
 MemFree:          200000 kB
@@ -63,6 +63,16 @@ def test_this_machine_reports_its_memory() -> None:
         check_memory(available, "too many slots")
 
 
-def test_the_slots_setting_stops_at_64() -> None:
-    meta = Settings.__dataclass_fields__["slots"].metadata
-    assert meta["max"] == 64
+def test_slots_are_bounded_by_memory_not_by_a_small_constant() -> None:
+    """Hundreds of slots are a setting (a GPU holds them); the memory check, not the setting,
+    says whether they fit; and the connection limit follows the slots."""
+    settings = build_settings(cli_values={"slots": 256})
+    assert settings.slots == 256
+    assert connection_limit(settings.slots, settings.max_connections) == 512
+    assert connection_limit(4) == 64 and connection_limit(256, 100) == 100
+
+
+def test_a_gpu_s_free_memory_is_checked_like_the_machine_s() -> None:
+    check_memory(900, "256 slots", available=1000)
+    with pytest.raises(MemoryError, match=r"^256 slots need 2.0 GB of state but only 1.0 GB"):
+        check_memory(2_000_000_000, "256 slots", available=1_000_000_000)

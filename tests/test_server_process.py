@@ -186,7 +186,7 @@ def test_print_config_shows_the_merged_settings(tmp_path: Path) -> None:
     assert shown["slots"] == 5  # env beats YAML
     assert shown["threads"] == 4  # flag beats env
     assert shown["end_of_turn_threshold"] == 0.7  # YAML beats default
-    assert shown["max_connections"] == 64  # default
+    assert shown["max_connections"] == 0  # default: follows slots
 
 
 def test_missing_model_is_one_line_exit_1(tmp_path: Path) -> None:

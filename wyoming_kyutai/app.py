@@ -15,7 +15,7 @@ from .framing import FrameLimits
 from .handler import HandlerSettings, SttHandler
 from .loaded_model import LoadedModel
 from .server import Connection, ServerLimits, SttServer
-from .settings import Settings
+from .settings import Settings, connection_limit
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def server_limits(settings: Settings) -> ServerLimits:
         frames=FrameLimits(
             settings.max_header_bytes, settings.max_data_bytes, settings.max_payload_bytes
         ),
-        max_connections=settings.max_connections,
+        max_connections=connection_limit(settings.slots, settings.max_connections),
         idle_timeout=settings.idle_timeout,
         audio_timeout=settings.audio_timeout,
         output_queue_events=settings.output_queue_events,

@@ -23,7 +23,7 @@ from wyoming.event import Event, async_write_event
 
 from .framing import FrameLimits, FramingError, read_event
 from .handler import SttHandler
-from .settings import DEFAULTS, DRAIN_TIMEOUT
+from .settings import DEFAULTS, DRAIN_TIMEOUT, connection_limit
 from .uri import WyomingUri, parse_uri
 
 _LOGGER = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class ServerLimits:
     """Connection-level limits (the settings of the same names; defaults: settings.DEFAULTS)."""
 
     frames: FrameLimits = field(default_factory=FrameLimits)
-    max_connections: int = DEFAULTS["max_connections"]
+    max_connections: int = connection_limit(DEFAULTS["slots"], DEFAULTS["max_connections"])
     idle_timeout: float = DEFAULTS["idle_timeout"]
     """Seconds a connection may stay silent between utterances."""
     audio_timeout: float = DEFAULTS["audio_timeout"]

@@ -105,7 +105,13 @@ class Settings:
         None, "languages to advertise (null: those the model supports)", each=base_language
     )
     # --- engine
-    slots: int = _s(4, "utterances transcribed at once (batch slots)", min=1, max=64)
+    slots: int = _s(
+        4,
+        "utterances transcribed at once (batch slots); their state must fit in memory (checked "
+        "at start: CPU RAM, or the GPU's)",
+        min=1,
+        max=4096,
+    )
     slot_wait: float = _s(2.0, "seconds to wait for a free slot before answering busy", min=0)
     # --- end of turn
     end_of_turn: bool = _s(True, "end utterances early with the model's semantic VAD", group="turn")
@@ -132,7 +138,9 @@ class Settings:
         False, "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
     )
     # --- limits
-    max_connections: int = _s(64, "open connections at once; more are refused", min=1)
+    max_connections: int = _s(
+        0, "open connections at once; more are refused (0: twice `slots`, at least 64)", min=0
+    )
     max_header_bytes: int = _s(65536, "longest event header line, bytes", min=1024)
     max_data_bytes: int = _s(65536, "largest event data block, bytes", min=1024)
     max_payload_bytes: int = _s(1048576, "largest audio payload, bytes", min=1024)
@@ -151,6 +159,12 @@ class Settings:
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
 """Every setting's default, by name (read from the fields)."""
+
+
+def connection_limit(slots: int, max_connections: int = 0) -> int:
+    """Open connections allowed: ``max_connections``, or with 0 twice ``slots`` and at least 64
+    (room for every slot's stream, clients waiting for a slot, and describes)."""
+    return max_connections or max(64, 2 * slots)
 
 
 def in_group(name: str) -> tuple[str, ...]:
