@@ -54,6 +54,16 @@ def load_results(directory: Path = RESULTS) -> dict[str, dict[str, Any]]:
     return results
 
 
+def load_gpu_results(directory: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """The GPU benchmark's results (``benchmarks/gpu.py``) in ``directory``, by file stem."""
+    results: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "kyutai_loop" in data and "server" in data:
+            results[path.stem] = data
+    return results
+
+
 def by_batch(values: dict[str, Any], prefix: str, suffix: str = "") -> dict[int, Any]:
     """``{batch: value}`` from a phase's ``<prefix><batch><suffix>`` keys (the layout of the
     floor and look-ahead phases' results: ``batch1_ms``, ``float32_batch8_ms``, ``batch4``);
@@ -208,7 +218,33 @@ streams through the real server over TCP.
 """
 
 
-def performance_page(results: dict[str, dict[str, Any]]) -> str:
+def gpu_section(gpu: dict[str, dict[str, Any]]) -> str:
+    """The GPU rows of ``docs/performance.md`` (``script/gpu-check``'s results)."""
+    if not gpu:
+        return (
+            "No GPU result yet: `script/gpu-check` (or `script/bench --device cuda`) measures "
+            "one and writes it to `benchmarks/results/`.\n"
+        )
+    lines = [
+        "| GPU | Kyutai's loop, streams' worth by batch | real-time streams through the "
+        "server | audio-stop → transcript p50, 1 stream / most streams | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for file, r in sorted(gpu.items()):
+        loop = ", ".join(f"{row['batch']}: {row['streams_worth']:g}" for row in r["kyutai_loop"])
+        trials = r["server"]["trials"]
+        stops = f"{trials[0]['end_of_speech_p50'] * 1000:.0f} / "
+        stops += f"{trials[-1]['end_of_speech_p50'] * 1000:.0f} ms ({trials[-1]['streams']})"
+        lines.append(
+            f"| {r['machine'].get('gpu', '?')} | {loop} | {r['server']['real_time_streams']} | "
+            f"{stops} | [{file}](../benchmarks/results/{file}.md) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def performance_page(
+    results: dict[str, dict[str, Any]], gpu: dict[str, dict[str, Any]] | None = None
+) -> str:
     """``docs/performance.md``."""
     listing = "\n".join(
         f"- [`{file}`](../benchmarks/results/{file}.md) ({str(r.get('date', ''))[:10]}, "
@@ -243,10 +279,13 @@ How to read the columns:
   transcript, through the server with one torch thread per core (the default).
 
 The machines are shared 2-core virtual machines: the same run repeated differs by 15-30 %,
-and a slow day of the host more, so compare rows of one result rather than results. A GPU
-has not been benchmarked by `script/bench` (it measures the CPU); see
-[benchmarking.md](benchmarking.md) for measuring one.
+and a slow day of the host more, so compare rows of one result rather than results.
 
+## GPU
+
+The 1B model's shape, bfloat16, moshi's modules with CUDA graphs (`runtime: auto` on CUDA).
+
+{gpu_section(gpu or {})}
 ## Every result
 
 Each links to its full table (every phase: Kyutai's loop, steps by batch, floors, flush,
@@ -524,7 +563,7 @@ def generated(
     ``docs/performance.md`` and ``README.md`` with its table."""
     results = load_results(results_dir)
     files = {results_dir / f"{name}.md": markdown(r) for name, r in results.items()}
-    files[performance] = performance_page(results)
+    files[performance] = performance_page(results, load_gpu_results(results_dir))
     if readme.is_file():
         files[readme] = readme_with_table(readme.read_text(encoding="utf-8"), results)
     return files

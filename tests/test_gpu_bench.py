@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.report import gpu_section, load_gpu_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +47,6 @@ def test_the_gpu_bench_runs_and_writes_its_tables(tiny_dir: Path, tmp_path: Path
     assert all(t["end_of_speech_p50"] > 0 for t in trials)
     table = (tmp_path / "stt-1b-en_fr-gpu.md").read_text()
     assert "Kyutai's loop" in table and "Real-time streams" in table
+    # docs/performance.md's GPU row comes from such a result
+    (row,) = [line for line in gpu_section(load_gpu_results(tmp_path)).splitlines()[2:]]
+    assert row.startswith("| none (CPU smoke run) | 1: ") and "stt-1b-en_fr-gpu" in row
