@@ -23,6 +23,7 @@ from tests.test_runtime_lm import (
     tiny,  # noqa: F401 - fixture
 )
 from wyoming_kyutai.runtime.lm import LanguageModel
+from wyoming_kyutai.scheduler import Frame, Kept, Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -145,30 +146,40 @@ def test_bad_arguments(roomy: Checkpoint) -> None:
     assert len(step.tokens) == 1 and len(step.ahead) == 0
 
 
-def _backlog_by_steps(
-    model: LanguageModel, codes: torch.Tensor, slot: int, rows: int, jacobi: bool
-) -> tuple[list[int], int]:
-    """A backlog of ``codes`` run by step calls of ``rows`` frames each, later text
-    inputs guessed as padding or (``jacobi``) as the previous call predicted them (its
-    ``ahead``); the tokens and the number of calls."""
+def _backlog_padded(model: LanguageModel, codes: torch.Tensor, slot: int, rows: int) -> Any:
+    """A backlog of ``codes`` run by step calls of ``rows`` frames each, later text inputs
+    guessed as padding; the tokens and the number of calls."""
     model.reset([slot])
-    guesses: list[int | None] = [None] * len(codes)
     tokens: list[int] = []
     calls = 0
-    pad = model.config.padding_id
     while len(tokens) < len(codes):
-        done = len(tokens)
-        chunk = codes[done : done + rows]
-        guess = [pad if g is None else g for g in guesses[done + 1 : done + len(chunk)]]
-        (step,) = model.step([chunk], [slot], [guess] if jacobi else None)
+        (step,) = model.step([codes[len(tokens) : len(tokens) + rows]], [slot])
         calls += 1
-        kept = len(step.tokens)
-        assert step.ahead is not None and len(step.ahead) == len(chunk) - kept
-        for j, token in enumerate(step.ahead.tolist()):
-            if done + kept + 1 + j < len(codes):
-                guesses[done + kept + 1 + j] = token
         tokens += step.tokens.tolist()
     return tokens, calls
+
+
+def _backlog_scheduled(model: LanguageModel, codes: torch.Tensor, rows: int) -> Any:
+    """The same backlog, waiting in slot 0, run by the engine's scheduler (its look-ahead
+    rows, and each pass's guesses from the last pass's outputs); tokens and passes."""
+    sched = Scheduler(1, 0, lookahead=rows, lookahead_rows=rows - 1)
+    claim = sched.take(lambda index: "backlog")
+    assert claim is not None and sched.take_resets() == [claim]
+    model.reset([0])
+    sched.encoded(claim, [Frame(None, 0.0)] * len(codes), list(codes.unbind(0)))
+    pad = model.config.padding_id
+    tokens: list[int] = []
+    passes = 0
+    while planned := sched.plan_pass():
+        out = model.step(
+            [torch.stack([s.codes for s in r.steps]) for r in planned],
+            [r.claim.index for r in planned],
+            [[pad if g is None else g for g in r.guesses] for r in planned],
+        )
+        kept = [Kept(o.tokens.tolist(), [()] * len(o.tokens), o.ahead.tolist()) for o in out]
+        tokens += [r.token for _, r in sched.apply(planned, kept, 0.0).results]
+        passes += 1
+    return tokens, passes
 
 
 def test_a_backlog_guessed_from_the_last_pass_takes_fewer_passes(roomy: Checkpoint) -> None:
@@ -176,8 +187,8 @@ def test_a_backlog_guessed_from_the_last_pass_takes_fewer_passes(roomy: Checkpoi
     each input as the previous pass computed it (Jacobi) keeps more, with moshi's tokens."""
     codes = _codes(28, roomy.config["card"], seed=6)  # within the ring (context 32)
     expected = _moshi(roomy, codes).tokens
-    model = _model(roomy, slots=2)
-    padded, padded_calls = _backlog_by_steps(model, codes, 1, rows=4, jacobi=False)
-    jacobi, jacobi_calls = _backlog_by_steps(model, codes, 1, rows=4, jacobi=True)
+    model = _model(roomy, slots=1)
+    padded, padded_calls = _backlog_padded(model, codes, 0, rows=4)
+    jacobi, jacobi_calls = _backlog_scheduled(model, codes, rows=4)
     assert padded == expected and jacobi == expected
     assert jacobi_calls < padded_calls

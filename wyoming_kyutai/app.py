@@ -55,12 +55,11 @@ def build_info(model_ref: str, languages: list[str], ends_turns: bool) -> Any:
 def freeze_loaded_objects() -> None:
     """Leave what is loaded for good out of Python's garbage collections.
 
-    A loaded server holds ~170,000 Python objects (torch, the model's modules, the
-    tokenizer). A full collection walks them all, on whichever thread happens to allocate:
-    122-124 ms, measured on the engine's thread in the middle of a Mimi call when the first
-    streams of a 2-core server started (AMD EPYC Zen 4), which put those streams ~300 ms
-    behind. Frozen after a last collection, they are never walked again; what
-    serving allocates is collected as before.
+    A loaded server holds some 170,000 Python objects (torch, the model's modules, the
+    tokenizer). A full collection walks them all, on whichever thread happens to allocate,
+    and takes over a step's time: landing on the engine's thread in the middle of a step, it
+    puts every stream behind. Frozen after a last collection, they are never walked again;
+    what serving allocates is collected as before.
     """
     gc.collect()
     gc.freeze()

@@ -3,9 +3,9 @@
 PyTorch's CPU build parallelises with GNU OpenMP, which keeps a team of worker threads for
 every thread that has run a parallel region. When the process holds more such threads than
 there are cores, libgomp stops spin-waiting between parallel regions, and each of the ~1,000
-small ops of a step then pays for putting its workers to sleep and waking them: measured on
-2 cores, a step took 30-50 % longer on the engine's worker thread than on the main thread
-once model loading had run on another long-lived thread. So model loading runs on a thread of
+small ops of a step then pays for putting its workers to sleep and waking them (a step on
+the engine's worker becomes markedly slower once model loading has run on another
+long-lived thread). So model loading runs on a thread of
 its own that ends with it (its team goes with it), and the engine's worker does its own
 warm-up: one long-lived team, as many threads as cores.
 """
