@@ -266,9 +266,11 @@ class Int4Linear:
       fixed-order sum over its row: a row's result does not depend on the other rows of the
       call, bit for bit (tested).
     - ``"kleidiai"`` (aarch64): symmetric codes, ``w = (q - 8) * scale`` with bfloat16 scales,
-      the input quantized to int8 per row at run time. Rows are quantized independently, but
-      on CPUs with i8mm torch runs one row through another micro-kernel than several, which
-      may round differently. Elsewhere the op is its slow reference: only for tests.
+      the input quantized to int8 per row at run time. Rows are quantized independently; on
+      CPUs with i8mm torch runs one row through another micro-kernel (dot product) than
+      several (i8mm), which could round differently, but under emulation (qemu, with and
+      without i8mm) a row alone gave the bits it gets batched (tests/test_runtime_int4.py,
+      script/test-aarch64). Elsewhere the op is its slow reference: only for tests.
 
     Input features are padded with zeros to a multiple of the group (inputs too, at each call:
     a copy; the LM's 2048 and 5632 need none), output features to a multiple of 16.
