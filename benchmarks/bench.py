@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -515,19 +516,23 @@ def _median_ms(run: Any, repeats: int) -> float:
 
 
 def _floor_pass(model: Any, batch: int) -> Any:
-    """A function that runs the lean LM's int8 products once on ``batch`` rows (+ the guard
-    row), on their packed weights and with their activation range, with nothing around them."""
+    """A function that runs the lean LM's quantized products once on ``batch`` rows, with
+    nothing around them: the int8 ones (+ the guard row) on their packed weights and with
+    their activation range, the 4-bit ones as the LM calls them."""
     import torch
 
-    from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC
+    from wyoming_kyutai.runtime.linear import _LINEAR_DYNAMIC, Int4Linear
 
     linears = [m for m in model.lm.linears() if m.int8]
-    inputs = {m.in_features: torch.rand(batch + 1, m.in_features) for m in linears}
+    four_bit = [m for m in model.lm.linears() if isinstance(m, Int4Linear)]
+    inputs = {m.in_features: torch.rand(batch + 1, m.in_features) for m in linears + four_bit}
 
     def run() -> None:
         with torch.inference_mode():
             for m in linears:
                 _LINEAR_DYNAMIC(inputs[m.in_features], m.packed, m._reduce_range)
+            for m in four_bit:
+                m(inputs[m.in_features][:batch])
 
     return run
 
@@ -685,6 +690,7 @@ def agreement(ckpt: Path, frames: int, bf16: bool = True) -> dict[str, Any]:
         "frames": frames,
         "float32": lean("none", "float32"),
         "int8": lean("int8", "float32"),
+        "int4": lean("int4", "float32"),
         **({"int8_bfloat16": lean("int8", "bfloat16")} if bf16 else {}),
     }
 
@@ -727,28 +733,24 @@ def memory(ckpt: Path, slots: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- server runs
 class Server:
-    def __init__(self, ckpt: Path, slots: int, threads: int = 0) -> None:
+    """``python -m wyoming_kyutai`` on a free port of 127.0.0.1 with ``slots`` slots and end of
+    turn off; ``extra``: more of its flags; ``python``: the interpreter's own arguments before
+    ``-m wyoming_kyutai`` (e.g. a profiler's)."""
+
+    def __init__(
+        self,
+        ckpt: Path,
+        slots: int,
+        threads: int = 0,
+        extra: Sequence[str] = (),
+        python: Sequence[str] = (),
+    ) -> None:
+        started = time.monotonic()
+        args = [sys.executable, *python, "-m", "wyoming_kyutai", "--uri", "tcp://127.0.0.1:0"]
+        args += ["--model", str(ckpt), "--slots", str(slots), "--no-end-of-turn"]
+        args += ["--slot-wait", "30", "--threads", str(threads), *extra]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wyoming_kyutai",
-                "--uri",
-                "tcp://127.0.0.1:0",
-                "--model",
-                str(ckpt),
-                "--slots",
-                str(slots),
-                "--no-end-of-turn",
-                "--slot-wait",
-                "30",
-                "--threads",
-                str(threads),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
         )
         assert self.proc.stderr is not None
         self.address = ""
@@ -761,6 +763,7 @@ class Server:
             if found:
                 self.address = found.group(1)
                 break
+        self.start_seconds = round(time.monotonic() - started, 1)
         import threading
 
         threading.Thread(target=lambda: [None for _ in self.proc.stderr or []], daemon=True).start()
@@ -1028,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         ("moshi", "none", 1, short, "float32"),
         ("lean", "none", 1, short, "float32"),
         *[("lean", "int8", b, short, "auto") for b in (1, 4, 8, 16)],
+        *[("lean", "int4", b, short, "auto") for b in (1, 4, 8)],
         *[("lean", "int8", b, short, "bfloat16") for b in (1, 8, 16) if bf16],
     ]
     if not quick:

@@ -17,17 +17,14 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import ROOT, concurrent_trial, machine, pct
+from benchmarks.bench import ROOT, Server, concurrent_trial, machine, pct
 
 FRAME = 1920
 STEP_SECONDS = 0.08
@@ -171,44 +168,10 @@ def engine_split(ckpt: Path, slots: int, seconds: float = 4.0) -> dict[str, Any]
     }
 
 
-class CudaServer:
-    """``python -m wyoming_kyutai --device cuda`` (runtime moshi) with ``slots`` slots, on a
-    free port."""
-
-    def __init__(self, ckpt: Path, slots: int) -> None:
-        started = time.monotonic()
-        args = [sys.executable, "-m", "wyoming_kyutai", "--uri", "tcp://127.0.0.1:0"]
-        args += ["--model", str(ckpt), "--device", DEVICE, "--slots", str(slots)]
-        args += ["--runtime", "moshi", "--quantize", "none"]
-        args += ["--max-connections", str(slots + 8), "--no-end-of-turn", "--slot-wait", "30"]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        assert self.proc.stderr is not None
-        self.address = ""
-        self.log: list[str] = []
-        while not self.address:
-            line = self.proc.stderr.readline()
-            self.log.append(line)
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + "".join(self.log[-20:]))
-            found = re.search(r"Ready: listening on (\S+)", line)
-            if found:
-                self.address = found.group(1)
-        self.start_seconds = round(time.monotonic() - started, 1)
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr or []], daemon=True).start()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def server_trials(ckpt: Path, slots: int, counts: list[int], seconds: float) -> dict[str, Any]:
     """N real-time streams through one CUDA server, for each N in ``counts``."""
-    server = CudaServer(ckpt, slots)
+    extra = ["--device", DEVICE, "--runtime", "moshi", "--quantize", "none"]
+    server = Server(ckpt, slots, extra=[*extra, "--max-connections", str(slots + 8)])
     try:
         trials = [asyncio.run(concurrent_trial(server.address, n, seconds)) for n in counts]
     finally:

@@ -18,42 +18,27 @@ import asyncio
 import json
 import os
 import pstats
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import ROOT, concurrent_trial
+from benchmarks.bench import Server, concurrent_trial
 
 
 def profile_server(ckpt: Path, streams: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         prof = Path(tmp) / "loop.prof"
-        args = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "wyoming_kyutai"]
-        args += ["--uri", "tcp://127.0.0.1:0", "--model", str(ckpt), "--device", "cpu"]
-        args += ["--slots", str(streams), "--max-connections", str(streams + 8)]
-        args += ["--no-end-of-turn", "--slot-wait", "30", "--audio-timeout", "120"]
-        proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        assert proc.stderr is not None
-        address = ""
-        while not address:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                raise RuntimeError("server exited")
-            found = re.search(r"Ready: listening on (\S+)", line)
-            address = found.group(1) if found else ""
-        threading.Thread(target=lambda: [None for _ in proc.stderr or []], daemon=True).start()
-        started, cpu_before = time.monotonic(), _thread_cpu(proc.pid)
-        trial = asyncio.run(concurrent_trial(address, streams, seconds))
-        wall, loop_cpu = time.monotonic() - started, _thread_cpu(proc.pid) - cpu_before
-        proc.send_signal(2)  # SIGINT: the server stops and cProfile writes its file
-        proc.wait(60)
+        extra = ["--device", "cpu", "--max-connections", str(streams + 8)]
+        profiler = ["-m", "cProfile", "-o", str(prof)]
+        extra += ["--audio-timeout", "120"]
+        server = Server(ckpt, streams, extra=extra, python=profiler)
+        started, cpu_before = time.monotonic(), _thread_cpu(server.proc.pid)
+        trial = asyncio.run(concurrent_trial(server.address, streams, seconds))
+        wall, loop_cpu = time.monotonic() - started, _thread_cpu(server.proc.pid) - cpu_before
+        server.proc.send_signal(2)  # SIGINT: the server stops and cProfile writes its file
+        server.proc.wait(60)
         stats = pstats.Stats(str(prof))
     own = sorted(
         (

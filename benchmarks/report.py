@@ -339,7 +339,8 @@ def _step_rows(result: dict[str, Any]) -> list[str]:
             ratio = ""
             if w.get("floor_ms"):
                 ratio = (
-                    f"; LM {w['lm_ms'] / w['floor_ms']:.2f}× its int8 floor ({w['floor_ms']} ms)"
+                    f"; LM {w['lm_ms'] / w['floor_ms']:.2f}× its {row['quantize']} floor "
+                    f"({w['floor_ms']} ms)"
                 )
             if w.get("mimi_floor_ms"):
                 ratio += (
@@ -444,12 +445,16 @@ def _agreement_and_memory_rows(result: dict[str, Any]) -> list[str]:
             f"{f32['token_agreement'] * 100:.1f} %, max |logit diff| {f32['max_abs_logit_diff']},"
             f" Mimi codes {f32['mimi_code_agreement'] * 100:.1f} % |"
         )
-        for key, label in (("int8", "Mimi float32"), ("int8_bfloat16", "Mimi bfloat16")):
+        for key, label in (
+            ("int8", "int8, Mimi float32"),
+            ("int8_bfloat16", "int8, Mimi bfloat16"),
+            ("int4", "int4, Mimi float32"),
+        ):
             q = agree.get(key)
             if q is None:
                 continue
             lines.append(
-                f"| lean int8, {label} vs moshi float32 | LM on moshi's codes: tokens "
+                f"| lean {label} vs moshi float32 | LM on moshi's codes: tokens "
                 f"{q['token_agreement'] * 100:.1f} %, text-logit cosine mean "
                 f"{q['logit_cosine_mean']}, min {q['logit_cosine_min']}; Mimi codes "
                 f"{q['mimi_code_agreement'] * 100:.1f} %; end to end: tokens "

@@ -221,7 +221,7 @@ def test_run_script_builds_a_command_line_the_server_accepts(
         end_of_turn=False,
         end_of_turn_threshold=0.7,
         server_ends_turns=True,
-        quantize="none",
+        quantize="int4",
         threads=3,
         offline=True,
         debug_logging=True,
@@ -251,7 +251,7 @@ def test_run_script_builds_a_command_line_the_server_accepts(
     assert printed["end_of_turn"] is False
     assert printed["end_of_turn_threshold"] == 0.7
     assert printed["server_ends_turns"] is True
-    assert printed["quantize"] == "none"
+    assert printed["quantize"] == "int4"
     assert printed["threads"] == 3
     assert printed["offline"] is True
     assert printed["debug"] is True

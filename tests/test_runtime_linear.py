@@ -26,7 +26,7 @@ def test_int8_rows_are_independent_bit_for_bit_and_close_to_float(engine: str) -
     assert q.weight is None  # no float copy kept
 
 
-def test_a_non_finite_row_does_not_spoil_the_others() -> None:
+def test_a_non_finite_row_does_not_spoil_the_others(engine: str) -> None:
     q = Linear(torch.randn(8, 16), int8=True)
     x = torch.randn(3, 16)
     alone = q(x[2:3])

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("model")
     check.add_argument("--data-dir")
     check.add_argument("--offline", action="store_true")
-    check.add_argument("--quantize", default="none", choices=["auto", "none", "int8"])
+    check.add_argument("--quantize", default="none", choices=["auto", "none", "int8", "int4"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 

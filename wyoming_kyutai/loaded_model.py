@@ -68,14 +68,19 @@ class LeanModel(LoadedModel):
 
     mimi: MimiEncoder
     lm: LanguageModel
-    quantized: bool
-    """The LM's matrix products and text head run with int8 weights."""
+    lm_weights: str
+    """The LM's matrix products: ``int8``, ``int4`` (the text head int8) or ``float32``."""
     mimi_dtype: torch.dtype
     """The type of Mimi's matrix products (float32 or bfloat16)."""
 
     @property
     def runtime(self) -> str:
         return "lean"
+
+    @property
+    def quantized(self) -> bool:
+        """The LM's matrix products run with int8 or 4-bit weights."""
+        return self.lm_weights != "float32"
 
     def make_stepper(self, slots: int) -> Stepper:
         from .lean_stepper import LeanStepper

@@ -82,21 +82,18 @@ def load_model(
     """Resolve, check and load a checkpoint for ``runtime`` (see :func:`pick_runtime`).
 
     ``quantize``: ``int8`` runs the LM transformer's matrix products and the text head with
-    int8 weights (the lean runtime only, so the CPU); ``auto`` does so with the lean runtime;
-    ``none`` never. ``dtype``: moshi's compute type (``auto``: bfloat16 on CUDA and on CPUs
-    with native bfloat16); with the lean runtime, that of Mimi's matrix products (``auto``:
-    float32, Kyutai's codes exactly; the LM's attention, norms and cache stay float32).
+    int8 weights, ``int4`` the transformer's with 4-bit ones (the lean runtime only, so the
+    CPU); ``auto``: see :func:`pick_lm_weights`; ``none``: float32. ``dtype``: moshi's
+    compute type (``auto``: bfloat16 on CUDA and on CPUs with native bfloat16); with the lean
+    runtime, that of Mimi's matrix products (``auto``: float32, Kyutai's codes exactly; the
+    LM's attention, norms and cache stay float32).
 
     Returns a :class:`.LeanModel` or a :class:`.MoshiModel`, by the runtime chosen.
     """
     files = resolve_checkpoint(ref, data_dir, offline)
     dev = pick_device(device)
     chosen = pick_runtime(runtime, dev)
-    int8 = quantize == "int8" or (quantize == "auto" and chosen == "lean")
-    if int8 and chosen != "lean":
-        raise CheckpointError(
-            "quantize int8 needs the lean runtime (CPU); use quantize none or auto with moshi"
-        )
+    lm_weights = pick_lm_weights(quantize, chosen)
     if threads > 0:
         torch.set_num_threads(threads)
     torch_dtype = pick_dtype(dtype, dev)
@@ -116,7 +113,7 @@ def load_model(
     started = time.monotonic()
     model: LeanModel | MoshiModel
     if chosen == "lean":
-        model = _load_lean(files, int8, torch_dtype)
+        model = _load_lean(files, lm_weights, torch_dtype)
     else:
         model = _load_moshi(files, dev, torch_dtype)
     _LOGGER.info(
@@ -126,7 +123,7 @@ def load_model(
         dev,
         model.runtime,
         (
-            f"LM {'int8' if model.quantized else 'float32'}, Mimi {_name(model.mimi_dtype)}"
+            f"LM {model.lm_weights}, Mimi {_name(model.mimi_dtype)}"
             if isinstance(model, LeanModel)
             else _name(model.dtype)
         ),
@@ -177,7 +174,27 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _load_lean(files: CheckpointFiles, int8: bool, mimi_dtype: torch.dtype) -> LeanModel:
+def pick_lm_weights(quantize: str, runtime: str) -> str:
+    """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4`` or ``float32``.
+
+    ``auto`` is int8 with the lean runtime: fbgemm's int8 products are the fastest measured
+    from batch 1 up on AVX-512 (4-bit weights tie at batch 1 and are 2-3x slower from batch 4:
+    ``benchmarks/int4_kernels.py``), and int4 (half the bytes) stays a choice until it is
+    measured to win where memory bandwidth decides (AVX2 mini-PCs, ARM). float32 with moshi.
+    """
+    if quantize not in ("auto", "none", "int8", "int4"):
+        raise CheckpointError(f"quantize {quantize}: choose auto, none, int8 or int4")
+    if quantize == "auto":
+        return "int8" if runtime == "lean" else "float32"
+    if quantize != "none" and runtime != "lean":
+        raise CheckpointError(
+            f"quantize {quantize} needs the lean runtime (CPU); use quantize none or auto with "
+            "moshi"
+        )
+    return "float32" if quantize == "none" else quantize
+
+
+def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype) -> LeanModel:
     import sentencepiece
 
     from .runtime.linear import pick_quantized_engine
@@ -185,14 +202,14 @@ def _load_lean(files: CheckpointFiles, int8: bool, mimi_dtype: torch.dtype) -> L
     from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
     from .runtime.weights import WeightError, WeightFile
 
-    if int8:
-        # before any int8 weight is packed: the packing is the engine's, and onednn (torch's
-        # default on some builds) does not compute rows independently, which the int8 Linear's
-        # per-stream guarantee needs
+    if lm_weights != "float32":
+        # before any int8 weight is packed (int4 keeps an int8 text head): the packing is the
+        # engine's, and onednn (torch's default on some builds) does not compute rows
+        # independently, which the int8 Linear's per-stream guarantee needs
         try:
             engine = pick_quantized_engine()
         except RuntimeError as err:
-            raise CheckpointError(f"quantize int8: {err}") from err
+            raise CheckpointError(f"quantize {lm_weights}: {err}") from err
         _LOGGER.info("int8 matrix products use the %s quantized engine", engine)
     try:
         raw_mimi = (
@@ -202,7 +219,12 @@ def _load_lean(files: CheckpointFiles, int8: bool, mimi_dtype: torch.dtype) -> L
         )
         mimi_config = MimiConfig.from_dict(raw_mimi)
         lm_config = LmConfig.from_dict(files.raw_config)
-        lm = LanguageModel(WeightFile(files.lm_weights), lm_config, int8=int8)
+        lm = LanguageModel(
+            WeightFile(files.lm_weights),
+            lm_config,
+            int8=lm_weights == "int8",
+            int4=lm_weights == "int4",
+        )
         # Mimi's reduced precision is bfloat16 (not int8): about as fast where bfloat16 is
         # native, changes fewer codes, and keeps time-batched calls (the flush) in one pass
         mimi = MimiEncoder(
@@ -217,7 +239,7 @@ def _load_lean(files: CheckpointFiles, int8: bool, mimi_dtype: torch.dtype) -> L
     return LeanModel(
         mimi=mimi,
         lm=lm,
-        quantized=int8,
+        lm_weights=lm_weights,
         mimi_dtype=mimi_dtype,
         tokenizer=tokenizer,
         device=torch.device("cpu"),

@@ -90,9 +90,10 @@ class Settings:
     )
     quantize: str = _s(
         "auto",
-        "auto (int8 on CPU, none on CUDA), none or int8: int8 weights for the model's linears",
+        "auto (int8 on CPU, none on CUDA), none, int8 or int4: the weights of the language "
+        "model's matrix products (int4: half of int8's memory; CPU only)",
         group="model",
-        choices=("auto", "none", "int8"),
+        choices=("auto", "none", "int8", "int4"),
     )
     runtime: str = _s(
         "auto",

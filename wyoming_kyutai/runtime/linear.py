@@ -194,3 +194,184 @@ def _prepack(weight: torch.Tensor) -> object:
         warnings.simplefilter("ignore")
         qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
     return _PREPACK(qweight, None)
+
+
+# --- 4-bit weights ------------------------------------------------------------------------------
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+"""Group sizes (input features per scale) that both 4-bit kernels take."""
+
+INT4_KERNELS = ("int4pack", "kleidiai")
+"""The 4-bit kernels :class:`Int4Linear` runs (see :func:`pick_int4_kernel`)."""
+
+_INT4_OUT_MULTIPLE = 16  # int4pack packs output features in blocks of 16 (checked by the op)
+
+
+@functools.cache
+def kleidiai_available() -> bool:
+    """Whether this torch multiplies 4-bit weights with Arm's KleidiAI kernels (int8 dot
+    products) rather than with its portable reference implementation.
+
+    Asked of the op itself: torch packs for KleidiAI only on an aarch64 build with KleidiAI
+    whose CPU has the dot-product instructions (a Cortex-A72 has not, an A76 has), and packs
+    into bytes; anywhere else ``_dyn_quant_pack_4bit_weight`` falls back to its reference,
+    which packs into float32 and multiplies element by element (on x86: 1.9 s for the LM's
+    64 products at batch 1, never to be used)."""
+    backend = getattr(torch.backends, "kleidiai", None)
+    if backend is None or not backend.is_available():
+        return False
+    if not hasattr(torch.ops.aten, "_dyn_quant_pack_4bit_weight"):
+        return False
+    try:
+        codes = torch.full((32, 32), 0x88, dtype=torch.uint8)  # 32 outputs x 64 inputs of 0
+        scales = torch.ones(32, 2, dtype=torch.bfloat16)  # groups of 32: 2 per output
+        packed = torch.ops.aten._dyn_quant_pack_4bit_weight(codes, scales, None, 32, 64, 32)
+    except RuntimeError:
+        return False
+    return packed.dtype == torch.uint8
+
+
+def pick_int4_kernel(machine: str | None = None, kleidiai: bool | None = None) -> str:
+    """The 4-bit kernel for this CPU: ``"kleidiai"`` on aarch64 where torch really has it
+    (:func:`kleidiai_available`), else ``"int4pack"``.
+
+    ``int4pack`` is ``torch.ops.aten._weight_int4pack_mm_for_cpu``: bfloat16 activations, each
+    weight decoded to float32 and accumulated in float32 (AVX-512 / AVX2 code on x86, NEON on
+    ARM). ``kleidiai`` is ``_dyn_quant_matmul_4bit``: activations quantized to int8 per row,
+    int8 dot products (the reason to prefer it on ARM). On x86 that op is a slow reference,
+    so x86 always gets ``int4pack``, whatever ``kleidiai`` says. ``machine`` (default
+    ``platform.machine()``) and ``kleidiai`` (default: asked of torch) let tests choose the
+    answer for another CPU."""
+    import platform  # here, not at the top: this module's imports are shared with others
+
+    arch = (machine if machine is not None else platform.machine()).lower()
+    arm64 = arch in ("aarch64", "arm64") or arch.startswith("armv8")
+    if arm64 and (kleidiai if kleidiai is not None else kleidiai_available()):
+        return "kleidiai"
+    return "int4pack"
+
+
+class Int4Linear:
+    """``y = x @ W.T`` without bias, with W [out, in] stored in 4 bits: each output feature's
+    inputs in groups of ``group_size``, one scale per group (and for ``int4pack`` one offset).
+    The float32 weight is not kept; quantized once, at construction.
+
+    ``kernel`` (default :func:`pick_int4_kernel`):
+
+    - ``"int4pack"``: asymmetric codes, ``w = (q - 8) * scale + zero`` with q in 0..15 and
+      bfloat16 scale and zero (the op's format); the input is rounded to bfloat16, the sum is
+      float32, the result is rounded to bfloat16 and returned as float32 (the op's float32
+      and float16 paths are scalar code, 30-100x slower). Each output element is one thread's
+      fixed-order sum over its row: a row's result does not depend on the other rows of the
+      call, bit for bit (tested).
+    - ``"kleidiai"`` (aarch64): symmetric codes, ``w = (q - 8) * scale`` with bfloat16 scales,
+      the input quantized to int8 per row at run time. Rows are quantized independently; on
+      CPUs with i8mm torch runs one row through another micro-kernel (dot product) than
+      several (i8mm), which could round differently, but under emulation (qemu, with and
+      without i8mm) a row alone gave the bits it gets batched (tests/test_runtime_int4.py,
+      script/test-aarch64). Elsewhere the op is its slow reference: only for tests.
+
+    Input features are padded with zeros to a multiple of the group (inputs too, at each call:
+    a copy; the LM's 2048 and 5632 need none), output features to a multiple of 16.
+    Resident: about half a byte per weight plus 4 (``int4pack``) or 2 (``kleidiai``) bytes
+    per group: 0.53x the int8 :class:`Linear` at group 128.
+    """
+
+    int8 = False  # the int8 Linear's flag (callers that single out int8 products skip this)
+    weight = None  # no float copy kept
+
+    def __init__(
+        self, weight: torch.Tensor, group_size: int = 128, kernel: str | None = None
+    ) -> None:
+        if weight.dim() != 2:
+            raise ValueError("a linear weight is 2-D [out, in]")
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"4-bit group size must be one of {INT4_GROUP_SIZES}, not {group_size}"
+            )
+        kernel = kernel if kernel is not None else pick_int4_kernel()
+        if kernel not in INT4_KERNELS:
+            raise ValueError(f"4-bit kernel must be one of {INT4_KERNELS}, not {kernel!r}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        if self.out_features < 1 or self.in_features < 1:
+            raise ValueError("a 4-bit linear needs at least one input and one output feature")
+        self.group_size = group_size
+        self.kernel = kernel
+        self._in = -(-self.in_features // group_size) * group_size
+        self._out = -(-self.out_features // _INT4_OUT_MULTIPLE) * _INT4_OUT_MULTIPLE
+        padded = weight.float()
+        if (self._out, self._in) != (self.out_features, self.in_features):
+            padded = torch.zeros(self._out, self._in)
+            padded[: self.out_features, : self.in_features] = weight
+        groups = padded.view(self._out, self._in // group_size, group_size)
+        self.scales: torch.Tensor | None = None
+        if kernel == "int4pack":
+            codes, scale, zero = quantize_int4_asymmetric(groups)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.view(self._out, self._in).to(torch.int32), 1
+            )
+            # [in / group, out, 2]: the op's layout of scales and zeros
+            self.scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        else:
+            codes, scale = quantize_int4_symmetric(groups)
+            pairs = codes.view(self._out, self._in // 2, 2)
+            nibbles = pairs[..., 0] | (pairs[..., 1] << 4)  # even input in the low nibble
+            # KleidiAI's per-channel kernel (one group for the whole row) wants float32 scales
+            scales = scale if group_size < self._in else scale.float()
+            self.packed = torch.ops.aten._dyn_quant_pack_4bit_weight(
+                nibbles.contiguous(), scales.contiguous(), None, group_size, self._in, self._out
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        if self._in != self.in_features:
+            rows = torch.nn.functional.pad(rows, (0, self._in - self.in_features))
+        if rows.shape[0] == 0:
+            out = rows.new_zeros(0, self._out, dtype=torch.float32)
+        elif self.kernel == "int4pack":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.to(torch.bfloat16), self.packed, self.group_size, self.scales
+            ).float()
+        else:
+            out = torch.ops.aten._dyn_quant_matmul_4bit(
+                rows.float().contiguous(), self.packed, self.group_size, self._in, self._out
+            )
+        if self._out != self.out_features:
+            out = out[:, : self.out_features]
+        return out.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the packed weights, with their scales (and zeros)."""
+        total = self.packed.numel() * self.packed.element_size()
+        if self.scales is not None:
+            total += self.scales.numel() * self.scales.element_size()
+        return total
+
+
+def quantize_int4_asymmetric(
+    groups: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes for ``w ≈ (q - 8) * scale + zero``: ``groups`` float32 [..., group] -> codes uint8
+    in 0..15 [..., group], scale and zero bfloat16 [...] (the group's range in 15 steps; zero is
+    the value of code 8). The codes are rounded against the bfloat16 scale and zero the kernel
+    uses, not against their float32 values."""
+    low = groups.amin(dim=-1)
+    high = groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp_min_(1e-30).bfloat16()
+    zero = (low + 8 * scale.float()).bfloat16()
+    steps = (groups - zero.float()[..., None]) / scale.float()[..., None]
+    codes = steps.add_(8).round_().clamp_(0, 15).to(torch.uint8)
+    return codes, scale, zero
+
+
+def quantize_int4_symmetric(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes for ``w ≈ (q - 8) * scale``: ``groups`` float32 [..., group] -> codes uint8 in
+    0..15 [..., group] and scale bfloat16 [...]. The largest magnitude maps to 7.5 steps (so
+    the codes -8..7 reach both ends within half a step), the scale rounded up to bfloat16."""
+    amax = groups.abs().amax(dim=-1)
+    scale = (amax / 7.5 * (1 + 2**-8)).clamp_min_(1e-30).bfloat16()
+    steps = groups / scale.float()[..., None]
+    codes = steps.round_().clamp_(-8, 7).add_(8).to(torch.uint8)
+    return codes, scale

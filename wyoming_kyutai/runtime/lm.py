@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from .attention import AttentionPlan, KvCache, Rope
-from .linear import Linear
+from .linear import Int4Linear, Linear
 from .weights import WeightFile
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
@@ -141,6 +141,11 @@ class LmStep:
     ahead: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
+def _linear(weight: torch.Tensor, int8: bool, int4: bool) -> Linear | Int4Linear:
+    """A transformer matrix product in the chosen precision."""
+    return Int4Linear(weight) if int4 else Linear(weight, int8)
+
+
 def _rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
     """moshi's RMSNorm in float32: ``x * (alpha * rsqrt(eps + mean(x^2)))`` over features."""
     return x * (alpha * torch.rsqrt(eps + torch.mean(x * x, dim=-1, keepdim=True)))
@@ -157,18 +162,24 @@ def _take_any(weights: WeightFile, names: Sequence[str], shape: tuple[int, ...])
 class _Layer:
     """One transformer layer: ``x + attn(norm1(x))``, then ``x + gate(norm2(x))``."""
 
-    def __init__(self, weights: WeightFile, config: LmConfig, index: int, int8: bool) -> None:
+    def __init__(
+        self, weights: WeightFile, config: LmConfig, index: int, int8: bool, int4: bool = False
+    ) -> None:
         dim, hidden = config.dim, config.gating_hidden
         p = f"transformer.layers.{index}."
         attn = p + "self_attn."
         self.norm1 = weights.take(p + "norm1.alpha", (1, 1, dim))[0]
         self.norm2 = weights.take(p + "norm2.alpha", (1, 1, dim))[0]
         names = [attn + n for n in ("in_projs.0.weight", "in_proj_weight", "in_proj.weight")]
-        self.in_proj = Linear(_take_any(weights, names, (3 * dim, dim)), int8)
+        self.in_proj = _linear(_take_any(weights, names, (3 * dim, dim)), int8, int4)
         names = [attn + n for n in ("out_projs.0.weight", "out_proj.weight")]
-        self.out_proj = Linear(_take_any(weights, names, (dim, dim)), int8)
-        self.gate_in = Linear(weights.take(p + "gating.linear_in.weight", (2 * hidden, dim)), int8)
-        self.gate_out = Linear(weights.take(p + "gating.linear_out.weight", (dim, hidden)), int8)
+        self.out_proj = _linear(_take_any(weights, names, (dim, dim)), int8, int4)
+        self.gate_in = _linear(
+            weights.take(p + "gating.linear_in.weight", (2 * hidden, dim)), int8, int4
+        )
+        self.gate_out = _linear(
+            weights.take(p + "gating.linear_out.weight", (dim, hidden)), int8, int4
+        )
         self.scale1: torch.Tensor | None = None
         self.scale2: torch.Tensor | None = None
         if config.layer_scale is not None:
@@ -178,7 +189,7 @@ class _Layer:
         self.heads, self.head_dim, self.hidden = config.num_heads, config.head_dim, hidden
 
     @property
-    def linears(self) -> tuple[Linear, ...]:
+    def linears(self) -> tuple[Linear | Int4Linear, ...]:
         return (self.in_proj, self.out_proj, self.gate_in, self.gate_out)
 
     @property
@@ -205,8 +216,15 @@ class LanguageModel:
     """The STT LM with explicit per-slot state: KV rings, positions, previous text tokens."""
 
     def __init__(
-        self, weights: WeightFile, config: LmConfig, slots: int = 0, int8: bool = False
+        self,
+        weights: WeightFile,
+        config: LmConfig,
+        slots: int = 0,
+        int8: bool = False,
+        int4: bool = False,
     ) -> None:
+        """``int8``: the matrix products and the text head with int8 weights; ``int4``: the
+        transformer's with 4-bit weights (``Int4Linear``), the text head with int8 ones."""
         if config.extra_heads_num_heads == 0 and weights.names("extra_heads."):
             raise ValueError(
                 "config.json: extra_heads_num_heads is 0 but the weights hold end-of-turn heads"
@@ -214,10 +232,12 @@ class LanguageModel:
         self.config = config
         self._embeddings, self._audio_base, self._text_base = _embedding_table(weights, config)
         self._zero_row = self._embeddings.shape[0] - 1
-        self._layers = [_Layer(weights, config, i, int8) for i in range(config.num_layers)]
+        self._layers = [_Layer(weights, config, i, int8, int4) for i in range(config.num_layers)]
         dim = config.dim
         self._out_norm = weights.take("out_norm.alpha", (1, 1, dim))[0]
-        self._text_head = Linear(weights.take("text_linear.weight", (config.text_card, dim)), int8)
+        self._text_head = Linear(
+            weights.take("text_linear.weight", (config.text_card, dim)), int8 or int4
+        )
         heads = [
             weights.take(f"extra_heads.{i}.weight", (config.extra_heads_dim, dim))
             for i in range(config.extra_heads_num_heads)
@@ -237,7 +257,7 @@ class LanguageModel:
         self._positions = [0] * slots  # steps taken since each slot's reset
         self._text = torch.full((slots,), config.text_card, dtype=torch.long)  # previous token
 
-    def linears(self) -> list[Linear]:
+    def linears(self) -> list[Linear | Int4Linear]:
         """Every matrix product of a step: the layers' four, then the text head."""
         return [lin for layer in self._layers for lin in layer.linears] + [self._text_head]
 
