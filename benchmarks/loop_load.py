@@ -24,14 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import Server, concurrent_trial
+from benchmarks.bench import Server, concurrent_trial, machine
 
 
-def profile_server(ckpt: Path, streams: int, seconds: float) -> dict[str, Any]:
+def profile_server(
+    ckpt: Path, streams: int, seconds: float, profile: bool = True
+) -> dict[str, Any]:
+    """One trial of ``streams`` real-time streams; ``profile``: under cProfile (which slows
+    the loop: the CPU figure is then an upper bound, the ranking is what it is for)."""
     with tempfile.TemporaryDirectory() as tmp:
         prof = Path(tmp) / "loop.prof"
         extra = ["--device", "cpu", "--max-connections", str(streams + 8)]
-        profiler = ["-m", "cProfile", "-o", str(prof)]
+        profiler = ["-m", "cProfile", "-o", str(prof)] if profile else []
         extra += ["--audio-timeout", "120"]
         server = Server(ckpt, streams, extra=extra, python=profiler)
         started, cpu_before = time.monotonic(), _thread_cpu(server.proc.pid)
@@ -39,19 +43,22 @@ def profile_server(ckpt: Path, streams: int, seconds: float) -> dict[str, Any]:
         wall, loop_cpu = time.monotonic() - started, _thread_cpu(server.proc.pid) - cpu_before
         server.proc.send_signal(2)  # SIGINT: the server stops and cProfile writes its file
         server.proc.wait(60)
-        stats = pstats.Stats(str(prof))
-    own = sorted(
-        (
-            (name, row[2])  # own time (wall clock, main thread)
-            for name, row in stats.stats.items()  # type: ignore[attr-defined]
-            if "select" not in name[2] and "poll" not in name[2]  # the loop's idle wait
-        ),
-        key=lambda item: -item[1],
-    )
+        own: list[tuple[tuple[str, int, str], float]] = []
+        if profile:
+            stats = pstats.Stats(str(prof))
+            own = sorted(
+                (
+                    (name, row[2])  # own time (wall clock, main thread)
+                    for name, row in stats.stats.items()  # type: ignore[attr-defined]
+                    if "select" not in name[2] and "poll" not in name[2]  # the idle wait
+                ),
+                key=lambda item: -item[1],
+            )
     stream_seconds = streams * seconds
     return {
         "streams": streams,
         "seconds": seconds,
+        "profiled": profile,
         "wall_seconds": round(wall, 1),
         "loop_cpu_seconds": round(loop_cpu, 3),
         "loop_cpu_per_stream_second": round(loop_cpu / stream_seconds, 5),
@@ -77,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    result = profile_server(args.checkpoint, args.streams, args.seconds)
+    result = {
+        "machine": machine(),
+        "plain": profile_server(args.checkpoint, args.streams, args.seconds, profile=False),
+        "profiled": profile_server(args.checkpoint, args.streams, args.seconds),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -99,9 +99,6 @@ class StreamingResampler:
     exactly the one-shot output.
     """
 
-    BLOCK = 4096
-    """Output samples computed per vectorised block."""
-
     def __init__(self, in_rate: int, out_rate: int = MODEL_RATE, half_taps: int = 16) -> None:
         g = gcd(in_rate, out_rate)
         self.up = out_rate // g
@@ -123,22 +120,26 @@ class StreamingResampler:
         total = self.consumed + len(samples)  # input samples known
         # output n needs input index floor(n*down/up) < total
         last = (total * self.up - 1) // self.down  # largest n with n*down//up <= total-1
+        if last < self.next_out:
+            self.history = buf[-(self.taps - 1) :]
+            self.consumed = total
+            return np.zeros(0, dtype=np.float32)
         buf_start = self.consumed - (self.taps - 1)  # absolute index of buf[0]
-        offsets = np.arange(-(self.taps - 1), 1)[None, :]
-        pieces = []
-        # in blocks, so one huge chunk never needs (outputs x taps) of memory at once
-        for first in range(self.next_out, last + 1, self.BLOCK):
-            n = np.arange(first, min(first + self.BLOCK, last + 1), dtype=np.int64)
+        windows = np.lib.stride_tricks.sliding_window_view(buf, self.taps)  # no copy
+        count = last + 1 - self.next_out
+        out = np.empty(count, dtype=np.float32)
+        # outputs n, n + up, n + 2 up, ... share a filter phase, and their windows start
+        # ``down`` input samples apart: one strided view and one matrix-vector product each
+        for r in range(min(self.up, count)):
+            n = self.next_out + r
             pos = n * self.down
-            base = pos // self.up  # absolute input index of the newest sample in the window
-            windows = buf[(base - buf_start)[:, None] + offsets]
-            pieces.append(np.einsum("ij,ij->i", windows, self.bank[pos % self.up]))
-        self.next_out = max(self.next_out, last + 1)
+            first = pos // self.up - (self.taps - 1) - buf_start  # window of output n
+            rows = windows[first :: self.down][: len(range(r, count, self.up))]
+            out[r :: self.up] = rows @ self.bank[pos % self.up]
+        self.next_out = last + 1
         self.history = buf[-(self.taps - 1) :]
         self.consumed = total
-        if not pieces:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate(pieces).astype(np.float32)
+        return out
 
 
 class PcmConverter:

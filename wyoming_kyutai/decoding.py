@@ -38,6 +38,9 @@ class _OpenWord:
     ids: list[int]
     start_step: int
     end_step: int | None = None
+    text: str | None = None
+    """The decoded pieces (stripped), kept until a piece is added: a word's text is decoded
+    once per change, not again at every step of the utterance."""
 
 
 @dataclass
@@ -87,12 +90,15 @@ class TranscriptDecoder:
             self.words.append(_OpenWord(ids=[token], start_step=step))
         else:
             self.words[-1].ids.append(token)
+            self.words[-1].text = None
         return True
 
     def _decoded(self) -> list[tuple[_OpenWord, str]]:
         """Each word with its text; words whose pieces decode to nothing are left out."""
-        pairs = [(w, self.tokenizer.decode(w.ids).strip()) for w in self.words]
-        return [(w, text) for w, text in pairs if text]
+        for w in self.words:
+            if w.text is None:
+                w.text = self.tokenizer.decode(w.ids).strip()
+        return [(w, w.text) for w in self.words if w.text]
 
     @property
     def text(self) -> str:
