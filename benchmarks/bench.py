@@ -206,9 +206,10 @@ def stepper_steps(
     mimi_floor_t: list[float] = []
     if isinstance(model, LeanModel):
         quantized, model_dtype = model.quantized, model.mimi_dtype
+        lm_weights = model.lm_weights
     else:
         assert isinstance(model, MoshiModel)
-        quantized, model_dtype = False, model.dtype
+        quantized, model_dtype, lm_weights = False, model.dtype, "float32"
     lean = isinstance(model, LeanModel)
     floor = _floor_pass(model, batch) if quantized and lean else None
     mimi_floor = _mimi_floor_pass(model, batch, model_dtype) if lean else None
@@ -248,7 +249,7 @@ def stepper_steps(
     dtype_name = str(model_dtype).removeprefix("torch.")
     out: dict[str, Any] = {
         "runtime": model.runtime,
-        "quantize": "int8" if quantized else f"none ({dtype_name})",
+        "quantize": lm_weights if quantized else f"none ({dtype_name})",
         "dtype": dtype_name,
         "batch": batch,
         "frames": frames,
