@@ -874,6 +874,40 @@ def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
         server.stop()
 
 
+def weights_trial(
+    ckpt: Path, quantize: str, threads: int, seconds: list[float], runs: int = 5
+) -> dict[str, Any]:
+    """One real-time stream at a time through a 1-slot server with ``quantize`` and
+    ``threads``: for each length in ``seconds``, audio-stop → transcript (p50 of ``runs``
+    streams) and the worst p99 lag (does one stream keep up for that long?)."""
+    server = Server(ckpt, slots=1, threads=threads, extra=["--quantize", quantize])
+    out: dict[str, Any] = {"quantize": quantize, "threads": threads, "by_seconds": []}
+    try:
+        for length in seconds:
+            count = runs if length <= 10 else 1
+
+            async def streams(length: float = length, count: int = count) -> list[Any]:
+                clips = [pcm16(speechlike(length, RATE, 300 + i)) for i in range(count)]
+                return [await stream_client(server.address, clip, True) for clip in clips]
+
+            results = asyncio.run(streams())
+            eos = [r["end_of_speech"] for r in results]
+            lag = max(r["stats"].get("lag_p99", 1e9) for r in results)
+            out["by_seconds"].append(
+                {
+                    "seconds": length,
+                    "streams": count,
+                    "end_of_speech_p50": round(pct(eos, 0.5) or 0, 4),
+                    "lag_p99_worst": round(lag, 4),
+                    "keeps_up": lag <= LAG_LIMIT,
+                }
+            )
+        out["rss_mb"] = server.rss_mb()["VmRSS"]
+    finally:
+        server.stop()
+    return out
+
+
 def capacity(
     ckpt: Path, max_n: int, seconds: float, threads: int
 ) -> tuple[list[dict[str, Any]], int, int]:
@@ -954,6 +988,7 @@ PHASES: dict[str, Any] = {
     "floor": lambda c, b: lm_floor(Path(c), b),
     "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
+    "weights": lambda c, q, t, s: weights_trial(Path(c), q, t, s),
 }
 
 
@@ -1073,6 +1108,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt, max_n, seconds, 3 if quick else 5, t, 0.0 if quick else 60.0, pause, t == cores
         )
         for t in thread_settings
+    ]
+    say("LM weights through the server...")
+    lengths = [5.0, 60.0]
+    result["weights"] = [
+        weights_trial(ckpt, q, t, lengths) for q in ("int8", "int4") for t in thread_settings
     ]
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

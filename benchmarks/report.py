@@ -435,6 +435,21 @@ def _flush_and_lookahead_rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _weights_rows(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for trial in result.get("weights", []):
+        cells = "; ".join(
+            f"{b['seconds']:g} s: audio-stop → transcript p50 {_ms(b['end_of_speech_p50'])}, "
+            f"p99 lag {_ms(b['lag_p99_worst'])} ({'keeps up' if b['keeps_up'] else 'behind'})"
+            for b in trial["by_seconds"]
+        )
+        lines.append(
+            f"| server, 1 stream, quantize {trial['quantize']}, threads {trial['threads']} | "
+            f"{cells}; resident {trial['rss_mb']} MB |"
+        )
+    return lines
+
+
 def _agreement_and_memory_rows(result: dict[str, Any]) -> list[str]:
     lines = []
     agree = result.get("agreement")
@@ -556,6 +571,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += _agreement_and_memory_rows(result)
     for srv in result["server"]:
         lines += _server_rows(srv)
+    lines += _weights_rows(result)
     lines.append("")
     return "\n".join(lines)
 

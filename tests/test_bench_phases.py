@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import bench
 from benchmarks.bench import capacity, phase
-from benchmarks.report import markdown
+from benchmarks.report import _weights_rows, markdown
 
 
 def test_step_floor_agreement_and_memory_phases_measure_and_render(
@@ -169,3 +169,15 @@ def test_capacity_counts_only_unbroken_runs_of_n(monkeypatch: pytest.MonkeyPatch
     trials, keep_up, served = capacity(Path("x"), 6, 1.0, threads=1)
     assert [t["streams"] for t in trials] == [1, 2, 3, 4]  # 4: neither, so no 5
     assert keep_up == 1 and served == 3
+
+
+def test_weights_trials_run_int4_through_the_real_server(tiny_dir: Path) -> None:
+    """One real-time stream at a time through a server with int4 weights, two lengths: each
+    length's audio-stop → transcript and lag, rendered in the result's table."""
+    trial = phase("weights", str(tiny_dir), "int4", 1, [1.0, 2.0])
+    assert trial["quantize"] == "int4" and trial["threads"] == 1
+    assert [b["seconds"] for b in trial["by_seconds"]] == [1.0, 2.0]
+    for b in trial["by_seconds"]:
+        assert 0 < b["end_of_speech_p50"] < 5 and b["lag_p99_worst"] > 0
+    rows = "\n".join(_weights_rows({"weights": [trial]}))
+    assert rows.startswith("| server, 1 stream, quantize int4, threads 1 | 1 s: audio-stop")
