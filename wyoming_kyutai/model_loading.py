@@ -177,10 +177,13 @@ def _name(dtype: torch.dtype) -> str:
 def pick_lm_weights(quantize: str, runtime: str) -> str:
     """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4`` or ``float32``.
 
-    ``auto`` is int8 with the lean runtime: fbgemm's int8 products are the fastest measured
-    from batch 1 up on AVX-512 (4-bit weights tie at batch 1 and are 2-3x slower from batch 4:
-    ``benchmarks/int4_kernels.py``), and int4 (half the bytes) stays a choice until it is
-    measured to win where memory bandwidth decides (AVX2 mini-PCs, ARM). float32 with moshi.
+    ``auto`` is int8 with the lean runtime. 4-bit weights (half the bytes) make a one-stream
+    step only a little faster on AVX-512 and batches of 4 or more slower
+    (``benchmarks/int4_kernels.py``, the bench's steps), and move the output further from the
+    full-precision model's (the bench's agreement phase: text-logit cosine 0.86 against
+    int8's 0.99 on random weights), so int4 stays an explicit choice until it is measured to
+    win where memory bandwidth decides (AVX2 mini-PCs, ARM) at an accuracy a trained model
+    shows to be fine. float32 with moshi.
     """
     if quantize not in ("auto", "none", "int8", "int4"):
         raise CheckpointError(f"quantize {quantize}: choose auto, none, int8 or int4")

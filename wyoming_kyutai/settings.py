@@ -91,7 +91,7 @@ class Settings:
     quantize: str = _s(
         "auto",
         "auto (int8 on CPU, none on CUDA), none, int8 or int4: the weights of the language "
-        "model's matrix products (int4: half of int8's memory; CPU only)",
+        "model's matrix products (int4, experimental: half of int8's memory; CPU only)",
         group="model",
         choices=("auto", "none", "int8", "int4"),
     )
