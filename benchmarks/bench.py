@@ -270,12 +270,9 @@ def _plain_steps(lm: Any, codes: Any, slots: list[int]) -> list[Any]:
 def _scheduled_pass(stepper: Any, sched: Any, rows: list[Any]) -> Any:
     """One LM pass of the scheduler's ``rows`` through ``stepper``, its results applied, as the
     engine's ``_pass`` runs it: the scheduler's ``Outcome``."""
-    import torch
+    from wyoming_kyutai.stepper import run_pass
 
-    start = stepper.start_codes
-    codes = [torch.stack([start if s.codes is None else s.codes for s in r.steps]) for r in rows]
-    kept = stepper.lm_pass([r.claim.index for r in rows], codes, [r.guesses for r in rows])
-    return sched.apply(rows, kept, time.monotonic())
+    return sched.apply(rows, run_pass(stepper, rows), time.monotonic())
 
 
 def _final_run(stepper: Any, sched: Any) -> tuple[int, dict[object, list[int]]]:
@@ -851,19 +848,23 @@ async def concurrent_trial(address: str, n: int, seconds: float) -> dict[str, An
     }
 
 
+def one_at_a_time(address: str, seconds: list[float], first_seed: int) -> list[dict[str, Any]]:
+    """Real-time streams of speech-like audio of these lengths, one after the other: each
+    one's :func:`stream_client` result."""
+
+    async def run() -> list[dict[str, Any]]:
+        clips = [pcm16(speechlike(s, RATE, first_seed + i)) for i, s in enumerate(seconds)]
+        return [await stream_client(address, clip, True) for clip in clips]
+
+    return asyncio.run(run())
+
+
 def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
     """audio-stop → transcript of one 3 s real-time stream at a time, through a 1-slot server."""
     server = Server(ckpt, slots=1, threads=threads)
     try:
-
-        async def single() -> list[float]:
-            times = []
-            for i in range(runs):
-                r = await stream_client(server.address, pcm16(speechlike(3.0, RATE, 200 + i)), True)
-                times.append(r["end_of_speech"])
-            return times
-
-        eos = asyncio.run(single())
+        results = one_at_a_time(server.address, [3.0] * runs, first_seed=200)
+        eos = [r["end_of_speech"] for r in results]
         return {
             "p50": round(pct(eos, 0.5) or 0, 4),
             "p95": round(pct(eos, 0.95) or 0, 4),
@@ -885,12 +886,7 @@ def weights_trial(
     try:
         for length in seconds:
             count = runs if length <= 10 else 1
-
-            async def streams(length: float = length, count: int = count) -> list[Any]:
-                clips = [pcm16(speechlike(length, RATE, 300 + i)) for i in range(count)]
-                return [await stream_client(server.address, clip, True) for clip in clips]
-
-            results = asyncio.run(streams())
+            results = one_at_a_time(server.address, [length] * count, first_seed=300)
             eos = [r["end_of_speech"] for r in results]
             lag = max(r["stats"].get("lag_p99", 1e9) for r in results)
             out["by_seconds"].append(

@@ -26,7 +26,7 @@ from .audio import FRAME_SAMPLES
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .loaded_model import LoadedModel
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
-from .stepper import Stepper
+from .stepper import Stepper, run_pass
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -129,12 +129,9 @@ class Engine:
         lookahead: int = LOOKAHEAD_STEPS,
         make_stepper: Callable[[int], Stepper] | None = None,
     ) -> None:
-        if min(slots, max_frames_per_step, lookahead) < 1:
-            raise ValueError("slots, max_frames_per_step and lookahead must be at least 1")
         self.model = model
         self.num_slots = slots
         self.flush_frames = model.flush_frames
-        self.lookahead = lookahead
         self._scheduler = Scheduler(slots, self.flush_frames, lookahead, max_frames_per_step)
         self._make_stepper = make_stepper or model.make_stepper
         self._cond = threading.Condition()
@@ -310,11 +307,7 @@ class Engine:
             return
         assert self.stepper is not None
         touched += [r.claim for r in rows]
-        start = self.stepper.start_codes
-        codes = [
-            torch.stack([start if s.codes is None else s.codes for s in r.steps]) for r in rows
-        ]
-        kept = self.stepper.lm_pass([r.claim.index for r in rows], codes, [r.guesses for r in rows])
+        kept = run_pass(self.stepper, rows)
         with self._cond:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
         self._deliver(outcome)

@@ -86,6 +86,7 @@ class MoshiStepper:
         """One Mimi call of [slots, 1, frame_size] per frame."""
         frames = audio.shape[1] // self.frame_size
         index = torch.tensor(list(slots), dtype=torch.long)
+        rows = index.to(self._device)
         mask = self._mask(slots)
         samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         codes = []
@@ -93,7 +94,7 @@ class MoshiStepper:
             full = torch.zeros(self.num_slots, 1, self.frame_size)
             full[index, 0] = samples[:, j * self.frame_size : (j + 1) * self.frame_size]
             self._mimi.set_exec_mask(mask)
-            codes.append(self._mimi.encode(full.to(self._device))[index.to(self._device)])
+            codes.append(self._mimi.encode(full.to(self._device))[rows])
         return torch.cat(codes, dim=2)
 
     @torch.no_grad()

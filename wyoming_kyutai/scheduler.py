@@ -19,6 +19,7 @@ a wrong input somewhere before them, yet mostly hold.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,10 @@ class Scheduler:
         lookahead_rows: int = LOOKAHEAD_ROWS,
     ) -> None:
         if min(slots, lookahead, frames_per_call) < 1 or min(flush_frames, lookahead_rows) < 0:
-            raise ValueError("slots, lookahead and frames per call must be at least 1")
+            raise ValueError(
+                "slots, lookahead and frames per call must be at least 1, flush frames and "
+                "look-ahead rows at least 0"
+            )
         self.slots = [SlotState(i) for i in range(slots)]
         self.flush_frames = flush_frames
         self.lookahead = lookahead
@@ -313,7 +317,7 @@ class Scheduler:
             if not 1 <= count <= len(row.steps):
                 raise ValueError(f"a pass kept {count} of {len(row.steps)} rows")
             unkept = row.steps[count:]
-            following = [*unkept, *list(slot.steps)[:1]]
+            following = [*unkept, *itertools.islice(slot.steps, 1)]
             for later, token in zip(following[1:], result.ahead, strict=False):
                 later.guess = token
             slot.steps.extendleft(reversed(unkept))

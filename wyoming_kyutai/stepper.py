@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .scheduler import Kept
+from .scheduler import Kept, Rows
 
 
 class Stepper(Protocol):
@@ -65,3 +65,13 @@ class Stepper(Protocol):
         1 <= v_i <= k_i rows, the ones whose guessed inputs the pass confirmed (the slot has
         advanced by v_i steps), and the pass's outputs of its other rows; a wrong guess costs
         only speed."""
+
+
+def run_pass(stepper: Stepper, rows: Sequence[Rows]) -> list[Kept]:
+    """One LM pass of the scheduler's ``rows`` through ``stepper``: each slot's steps' codes
+    stacked (the start step's are :attr:`Stepper.start_codes`), with their guesses."""
+    start = stepper.start_codes
+    codes = [
+        torch.stack([start if step.codes is None else step.codes for step in r.steps]) for r in rows
+    ]
+    return stepper.lm_pass([r.claim.index for r in rows], codes, [r.guesses for r in rows])
