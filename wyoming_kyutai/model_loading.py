@@ -178,7 +178,7 @@ def pick_lm_weights(quantize: str, runtime: str) -> str:
     """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4`` or ``float32``.
 
     ``auto`` is int8 with the lean runtime. 4-bit weights (half the bytes) make a one-stream
-    step only a little faster on AVX-512 and batches of 4 or more slower
+    step no faster on AVX-512 beyond run-to-run noise, and batches of 4 or more slower
     (``benchmarks/int4_kernels.py``, the bench's steps), and move the output further from the
     full-precision model's (the bench's agreement phase: text-logit cosine 0.86 against
     int8's 0.99 on random weights), so int4 stays an explicit choice until it is measured to
