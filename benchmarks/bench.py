@@ -88,6 +88,16 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+AVX2_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+"""``--isa avx2``: the environment that makes torch's own kernels, fbgemm (int8) and oneDNN
+(Mimi's products) use their AVX2 code on an AVX-512 CPU, for every phase and server the run
+starts. It measures the kernels an AVX2-only CPU runs, not its memory or clock."""
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -106,6 +116,7 @@ def machine() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "native_bf16": _native_bf16(),
+        "forced_isa": "avx2" if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else None,
     }
 
 
@@ -875,6 +886,28 @@ def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
         server.stop()
 
 
+def auto_choice(ckpt: Path) -> dict[str, Any]:
+    """What ``quantize: auto`` picks on this CPU and why: the load-time trial
+    (:mod:`wyoming_kyutai.runtime.weights_trial`) on the checkpoint, on its own."""
+    from wyoming_kyutai.checkpoint_files import resolve_checkpoint
+    from wyoming_kyutai.runtime.linear import pick_quantized_engine
+    from wyoming_kyutai.runtime.lm import LmConfig
+    from wyoming_kyutai.runtime.weights import WeightFile
+    from wyoming_kyutai.runtime.weights_trial import decide, run_trial
+
+    files = resolve_checkpoint(str(ckpt), None, True)
+    pick_quantized_engine()
+    config = LmConfig.from_dict(files.raw_config)
+    trial = run_trial(WeightFile(files.lm_weights), config, frame_ms=80.0, both=True)
+    weights, reason = decide(trial)
+    return {
+        "weights": weights,
+        "reason": reason,
+        "int8_ms": round(trial.int8_ms, 1),
+        "int4_ms": None if trial.int4_ms is None else round(trial.int4_ms, 1),
+    }
+
+
 def weights_trial(
     ckpt: Path, quantize: str, threads: int, seconds: list[float], runs: int = 5
 ) -> dict[str, Any]:
@@ -984,6 +1017,7 @@ PHASES: dict[str, Any] = {
     "floor": lambda c, b: lm_floor(Path(c), b),
     "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
+    "auto": lambda c: auto_choice(Path(c)),
     "weights": lambda c, q, t, s: weights_trial(Path(c), q, t, s),
 }
 
@@ -1019,6 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="audio per stream in trials")
     parser.add_argument("--name", help="result name (default: preset[-quick])")
     parser.add_argument("--checkpoint", type=Path, help="use this checkpoint directory")
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: AVX2 kernels on an AVX-512 CPU (see AVX2_KERNELS)",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--phase-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1027,6 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quick = args.quick
     name = args.name or (args.preset + ("-quick" if quick else ""))
+    if args.isa == "avx2":
+        os.environ.update(AVX2_KERNELS)  # before torch is imported here; phases inherit it
+        name = args.name or name + "-avx2-kernels"
     ckpt = args.checkpoint or ROOT / "benchmarks" / "checkpoints" / args.preset
     if not (ckpt / "config.json").is_file():
         print(f"generating {args.preset} checkpoint in {ckpt} (once)...", file=sys.stderr)
@@ -1105,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for t in thread_settings
     ]
+    result["auto"] = phase("auto", c)
+    say(f"quantize auto: {result['auto']}")
     say("LM weights through the server...")
     lengths = [5.0, 60.0]
     result["weights"] = [

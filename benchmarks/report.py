@@ -107,6 +107,8 @@ def isa(machine: dict[str, Any]) -> str:
     ``AVX-512 (VNNI, BF16)``."""
     level = str(machine.get("torch_cpu_capability", "?"))
     level = {"AVX512": "AVX-512"}.get(level, level)
+    if machine.get("forced_isa"):  # bench --isa avx2: AVX2 kernels on an AVX-512 CPU
+        return f"{level} kernels forced on AVX-512"
     flags = set(machine.get("cpu_flags", []))
     extras = [name for flag, name in ISA_EXTRAS if flag in flags]
     return f"{level} ({', '.join(extras)})" if extras else level
@@ -437,6 +439,14 @@ def _flush_and_lookahead_rows(result: dict[str, Any]) -> list[str]:
 
 def _weights_rows(result: dict[str, Any]) -> list[str]:
     lines = []
+    auto = result.get("auto")
+    if auto:
+        four = "—" if auto["int4_ms"] is None else f"{auto['int4_ms']:g} ms"
+        lines.append(
+            f"| quantize auto (load-time trial: LM products a step, 1 stream) | "
+            f"**{auto['weights']}**: int8 {auto['int8_ms']:g} ms, 4-bit {four}; "
+            f"{auto['reason']} |"
+        )
     for trial in result.get("weights", []):
         cells = "; ".join(
             f"{b['seconds']:g} s: audio-stop → transcript p50 {_ms(b['end_of_speech_p50'])}, "

@@ -23,6 +23,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     mimi_floor = phase("mimi_floor", c, [1, 2])
     agree = phase("agreement", c, 20)
     mem = phase("memory", c, 3)
+    auto = phase("auto", c)
     ahead = phase("lookahead", c, [1, 2])
     backlog = {"random": phase("backlog", c), "pads_on_silence": phase("backlog", str(pause_dir))}
     assert lean["runtime"] == "lean" and lean["quantize"] == "int8" and lean["batch"] == 2
@@ -41,6 +42,8 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert 0.2 < agree["int8_bfloat16"]["mimi_code_agreement"] < 1.0
     assert 0.0 < agree["int8_bfloat16"]["end_to_end_token_agreement"] <= 1.0
     assert mem["slots"] == 3 and mem["parts_mb"]["lm_kv_per_slot"] >= 0
+    # the tiny model's int8 products fit any frame; the bench times 4-bit anyway
+    assert auto["weights"] == "int8" and auto["int8_ms"] > 0 and auto["int4_ms"] > 0
     # a model that pads on silence confirms the flush's guesses: fewer passes than steps
     assert flush["pads_on_silence"]["passes"] < flush["pads_on_silence"]["frames"]
     assert flush["random"]["frames"] == flush["pads_on_silence"]["frames"] > 2
@@ -67,6 +70,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
         "lookahead": ahead,
         "backlog": backlog,
         "memory": mem,
+        "auto": auto,
         "server": [
             {
                 "threads": 1,
@@ -118,6 +122,7 @@ def test_step_floor_agreement_and_memory_phases_measure_and_render(
     assert "| flush of 4 streams ending together, pads on silence: LM in one shared run" in table
     assert "| look-ahead, 2 stream(s) behind: 4 steps each in one pass | pass " in table
     assert "| moshi none (float32), batch 1, early (5 s command) |" in table
+    assert "| quantize auto (load-time trial: LM products a step, 1 stream) | **int8**: " in table
     assert "server, threads 1: real-time streams that keep up" in table
     assert "the checkpoint that pads on silence: real-time streams that keep up | **1** (" in table
     assert (

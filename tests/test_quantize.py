@@ -16,17 +16,71 @@ from tests.wyoming_io import Client, final_text, running_app
 from wyoming_kyutai.checkpoint_files import CheckpointError
 from wyoming_kyutai.loaded_model import LeanModel
 from wyoming_kyutai.model_loading import load_model, pick_lm_weights
-from wyoming_kyutai.runtime.linear import Int4Linear, Linear
+from wyoming_kyutai.runtime import weights_trial
+from wyoming_kyutai.runtime.linear import Int4Linear, Linear, pick_quantized_engine
+from wyoming_kyutai.runtime.lm import LmConfig
+from wyoming_kyutai.runtime.weights import WeightFile
+from wyoming_kyutai.runtime.weights_trial import Trial, decide, run_trial
 
 
-def test_auto_is_int8_on_the_cpu_and_float32_with_moshi() -> None:
-    assert pick_lm_weights("auto", "lean") == "int8"
+def test_auto_is_settled_at_load_on_the_cpu_and_float32_with_moshi() -> None:
+    assert pick_lm_weights("auto", "lean") == "auto"
     assert pick_lm_weights("auto", "moshi") == "float32"
     assert [pick_lm_weights(q, "lean") for q in ("none", "int8", "int4")] == [
         "float32",
         "int8",
         "int4",
     ]
+
+
+@pytest.mark.parametrize(
+    ("int8_ms", "int4_ms", "weights", "why"),
+    [
+        (30.0, None, "int8", "int8 products 30 ms a step, within 40% of the 80 ms frame"),
+        (32.0, 10.0, "int8", "within 40%"),  # fits: int8's closer output wins
+        (45.0, 30.0, "int4", "over 40% of the 80 ms frame; 4-bit 30 ms (1.50x)"),
+        (45.0, 40.0, "int8", "4-bit 40 ms (1.12x) is not 1.25x faster"),
+        (45.0, 80.0, "int8", "4-bit 80 ms (0.56x)"),  # torch's AVX2 4-bit kernel
+        (45.0, None, "int8", "4-bit not measured"),
+    ],
+)
+def test_auto_keeps_int8_unless_it_is_too_slow_and_4_bit_clearly_faster(
+    int8_ms: float, int4_ms: float | None, weights: str, why: str
+) -> None:
+    chosen, reason = decide(Trial(frame_ms=80.0, int8_ms=int8_ms, int4_ms=int4_ms))
+    assert chosen == weights
+    assert why in reason
+
+
+def test_the_trial_times_the_checkpoints_layers_both_ways_only_when_int8_is_slow(
+    tiny_dir: Path,
+) -> None:
+    weights = WeightFile(tiny_dir / "model.safetensors")
+    config = LmConfig.from_dict(json.loads((tiny_dir / "config.json").read_text()))
+    pick_quantized_engine()
+    fast = run_trial(weights, config, frame_ms=80.0)
+    assert 0 < fast.int8_ms < 0.4 * 80 and fast.int4_ms is None  # a tiny model fits
+    slow = run_trial(weights, config, frame_ms=fast.int8_ms / 10)  # as if the CPU were slow
+    assert slow.int4_ms is not None and slow.int4_ms > 0
+
+
+@pytest.mark.parametrize(("share", "weights"), [(0.4, "int8"), (0.0, "int4")])
+def test_auto_loads_what_the_trial_decides_and_logs_why(
+    tiny_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    share: float,
+    weights: str,
+) -> None:
+    # share 0: int8 never fits, as on a CPU too slow for it; a speed-up of 0 accepts any 4-bit
+    monkeypatch.setattr(weights_trial, "FRAME_SHARE", share)
+    monkeypatch.setattr(weights_trial, "MIN_SPEEDUP", 0.0)
+    with caplog.at_level("INFO", logger="wyoming_kyutai.model_loading"):
+        model = load_model(str(tiny_dir), device="cpu", quantize="auto")
+    assert isinstance(model, LeanModel) and model.lm_weights == weights
+    kind = Int4Linear if weights == "int4" else Linear
+    assert all(isinstance(lin, kind) for lin in model.lm.linears()[:-1])
+    assert f"quantize auto: LM weights {weights} (int8 products" in caplog.text
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

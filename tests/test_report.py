@@ -133,3 +133,10 @@ def test_regenerate_writes_what_changed(tmp_path: Path) -> None:
     assert "old" not in text and f"[{name}](benchmarks/results/{name}.md)" in text
     assert text.endswith(f"{report.README_END}\n")
     assert report.regenerate(results, readme, page) == []  # nothing changed the second time
+
+
+def test_avx2_kernels_forced_on_an_avx512_cpu_get_their_own_row() -> None:
+    real = {"cpu": "AMD EPYC", "cores": 2, "torch_cpu_capability": "AVX2", "cpu_flags": ["avx2"]}
+    forced = {**real, "cpu_flags": ["avx2", "avx512f"], "forced_isa": "avx2"}
+    assert report.cpu_kind(real) == "AMD EPYC, AVX2, 2 cores"
+    assert report.cpu_kind(forced) == "AMD EPYC, AVX2 kernels forced on AVX-512, 2 cores"

@@ -83,7 +83,8 @@ def load_model(
 
     ``quantize``: ``int8`` runs the LM transformer's matrix products and the text head with
     int8 weights, ``int4`` the transformer's with 4-bit ones (the lean runtime only, so the
-    CPU); ``auto``: see :func:`pick_lm_weights`; ``none``: float32. ``dtype``: moshi's
+    CPU); ``auto``: see :func:`pick_lm_weights` (on the CPU, a timed trial
+    picks int8 or int4); ``none``: float32. ``dtype``: moshi's
     compute type (``auto``: bfloat16 on CUDA and on CPUs with native bfloat16); with the lean
     runtime, that of Mimi's matrix products (``auto``: float32, Kyutai's codes exactly; the
     LM's attention, norms and cache stay float32).
@@ -175,20 +176,13 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def pick_lm_weights(quantize: str, runtime: str) -> str:
-    """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4`` or ``float32``.
-
-    ``auto`` is int8 with the lean runtime. 4-bit weights (half the bytes) make a one-stream
-    step no faster on AVX-512 beyond run-to-run noise, and batches of 4 or more slower
-    (``benchmarks/int4_kernels.py``, the bench's steps), and move the output further from the
-    full-precision model's (the bench's agreement phase: text-logit cosine 0.86 against
-    int8's 0.99 on random weights), so int4 stays an explicit choice until it is measured to
-    win where memory bandwidth decides (AVX2 mini-PCs, ARM) at an accuracy a trained model
-    shows to be fine. float32 with moshi.
-    """
+    """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4``, ``float32``, or
+    ``auto`` (the lean runtime with ``quantize: auto``: int8 or int4, settled at load by
+    :mod:`.runtime.weights_trial` from a timed trial on this CPU). float32 with moshi."""
     if quantize not in ("auto", "none", "int8", "int4"):
         raise CheckpointError(f"quantize {quantize}: choose auto, none, int8 or int4")
     if quantize == "auto":
-        return "int8" if runtime == "lean" else "float32"
+        return "auto" if runtime == "lean" else "float32"
     if quantize != "none" and runtime != "lean":
         raise CheckpointError(
             f"quantize {quantize} needs the lean runtime (CPU); use quantize none or auto with "
@@ -204,6 +198,7 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
     from .runtime.lm import LanguageModel, LmConfig
     from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
     from .runtime.weights import WeightError, WeightFile
+    from .runtime.weights_trial import decide, run_trial
 
     if lm_weights != "float32":
         # before any int8 weight is packed (int4 keeps an int8 text head): the packing is the
@@ -222,6 +217,11 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
         )
         mimi_config = MimiConfig.from_dict(raw_mimi)
         lm_config = LmConfig.from_dict(files.raw_config)
+        if lm_weights == "auto":
+            frame_ms = 1000 / mimi_config.frame_rate
+            trial = run_trial(WeightFile(files.lm_weights), lm_config, frame_ms)
+            lm_weights, reason = decide(trial)
+            _LOGGER.info("quantize auto: LM weights %s (%s)", lm_weights, reason)
         lm = LanguageModel(
             WeightFile(files.lm_weights),
             lm_config,
