@@ -256,7 +256,7 @@ def test_run_script_builds_a_command_line_the_server_accepts(
     assert printed["offline"] is True
     assert printed["debug"] is True
     # the add-on's defaults give the server's defaults, apart from where it listens and the
-    # CPU-only tuning (int8, fewer slots: every slot costs compute on each step, busy or not)
+    # CPU-only tuning (fewer slots: every slot costs compute on each step, busy or not)
     options_file.write_text(json.dumps(manifest["options"]), encoding="utf-8")
     proc = subprocess.run(
         ["bash", str(RUN_SCRIPT), "--print-config"],
@@ -268,8 +268,8 @@ def test_run_script_builds_a_command_line_the_server_accepts(
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     differs = {k for k, v in printed.items() if v != DEFAULTS[k]}
-    assert differs == {"uri", "data_dir", "quantize", "slots", "slot_wait"}
-    assert printed["quantize"] == "int8" and printed["slots"] == 2
+    assert differs == {"uri", "data_dir", "slots", "slot_wait"}
+    assert printed["quantize"] == "auto" and printed["slots"] == 2
 
 
 def test_run_script_stops_on_bad_options(tmp_path: Path) -> None:
