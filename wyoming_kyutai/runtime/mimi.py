@@ -350,8 +350,8 @@ class MimiEncoder:
         latents = self.transformer(latents, index)  # [n, 2k, D]
         latents = self.downsample(latents, index)  # [n, k, D]
         frames = latents.shape[1]
-        codes = self.quantizer.encode(latents.reshape(n * frames, -1))
-        return codes.view(n, frames, -1).transpose(1, 2)
+        codes = self.quantizer.encode(latents.reshape(n * frames, -1))  # [Q, n * k]
+        return codes.view(-1, n, frames).transpose(0, 1)
 
     def _index(self, slots: Sequence[int]) -> torch.Tensor:
         """``slots`` as an int64 index, checked distinct and in range."""
