@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .conv import as_slice
 from .linear import Dense
 from .weights import WeightError, WeightFile
 
@@ -164,7 +165,7 @@ class EncoderTransformer:
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x`` [n, T, D] (T a multiple of ``step``) → [n, T, D]; advances the slots by T."""
-        window = _as_slice(index)
+        window = as_slice(index)
         if x.shape[1] <= self.chunk:
             return self._pass(x, index, window)
         parts = [self._pass(part, index, window) for part in x.split(self.chunk, dim=1)]
@@ -290,11 +291,3 @@ def _product(dense: Dense, x: torch.Tensor) -> torch.Tensor:
     rounded to bfloat16, is widened)."""
     y = dense(x)
     return y if y.dtype == torch.float32 else y.float()
-
-
-def _as_slice(index: torch.Tensor) -> slice | None:
-    """``index`` as a slice when it lists consecutive slots in order, else None."""
-    slots = index.tolist()
-    if slots == list(range(slots[0], slots[0] + len(slots))):
-        return slice(slots[0], slots[0] + len(slots))
-    return None
