@@ -125,29 +125,45 @@ class StreamingConv:
         if self.first is not None:
             self.first[index] = True
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``x`` [n, T, C_in] (T a multiple of the stride) for slots ``index`` → [n, T/s, C_out].
+    def __call__(
+        self, x: torch.Tensor, index: torch.Tensor, window: slice | None = None
+    ) -> torch.Tensor:
+        """``x`` [n, T, C_in] (T a multiple of the stride) for slots ``index`` → [n, T/s, C_out];
+        ``window``: the same slots as a slice of the state, when they are consecutive
+        (:func:`as_slice`), read and written without gathering.
 
-        With ``activate``, the convolution reads ELU(x); then a layer without left context
-        applies it to ``x`` in place. The result lives in a buffer that the next call reuses.
+        With ``activate``, the convolution reads ELU(x): a layer with left context writes it
+        straight into its joined input (and keeps its context after the ELU: elementwise, so
+        the same); one without applies it to ``x`` in place. The result lives in a buffer
+        that the next call reuses.
         """
-        if self.context:
-            n, length, channels = x.shape
-            previous = self.previous[index]  # kept before the ELU (elementwise, so the same)
-            if self.first is not None:
-                first = self.first[index].view(-1, 1, 1)
-                previous = torch.where(first, x[:, :1], previous)
-                self.first[index] = False
-            joined = self._buffer("input", (n, self.context + length, channels))
-            joined[:, : self.context] = previous
-            joined[:, self.context :] = x
-            self.previous[index] = joined[:, -self.context :]
-            x = joined
+        if not self.context:
+            if self.activate:
+                # in place on a whole contiguous tensor: PyTorch's vectorized ELU (the same
+                # bits as moshi's; its scalar path rounds some values differently)
+                F.elu_(x)
+            return self._convolve(x)
+        n, length, channels = x.shape
+        joined = self._buffer("input", (n, self.context + length, channels))
+        body, head = joined[:, self.context :], joined[:, : self.context]
         if self.activate:
-            # in place on a whole contiguous tensor: PyTorch's vectorized ELU (the same bits
-            # as moshi's; its scalar path on strided views rounds some values differently)
-            F.elu_(x)
-        return self._convolve(x)
+            # each row's new samples contiguous: the vectorized ELU, as in place
+            torch.ops.aten.elu.out(x, out=body)
+        else:
+            body.copy_(x)
+        if window is not None:
+            head.copy_(self.previous[window])
+        else:
+            head.copy_(self.previous[index])
+        if self.first is not None:
+            first = self.first[index].view(-1, 1, 1)
+            head.copy_(torch.where(first, body[:, :1], head))
+            self.first[index] = False
+        if window is not None:
+            self.previous[window] = joined[:, -self.context :]
+        else:
+            self.previous[index] = joined[:, -self.context :]
+        return self._convolve(joined)
 
     def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised float32 tensor of ``shape``, reused from the last call if it fits."""
@@ -231,11 +247,13 @@ class ResidualBlock:
         for conv in self.convs:
             conv.reset(index)
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, index: torch.Tensor, window: slice | None = None
+    ) -> torch.Tensor:
         first, second = self.convs  # both apply the ELU to their input
         # (one without left context would apply it to x in place: x is the skip, keep it)
-        hidden = first(x if first.context else x.clone(), index)
-        return second(hidden, index).add_(x)
+        hidden = first(x if first.context else x.clone(), index, window)
+        return second(hidden, index, window).add_(x)
 
 
 class SEANetEncoder:
@@ -311,9 +329,21 @@ class SEANetEncoder:
         for layer in self.layers:
             layer.reset(index)
 
-    def __call__(self, audio: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``audio`` [n, T, 1] for slots ``index`` → latents [n, T / hop, D] (channel-last)."""
+    def __call__(
+        self, audio: torch.Tensor, index: torch.Tensor, window: slice | None = None
+    ) -> torch.Tensor:
+        """``audio`` [n, T, 1] for slots ``index`` (``window``: see :meth:`StreamingConv.__call__`)
+        → latents [n, T / hop, D] (channel-last)."""
         x = audio
         for layer in self.layers:  # all but the first apply the ELU before them
-            x = layer(x, index)
+            x = layer(x, index, window)
         return x
+
+
+def as_slice(index: torch.Tensor) -> slice | None:
+    """``index`` (int64 [n], n >= 1) as a slice when it lists consecutive slots in order,
+    else None."""
+    slots = index.tolist()
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None

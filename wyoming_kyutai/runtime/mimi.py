@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .conv import ResidualBlock, SEANetEncoder, StreamingConv
+from .conv import ResidualBlock, SEANetEncoder, StreamingConv, as_slice
 from .mimi_transformer import EncoderTransformer
 from .mimi_vq import SplitQuantizer
 from .weights import WeightFile, resident_bytes
@@ -346,12 +346,13 @@ class MimiEncoder:
             )
         if n == 0:
             return torch.empty(0, self.num_codebooks, length // self.frame_size, dtype=torch.long)
-        latents = self.seanet(audio.float().reshape(n, length, 1), index)  # [n, 2k, D]
+        window = as_slice(index)
+        latents = self.seanet(audio.float().reshape(n, length, 1), index, window)  # [n, 2k, D]
         latents = self.transformer(latents, index)  # [n, 2k, D]
-        latents = self.downsample(latents, index)  # [n, k, D]
+        latents = self.downsample(latents, index, window)  # [n, k, D]
         frames = latents.shape[1]
-        codes = self.quantizer.encode(latents.reshape(n * frames, -1))
-        return codes.view(n, frames, -1).transpose(1, 2)
+        codes = self.quantizer.encode(latents.reshape(n * frames, -1))  # [Q, n * k]
+        return codes.view(-1, n, frames).transpose(0, 1)
 
     def _index(self, slots: Sequence[int]) -> torch.Tensor:
         """``slots`` as an int64 index, checked distinct and in range."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .conv import as_slice
 from .linear import Dense
 from .weights import WeightError, WeightFile
 
@@ -86,12 +87,13 @@ class _Pass:
     """What every layer of one pass over a chunk of steps shares."""
 
     rows: torch.Tensor  # the slots, int64 [n, 1]
-    ring: torch.Tensor  # where each step's key goes in its slot's ring, int64 [n, T]
     # which ring entries each step sees, as a score bias float32 [n, H, T, capacity] (_bias)
     bias: torch.Tensor
-    cos: torch.Tensor  # rotary cos, [n, T, 1, head_dim / 2]
-    sin: torch.Tensor  # rotary sin, [n, T, 1, head_dim / 2]
-    flat: torch.Tensor  # each step's and head's ring entry in a layer's rings as rows, [n*T*H]
+    # the rotary embedding of each step as a complex factor, complex64 [n, T, 1, 1, head_dim/2]
+    rotation: torch.Tensor
+    # where each step's key and value of each head go among a layer's ring rows (the rows of
+    # ``_Rings.rows``), int64 [n, T, 2, H]
+    entries: torch.Tensor
     window: slice | None  # the slots as one slice of the state, when they are consecutive
 
 
@@ -143,9 +145,13 @@ class EncoderTransformer:
         # per layer and slot: the rings of keys and values
         self.offsets = torch.zeros(slots, dtype=torch.long)
         self.key_positions = torch.full((slots, self.capacity), -1, dtype=torch.long)
-        shape = (slots, self.heads, self.capacity, self.head_dim)
-        self.keys = [torch.zeros(shape) for _ in self.layers]
-        self.values = [torch.zeros(shape) for _ in self.layers]
+        # a layer's keys and values in one tensor [2, slots, H, capacity, head_dim], so that
+        # one write stores both; ``keys`` and ``values`` are its two halves (views)
+        shape = (2, slots, self.heads, self.capacity, self.head_dim)
+        self.rings = [torch.zeros(shape) for _ in self.layers]
+        self.keys = [ring[0] for ring in self.rings]
+        self.values = [ring[1] for ring in self.rings]
+        self.ring_rows = [ring.view(-1, self.head_dim) for ring in self.rings]
 
     def state_bytes_per_slot(self) -> int:
         """Resident bytes of one slot's rings and positions."""
@@ -159,9 +165,11 @@ class EncoderTransformer:
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x`` [n, T, D] (T a multiple of ``step``) → [n, T, D]; advances the slots by T."""
-        window = _as_slice(index)
+        window = as_slice(index)
+        if x.shape[1] <= self.chunk:
+            return self._pass(x, index, window)
         parts = [self._pass(part, index, window) for part in x.split(self.chunk, dim=1)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)
 
     def _pass(self, x: torch.Tensor, index: torch.Tensor, window: slice | None) -> torch.Tensor:
         """All layers over at most ``chunk`` steps ``x`` [n, T, D]."""
@@ -169,13 +177,16 @@ class EncoderTransformer:
         rows, ring = index.view(-1, 1), positions % self.capacity
         self.key_positions[rows, ring] = positions
         self.offsets[index] += x.shape[1]
-        cos, sin = self._rotation(positions)
-        heads = torch.arange(self.heads)
-        flat = ((rows[:, :, None] * self.heads + heads) * self.capacity + ring[:, :, None]).view(-1)
+        # ring rows of [2, slots, H, capacity]: ((kind * slots + slot) * H + head) * capacity
+        # + entry, for each step, kind (key, value) and head: [n, T, 2, H]
+        slots = self.offsets.shape[0]
+        kinds = torch.arange(2).view(2, 1) * slots
+        heads = (kinds + rows[:, :, None, None]) * self.heads + torch.arange(self.heads)
+        entries = heads * self.capacity + ring[:, :, None, None]
         bias = _bias(self._mask(positions, self.key_positions[index]), self.heads)
-        step = _Pass(rows, ring, bias, cos, sin, flat, window)
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            x = self._layer(layer, x, keys, values, step)
+        step = _Pass(rows, bias, self._rotation(positions), entries, window)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, i, step)
         return x
 
     def _mask(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -184,16 +195,16 @@ class EncoderTransformer:
         limit = (self.context - self.step + 1) + positions[:, :, None] % self.step
         return ((keys[:, None, :] >= 0) & (delta >= 0) & (delta < limit))[:, None]
 
-    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary cos and sin for ``positions`` [n, T] → each [n, T, 1, head_dim / 2]."""
-        angles = self.freqs * positions.float()[..., None]
-        return torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding of ``positions`` [n, T] as ``cos + i sin`` of moshi's angles,
+        complex64 [n, T, 1, 1, head_dim / 2].
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Interleaved rotary embedding of ``x`` [n, T, H, head_dim]."""
-        pairs = x.unflatten(-1, (-1, 2))
-        real, imag = pairs[..., 0], pairs[..., 1]
-        return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+        A vector's interleaved pairs ``(re, im)`` read as complex numbers and multiplied by it
+        give moshi's ``(re cos - im sin, re sin + im cos)``, with the same roundings (PyTorch
+        multiplies complex64 without fused multiply-adds), in one operation instead of ten.
+        """
+        angles = self.freqs * positions.float()[..., None]
+        return torch.complex(torch.cos(angles), torch.sin(angles))[:, :, None, None]
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
@@ -219,22 +230,18 @@ class EncoderTransformer:
         ]
         return _cat([_cat(part, 0) for part in parts], 2)
 
-    def _layer(
-        self, layer: _Layer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
-    ) -> torch.Tensor:
-        """One layer on ``x`` [n, T, D]; writes the pass's keys and values into the rings."""
+    def _layer(self, layer: _Layer, x: torch.Tensor, i: int, step: _Pass) -> torch.Tensor:
+        """Layer ``i`` on ``x`` [n, T, D]; writes the pass's keys and values into its rings."""
         n, length, dim = x.shape
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
-        qkv = _product(layer.in_proj, h).view(n, length, 3, self.heads, self.head_dim)
-        qk = self._rotate(qkv[:, :, :2], step.cos[:, :, None], step.sin[:, :, None])
-        # into the rings at the pass's flat positions, [n, T, H] rows of head_dim
-        keys.view(-1, self.head_dim).index_copy_(
-            0, step.flat, qk[:, :, 1].reshape(-1, dim // self.heads)
-        )
-        values.view(-1, self.head_dim).index_copy_(
-            0, step.flat, qkv[:, :, 2].reshape(-1, self.head_dim)
-        )
-        attended = self._attend(qk[:, :, 0].transpose(1, 2), keys, values, step)
+        qkv = _product(layer.in_proj, h).view(n, length, 3, self.heads, self.head_dim // 2, 2)
+        # queries and keys rotated in place (see _rotation)
+        torch.view_as_complex(qkv[:, :, :2]).mul_(step.rotation)
+        qkv = qkv.view(n, length, 3, self.heads, self.head_dim)
+        # keys and values into the rings, both in one write (no copy of the strided source)
+        self.ring_rows[i].index_put_((step.entries,), qkv[:, :, 1:])
+        keys, values = self.keys[i], self.values[i]
+        attended = self._attend(qkv[:, :, 0].transpose(1, 2), keys, values, step)
         update = _product(layer.out_proj, attended.transpose(1, 2).reshape(n, length, dim))
         x = x + (update if layer.scale1 is None else layer.scale1 * update)
         h = F.layer_norm(x, (dim,), *layer.norm2, eps=1e-5)
@@ -282,12 +289,5 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 def _product(dense: Dense, x: torch.Tensor) -> torch.Tensor:
     """``dense(x)`` as float32 (a float32 product gives float32; a bfloat16 product's result,
     rounded to bfloat16, is widened)."""
-    return dense(x).float()
-
-
-def _as_slice(index: torch.Tensor) -> slice | None:
-    """``index`` as a slice when it lists consecutive slots in order, else None."""
-    slots = index.tolist()
-    if slots == list(range(slots[0], slots[0] + len(slots))):
-        return slice(slots[0], slots[0] + len(slots))
-    return None
+    y = dense(x)
+    return y if y.dtype == torch.float32 else y.float()

@@ -7,6 +7,13 @@ The nearest entry is found as ``torch.cdist`` does on its matrix-product path (p
 operands, clamp, square root, first minimum), so the codes are the ones moshi computes (the
 product is :class:`.linear.Dense`'s: the same up to float32 rounding order); the padded
 codebooks are built and prepacked once at load.
+
+cdist multiplies ``[-2x, |x|^2, 1]`` by ``[e, 1, |e|^2]``; here the factor -2 sits in the
+codebook instead, ``[x, |x|^2, 1]`` by ``[-2e, 1, |e|^2]``: every term ``x_i * -2e_i`` is
+exactly ``-2x_i * e_i`` (a power of two scales a rounding exactly), so the sums are the
+same. That lets the residual live in the padded row itself: each codebook's search is then
+the residual's update in place, its squared norm into the row, the product, and the choice,
+with nothing copied or joined.
 """
 
 from __future__ import annotations
@@ -34,16 +41,18 @@ def _codebook(weights: WeightFile, prefix: str, bins: int, dim: int) -> torch.Te
 
 
 def _padded(codebook: torch.Tensor) -> Dense:
-    """``[entries, 1, |entry|^2]`` [bins, dim + 2], what cdist multiplies by."""
+    """``[-2 entries, 1, |entry|^2]`` [bins, dim + 2], what a row ``[x, |x|^2, 1]`` is
+    multiplied by (cdist's operands with the -2 moved: see the module docstring)."""
     norms = codebook.pow(2).sum(-1, keepdim=True)
-    return Dense(torch.cat([codebook, torch.ones_like(norms), norms], dim=-1))
+    return Dense(torch.cat([codebook.mul(-2.0), torch.ones_like(norms), norms], dim=-1))
 
 
-def _nearest(x: torch.Tensor, padded: Dense) -> torch.Tensor:
-    """Index of the nearest entry for each row of ``x`` [rows, dim]."""
-    norms = x.pow(2).sum(-1, keepdim=True)
-    rows = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
-    return padded(rows).clamp_min_(0).sqrt_().argmin(dim=-1)
+def _nearest(rows: torch.Tensor, padded: Dense, out: torch.Tensor) -> None:
+    """Index of the nearest entry for each row ``[x, ., 1]`` of ``rows`` [n, dim + 2] into
+    ``out`` (int64 [n]); writes ``|x|^2`` into the rows first."""
+    x = rows[:, :-2]
+    torch.sum(x.pow(2), dim=-1, keepdim=True, out=rows[:, -2:-1])
+    torch.argmin(padded(rows).clamp_min_(0.0).sqrt_(), dim=-1, out=out)
 
 
 class SplitQuantizer:
@@ -75,13 +84,27 @@ class SplitQuantizer:
         self.projection = Dense(torch.cat(projections))  # both projections as one product
         self.codebooks = codebooks
         self.padded = [_padded(c) for c in codebooks]
+        self.rows = torch.ones(2, 0, dimension + 2)
 
     def encode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``latents`` [rows, input_dim] → codes int64 [rows, num_codebooks]."""
+        """``latents`` [rows, input_dim] → codes int64 [num_codebooks, rows]."""
         projected = self.projection(latents)
-        semantic, residual = projected.split(self.dimension, dim=-1)
-        codes = [_nearest(semantic, self.padded[0]), _nearest(residual, self.padded[1])]
+        count = projected.shape[0]
+        # per quantizer, the rows [x, |x|^2, 1] that its searches multiply (see _nearest)
+        rows = self._rows(count)
+        rows[:, :, : self.dimension] = projected.view(count, 2, self.dimension).transpose(0, 1)
+        semantic, residual = rows
+        codes = torch.empty(len(self.codebooks), count, dtype=torch.long)
+        _nearest(semantic, self.padded[0], codes[0])
+        _nearest(residual, self.padded[1], codes[1])
+        x = residual[:, : self.dimension]
         for i in range(2, len(self.codebooks)):
-            residual = residual - self.codebooks[i - 1][codes[-1]]
-            codes.append(_nearest(residual, self.padded[i]))
-        return torch.stack(codes, dim=-1)
+            x.sub_(self.codebooks[i - 1].index_select(0, codes[i - 1]))
+            _nearest(residual, self.padded[i], codes[i])
+        return codes
+
+    def _rows(self, count: int) -> torch.Tensor:
+        """The two quantizers' rows, [2, count, dim + 2] with the last column 1, reused."""
+        if self.rows.shape[1] != count:
+            self.rows = torch.ones(2, count, self.dimension + 2)
+        return self.rows
