@@ -764,10 +764,14 @@ class Server:
         assert self.proc.stderr is not None
         self.address = ""
         deadline = time.monotonic() + 600
+        self.lm_weights = ""  # what it loaded, from its log (quantize auto decides at load)
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
             if not line and self.proc.poll() is not None:
                 raise RuntimeError("server exited")
+            loaded = re.search(r"\(lean runtime, LM (\w+),", line)
+            if loaded:
+                self.lm_weights = loaded.group(1)
             found = re.search(r"Ready: listening on (\S+)", line)
             if found:
                 self.address = found.group(1)
@@ -888,18 +892,25 @@ def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
 
 def auto_choice(ckpt: Path) -> dict[str, Any]:
     """What ``quantize: auto`` picks on this CPU and why: the load-time trial
-    (:mod:`wyoming_kyutai.runtime.weights_trial`) on the checkpoint, on its own."""
+    (:mod:`wyoming_kyutai.runtime.weights_trial`) on the checkpoint, on its own, with 4-bit
+    always timed."""
     from wyoming_kyutai.checkpoint_files import resolve_checkpoint
     from wyoming_kyutai.runtime.linear import pick_quantized_engine
     from wyoming_kyutai.runtime.lm import LmConfig
+    from wyoming_kyutai.runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig
     from wyoming_kyutai.runtime.weights import WeightFile
-    from wyoming_kyutai.runtime.weights_trial import decide, run_trial
+    from wyoming_kyutai.runtime.weights_trial import choose
 
     files = resolve_checkpoint(str(ckpt), None, True)
+    raw_mimi = (
+        json.loads(files.mimi_config.read_text(encoding="utf-8"))
+        if files.mimi_config is not None
+        else DEFAULT_MIMI_CONFIG
+    )
+    frame_ms = 1000 / MimiConfig.from_dict(raw_mimi).frame_rate
     pick_quantized_engine()
     config = LmConfig.from_dict(files.raw_config)
-    trial = run_trial(WeightFile(files.lm_weights), config, frame_ms=80.0, both=True)
-    weights, reason = decide(trial)
+    weights, reason, trial = choose(WeightFile(files.lm_weights), config, frame_ms, both=True)
     return {
         "weights": weights,
         "reason": reason,
@@ -952,6 +963,7 @@ def capacity(
         try:
             trial = asyncio.run(concurrent_trial(server.address, n, seconds))
             trial["rss_mb"] = server.rss_mb()
+            trial["lm_weights"] = server.lm_weights
         finally:
             server.stop()
         trial["within_target"] = trial["end_of_speech_p50"] <= limit
@@ -1068,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     name = args.name or (args.preset + ("-quick" if quick else ""))
     if args.isa == "avx2":
+        if "avx512f" not in Path("/proc/cpuinfo").read_text():
+            parser.error("--isa avx2 forces AVX2 kernels on an AVX-512 CPU; this CPU has none")
         os.environ.update(AVX2_KERNELS)  # before torch is imported here; phases inherit it
         name = args.name or name + "-avx2-kernels"
     ckpt = args.checkpoint or ROOT / "benchmarks" / "checkpoints" / args.preset

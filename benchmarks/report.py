@@ -268,7 +268,8 @@ the newest benchmark result on it (`script/bench`, see [benchmarking.md](benchma
 How to read the columns:
 
 - **one step, 1 stream**: the model's work for 80 ms of one stream's audio (Mimi encoder +
-  language model) with the defaults (lean runtime, int8 language model, Mimi in float32),
+  language model) with the defaults (lean runtime, int8 language model: what `quantize: auto` picked on
+  each CPU measured; Mimi in float32),
   early in an utterance. Under 80 ms the step fits one stream's real time, before the
   server's own work around it.
 - **real-time streams that keep up**: the most streams, talking at once in real time, for
@@ -441,11 +442,11 @@ def _weights_rows(result: dict[str, Any]) -> list[str]:
     lines = []
     auto = result.get("auto")
     if auto:
-        four = "—" if auto["int4_ms"] is None else f"{auto['int4_ms']:g} ms"
         lines.append(
             f"| quantize auto (load-time trial: LM products a step, 1 stream) | "
-            f"**{auto['weights']}**: int8 {auto['int8_ms']:g} ms, 4-bit {four}; "
-            f"{auto['reason']} |"
+            f"**{auto['weights']}**: {auto['reason']}"
+            + (f" (4-bit: {auto['int4_ms']:g} ms)" if "4-bit" not in auto["reason"] else "")
+            + " |"
         )
     for trial in result.get("weights", []):
         cells = "; ".join(
@@ -515,9 +516,11 @@ def _server_rows(srv: dict[str, Any]) -> list[str]:
             f"| server, threads {t}: audio-stop → transcript, 1 stream, the checkpoint "
             f"that pads on silence | p50 {_ms(eos['p50'])}, p95 {_ms(eos['p95'])} |"
         )
+    weights = sorted({x["lm_weights"] for x in srv["trials"] if x.get("lm_weights")})
+    loaded = f" (LM {', '.join(weights)}: quantize auto)" if weights else ""
     lines.append(
         f"| server, threads {t}: real-time streams that keep up "
-        f"({srv['trials'][0]['seconds']:.0f} s each, p99 lag ≤ 160 ms) | **{cap}** |"
+        f"({srv['trials'][0]['seconds']:.0f} s each, p99 lag ≤ 160 ms) | **{cap}**{loaded} |"
     )
     if at_n:
         lines += [

@@ -140,6 +140,7 @@ def test_capacity_trials_run_through_the_real_server(tiny_dir: Path) -> None:
     for trial in trials:
         assert trial["within_target"] and isinstance(trial["keeps_up"], bool)
         assert 0 < trial["end_of_speech_p50"] <= trial["end_of_speech_p95"] < 5
+        assert trial["lm_weights"] == "int8"  # what the server loaded (auto: tiny is fast)
 
 
 def test_capacity_counts_only_unbroken_runs_of_n(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -188,6 +188,14 @@ def pick_lm_weights(quantize: str, runtime: str) -> str:
             f"quantize {quantize} needs the lean runtime (CPU); use quantize none or auto with "
             "moshi"
         )
+    if quantize == "int4":
+        from .runtime.linear import int4_available
+
+        if not int4_available():
+            raise CheckpointError(
+                f"quantize int4: torch {torch.__version__} has no 4-bit CPU kernel (torch 2.6 "
+                "or later has); use quantize int8 or auto"
+            )
     return "float32" if quantize == "none" else quantize
 
 
@@ -198,7 +206,7 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
     from .runtime.lm import LanguageModel, LmConfig
     from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
     from .runtime.weights import WeightError, WeightFile
-    from .runtime.weights_trial import decide, run_trial
+    from .runtime.weights_trial import choose
 
     if lm_weights != "float32":
         # before any int8 weight is packed (int4 keeps an int8 text head): the packing is the
@@ -219,8 +227,7 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
         lm_config = LmConfig.from_dict(files.raw_config)
         if lm_weights == "auto":
             frame_ms = 1000 / mimi_config.frame_rate
-            trial = run_trial(WeightFile(files.lm_weights), lm_config, frame_ms)
-            lm_weights, reason = decide(trial)
+            lm_weights, reason, _ = choose(WeightFile(files.lm_weights), lm_config, frame_ms)
             _LOGGER.info("quantize auto: LM weights %s (%s)", lm_weights, reason)
         lm = LanguageModel(
             WeightFile(files.lm_weights),

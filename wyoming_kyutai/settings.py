@@ -91,8 +91,9 @@ class Settings:
     quantize: str = _s(
         "auto",
         "auto, none, int8 or int4: the weights of the language model's matrix products (int4, "
-        "experimental: half of int8's memory; CPU only). auto: none on CUDA; on the CPU int8, "
-        "or int4 where int8 is too slow for real time and int4 measures faster at start",
+        "experimental: half of int8's memory; CPU only). auto: none with moshi (CUDA); on the "
+        "CPU int8, or int4 where int8 is too slow for real time and int4 measures faster at "
+        "start",
         group="model",
         choices=("auto", "none", "int8", "int4"),
     )

@@ -251,6 +251,18 @@ def pick_int4_kernel(machine: str | None = None, kleidiai: bool | None = None) -
     return "int4pack"
 
 
+@functools.cache
+def int4_available() -> bool:
+    """Whether this torch has the 4-bit CPU kernel :func:`pick_int4_kernel` would pick
+    (int4pack's ops came with torch 2.6; KleidiAI's are asked of the op itself)."""
+    if pick_int4_kernel() == "kleidiai":
+        return True
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(
+        ops, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
 class Int4Linear:
     """``y = x @ W.T`` without bias, with W [out, in] stored in 4 bits: each output feature's
     inputs in groups of ``group_size``, one scale per group (and for ``int4pack`` one offset).

@@ -212,6 +212,14 @@ class _Layer:
         return x + (update if self.scale2 is None else self.scale2 * update)
 
 
+def layer_linears(
+    weights: WeightFile, config: LmConfig, index: int, int8: bool = False, int4: bool = False
+) -> tuple[Linear | Int4Linear, ...]:
+    """Layer ``index``'s four matrix products alone, built as the model builds them (the
+    load-time trial of ``quantize: auto`` times them: ``weights_trial.py``)."""
+    return _Layer(weights, config, index, int8, int4).linears
+
+
 class LanguageModel:
     """The STT LM with explicit per-slot state: KV rings, positions, previous text tokens."""
 
