@@ -123,10 +123,11 @@ def machine() -> dict[str, Any]:
 def _native_bf16() -> bool:
     """Whether Mimi in bfloat16 is measured: only where the CPU has native bfloat16 (without
     it oneDNN emulates it, 10-40x slower than float32 on AMD EPYC AVX2: minutes of bench for
-    a setting nobody should pick there, and the server warns against it)."""
+    a setting nobody should pick there, and the server warns against it); not with
+    ``--isa avx2``, whose oneDNN has no bfloat16 instructions either."""
     from wyoming_kyutai.model_loading import cpu_has_native_bf16
 
-    return cpu_has_native_bf16()
+    return cpu_has_native_bf16() and not os.environ.get("ONEDNN_MAX_CPU_ISA")
 
 
 def _lean(ckpt: Path, quantize: str = "int8", dtype: str = "auto") -> LeanModel:

@@ -268,10 +268,9 @@ the newest benchmark result on it (`script/bench`, see [benchmarking.md](benchma
 How to read the columns:
 
 - **one step, 1 stream**: the model's work for 80 ms of one stream's audio (Mimi encoder +
-  language model) with the defaults (lean runtime, int8 language model: what `quantize: auto` picked on
-  each CPU measured; Mimi in float32),
-  early in an utterance. Under 80 ms the step fits one stream's real time, before the
-  server's own work around it.
+  language model) with the defaults (lean runtime; int8 language model, what
+  `quantize: auto` picked on each CPU measured; Mimi in float32), early in an utterance.
+  Under 80 ms the step fits one stream's real time, before the server's own work around it.
 - **real-time streams that keep up**: the most streams, talking at once in real time, for
   which every stream's p99 lag (an 80 ms frame complete → its step done) stays within two
   frames (160 ms).
