@@ -150,6 +150,7 @@ def test_capacity_counts_only_unbroken_runs_of_n(monkeypatch: pytest.MonkeyPatch
 
     class FakeServer:
         address = "tcp://127.0.0.1:1"
+        lm_weights = "int8"
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             pass
