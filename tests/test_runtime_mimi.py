@@ -343,3 +343,26 @@ def test_bfloat16_latents_are_the_same_alone_batched_and_time_batched(short: Mim
         encoder = short.encoder(slots=3, dtype=torch.bfloat16)
         got = _latents(encoder, audios[: len(slots)], slots, frames)
         assert torch.equal(got[:1], alone), (slots, frames)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rotary_rounds_as_moshis_separate_operations(head_dim: int, threads: int) -> None:
+    """The in-place rotary gives the bits of moshi's ``re cos - im sin, re sin + im cos``
+    at any head width and thread split (a complex multiply did not: fused multiply-adds in
+    torch's scalar code and on ARM changed last bits, so a stream differed alone and batched)."""
+    from wyoming_kyutai.runtime.mimi_transformer import EncoderTransformer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(head_dim)
+        qk = torch.randn(5, 7, 2, 3, head_dim // 2, 2, generator=generator)
+        angles = torch.rand(5, 7, 1, 1, head_dim // 2, generator=generator) * 100
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        re, im = qk[..., 0], qk[..., 1]
+        expected = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+        EncoderTransformer._rotate(qk, cos, sin)
+        assert torch.equal(qk, expected)
+    finally:
+        torch.set_num_threads(before)

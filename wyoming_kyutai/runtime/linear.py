@@ -115,10 +115,10 @@ class Dense:
     The weight is prepacked once for oneDNN: for the few rows a streaming step multiplies,
     PyTorch's default float32 product (MKL) re-lays out the weight at every call and reads
     it slowly; prepacked, Mimi's products of a frame take about half the time, in float32
-    and in bfloat16. With oneDNN each row's result is the same whatever the number of rows
-    (checked for 1-4000 rows of Mimi's shapes in bfloat16; in float32 one shape's single row
-    differs in the last bit). The same products as moshi's up to float32
-    rounding order. Where this torch has no oneDNN, or it refuses the weight, a plain
+    and in bfloat16. In bfloat16 a row's result is the same whatever the number of rows (a
+    single row runs as two: alone, some shapes take another kernel); in float32 a single
+    row may differ in the last bit. The same products as moshi's up to float32 rounding
+    order. Where this torch has no oneDNN, or it refuses the weight, a plain
     ``matmul`` on the weight laid out [in, out] (``packed=False`` forces that; the default is
     :data:`ONEDNN` at construction).
     """
@@ -146,18 +146,23 @@ class Dense:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        single = self.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
+        if single:
+            # in bfloat16, torch's matmul and oneDNN (some shapes, e.g. 512 x 2048) compute a
+            # single row by another kernel than several, which rounds differently (torch
+            # 2.13): a stream's result must not depend on how many others share its call,
+            # so one row runs as two
+            twice = x.reshape(1, -1).expand(2, -1)
+            return self._product(twice.contiguous())[:1].view(*x.shape[:-1], -1)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self.packed, None, "none", [], ""
             )
         assert self.matrix is not None
-        if self.dtype == torch.float32 or x.numel() != x.shape[-1]:
-            return torch.matmul(x, self.matrix)
-        # torch's bfloat16 matmul computes a single row by another path than several, which
-        # rounds differently (torch 2.13): a stream's result must not depend
-        # on how many others share its call, so one row runs as two
-        twice = x.reshape(1, -1).expand(2, -1)
-        return torch.mm(twice, self.matrix)[:1].view(*x.shape[:-1], -1)
+        return torch.matmul(x, self.matrix)
 
     @property
     def resident_bytes(self) -> int:

@@ -89,10 +89,10 @@ class _Pass:
     rows: torch.Tensor  # the slots, int64 [n, 1]
     # which ring entries each step sees, as a score bias float32 [n, H, T, capacity] (_bias)
     bias: torch.Tensor
-    # the rotary embedding of each step as a complex factor, complex64 [n, T, 1, 1, head_dim/2]
-    rotation: torch.Tensor
-    # where each step's key and value of each head go among a layer's ring rows (the rows of
-    # ``_Rings.rows``), int64 [n, T, 2, H]
+    cos: torch.Tensor  # rotary cos of each step, [n, T, 1, 1, head_dim / 2]
+    sin: torch.Tensor  # rotary sin of each step, [n, T, 1, 1, head_dim / 2]
+    # where each step's key and value of each head go among a layer's ring rows
+    # (``EncoderTransformer.ring_rows``), int64 [n, T, 2, H]
     entries: torch.Tensor
     window: slice | None  # the slots as one slice of the state, when they are consecutive
 
@@ -184,7 +184,8 @@ class EncoderTransformer:
         heads = (kinds + rows[:, :, None, None]) * self.heads + torch.arange(self.heads)
         entries = heads * self.capacity + ring[:, :, None, None]
         bias = _bias(self._mask(positions, self.key_positions[index]), self.heads)
-        step = _Pass(rows, bias, self._rotation(positions), entries, window)
+        cos, sin = self._rotation(positions)
+        step = _Pass(rows, bias, cos, sin, entries, window)
         for i, layer in enumerate(self.layers):
             x = self._layer(layer, x, i, step)
         return x
@@ -195,16 +196,26 @@ class EncoderTransformer:
         limit = (self.context - self.step + 1) + positions[:, :, None] % self.step
         return ((keys[:, None, :] >= 0) & (delta >= 0) & (delta < limit))[:, None]
 
-    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """The rotary embedding of ``positions`` [n, T] as ``cos + i sin`` of moshi's angles,
-        complex64 [n, T, 1, 1, head_dim / 2].
-
-        A vector's interleaved pairs ``(re, im)`` read as complex numbers and multiplied by it
-        give moshi's ``(re cos - im sin, re sin + im cos)``, with the same roundings (PyTorch
-        multiplies complex64 without fused multiply-adds), in one operation instead of ten.
-        """
+    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin of moshi's angles for ``positions`` [n, T], each
+        [n, T, 1, 1, head_dim / 2]."""
         angles = self.freqs * positions.float()[..., None]
-        return torch.complex(torch.cos(angles), torch.sin(angles))[:, :, None, None]
+        return torch.cos(angles)[:, :, None, None], torch.sin(angles)[:, :, None, None]
+
+    @staticmethod
+    def _rotate(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the interleaved pairs ``(re, im)`` of ``pairs`` [..., head_dim / 2, 2] in
+        place to moshi's ``(re cos - im sin, re sin + im cos)``, each product and sum rounded
+        on its own as moshi's separate operations round them (a complex multiply would fuse
+        some into multiply-adds on ARM and in torch's scalar code, changing last bits with
+        the thread split)."""
+        re, im = pairs[..., 0], pairs[..., 1]
+        real = re * cos
+        real.sub_(im * sin)
+        imag = re * sin
+        imag.add_(im * cos)
+        re.copy_(real)
+        im.copy_(imag)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: _Pass
@@ -235,8 +246,7 @@ class EncoderTransformer:
         n, length, dim = x.shape
         h = F.layer_norm(x, (dim,), *layer.norm1, eps=1e-5)
         qkv = _product(layer.in_proj, h).view(n, length, 3, self.heads, self.head_dim // 2, 2)
-        # queries and keys rotated in place (see _rotation)
-        torch.view_as_complex(qkv[:, :, :2]).mul_(step.rotation)
+        self._rotate(qkv[:, :, :2], step.cos, step.sin)  # queries and keys, in place
         qkv = qkv.view(n, length, 3, self.heads, self.head_dim)
         # keys and values into the rings, both in one write (no copy of the strided source)
         self.ring_rows[i].index_put_((step.entries,), qkv[:, :, 1:])
