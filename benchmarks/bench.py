@@ -917,6 +917,8 @@ def auto_choice(ckpt: Path) -> dict[str, Any]:
         "reason": reason,
         "int8_ms": round(trial.int8_ms, 1),
         "int4_ms": None if trial.int4_ms is None else round(trial.int4_ms, 1),
+        "int8_burst_ms": None if trial.int8_burst_ms is None else round(trial.int8_burst_ms, 1),
+        "int4_burst_ms": None if trial.int4_burst_ms is None else round(trial.int4_burst_ms, 1),
     }
 
 

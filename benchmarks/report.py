@@ -445,6 +445,11 @@ def _weights_rows(result: dict[str, Any]) -> list[str]:
             f"| quantize auto (load-time trial: LM products a step, 1 stream) | "
             f"**{auto['weights']}**: {auto['reason']}"
             + (f" (4-bit: {auto['int4_ms']:g} ms)" if "4-bit" not in auto["reason"] else "")
+            + (
+                f"; {auto['int8_burst_ms']:g} / {auto['int4_burst_ms']:g} ms for 4 rows"
+                if auto.get("int4_burst_ms") is not None
+                else ""
+            )
             + " |"
         )
     for trial in result.get("weights", []):

@@ -48,9 +48,18 @@ def test_auto_is_settled_at_load_on_the_cpu_and_float32_with_moshi() -> None:
 def test_auto_keeps_int8_unless_it_is_too_slow_and_4_bit_clearly_faster(
     int8_ms: float, int4_ms: float | None, weights: str, why: str
 ) -> None:
-    chosen, reason = decide(Trial(frame_ms=80.0, int8_ms=int8_ms, int4_ms=int4_ms))
+    burst = None if int4_ms is None else 50.0
+    chosen, reason = decide(Trial(80.0, int8_ms, int4_ms, None, burst, burst))
     assert chosen == weights
     assert why in reason
+
+
+def test_auto_keeps_int8_where_4_bit_is_slower_for_a_catch_up_passes_rows() -> None:
+    # AVX-512 today: 4-bit faster for one row, slower for 4 (the look-ahead's passes)
+    chosen, reason = decide(Trial(80.0, 45.0, 30.0, None, 50.0, 60.0))
+    assert chosen == "int8"
+    assert reason.endswith("4-bit 30 ms (1.50x), but slower for 4 rows (60 ms against int8's 50)")
+    assert decide(Trial(80.0, 45.0, 30.0, None, 50.0, 45.0))[0] == "int4"
 
 
 def test_the_trial_times_the_checkpoints_layers_both_ways_only_when_int8_is_slow(
@@ -62,9 +71,11 @@ def test_the_trial_times_the_checkpoints_layers_both_ways_only_when_int8_is_slow
     monkeypatch.setattr(weights_trial, "FRAME_SHARE", 1e9)  # int8 always fits
     fits = run_trial(weights, config, frame_ms=80.0)
     assert fits.int8_ms > 0 and fits.int4_ms is None and fits.int4_error is None
+    assert fits.int8_burst_ms is None  # nothing more is timed
     monkeypatch.setattr(weights_trial, "FRAME_SHARE", 0.0)  # int8 never fits
     slow = run_trial(weights, config, frame_ms=80.0)
     assert slow.int4_ms is not None and slow.int4_ms > 0 and slow.int4_error is None
+    assert slow.int8_burst_ms and slow.int4_burst_ms  # and for a burst's rows
 
 
 def _load_auto(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> LeanModel:
@@ -82,9 +93,10 @@ def test_auto_loads_what_the_trial_decides_and_logs_why(
     share: float,
     weights: str,
 ) -> None:
-    # share 0: int8 never fits, as on a CPU too slow for it; a speed-up of 0 accepts any 4-bit
+    # share 0: int8 never fits, as on a CPU too slow for it; speed-ups of 0 accept any 4-bit
     monkeypatch.setattr(weights_trial, "FRAME_SHARE", share)
     monkeypatch.setattr(weights_trial, "MIN_SPEEDUP", 0.0)
+    monkeypatch.setattr(weights_trial, "BURST_MIN_SPEEDUP", 0.0)
     model = _load_auto(tiny_dir, caplog)
     assert model.lm_weights == weights
     kind = Int4Linear if weights == "int4" else Linear
