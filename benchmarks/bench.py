@@ -896,30 +896,23 @@ def auto_choice(ckpt: Path) -> dict[str, Any]:
     (:mod:`wyoming_kyutai.runtime.weights_trial`) on the checkpoint, on its own, with 4-bit
     always timed."""
     from wyoming_kyutai.checkpoint_files import resolve_checkpoint
+    from wyoming_kyutai.model_loading import read_mimi_config
     from wyoming_kyutai.runtime.linear import pick_quantized_engine
     from wyoming_kyutai.runtime.lm import LmConfig
-    from wyoming_kyutai.runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig
     from wyoming_kyutai.runtime.weights import WeightFile
     from wyoming_kyutai.runtime.weights_trial import choose
 
     files = resolve_checkpoint(str(ckpt), None, True)
-    raw_mimi = (
-        json.loads(files.mimi_config.read_text(encoding="utf-8"))
-        if files.mimi_config is not None
-        else DEFAULT_MIMI_CONFIG
-    )
-    frame_ms = 1000 / MimiConfig.from_dict(raw_mimi).frame_rate
+    frame_ms = 1000 / read_mimi_config(files).frame_rate
     pick_quantized_engine()
     config = LmConfig.from_dict(files.raw_config)
     weights, reason, trial = choose(WeightFile(files.lm_weights), config, frame_ms, both=True)
-    return {
-        "weights": weights,
-        "reason": reason,
-        "int8_ms": round(trial.int8_ms, 1),
-        "int4_ms": None if trial.int4_ms is None else round(trial.int4_ms, 1),
-        "int8_burst_ms": None if trial.int8_burst_ms is None else round(trial.int8_burst_ms, 1),
-        "int4_burst_ms": None if trial.int4_burst_ms is None else round(trial.int4_burst_ms, 1),
-    }
+    times = ("int8_ms", "int4_ms", "int8_burst_ms", "int4_burst_ms")
+    out: dict[str, Any] = {"weights": weights, "reason": reason}
+    for name in times:
+        value = getattr(trial, name)
+        out[name] = None if value is None else round(value, 1)
+    return out
 
 
 def weights_trial(

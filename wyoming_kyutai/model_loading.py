@@ -12,12 +12,15 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint_files import CheckpointError, CheckpointFiles, languages_of, resolve_checkpoint
 from .loaded_model import LeanModel, LoadedModel, MoshiModel
 from .moshi_env import configure_moshi_env, moshi_missing
 from .settings import DEFAULT_MODEL, Settings
+
+if TYPE_CHECKING:
+    from .runtime.mimi import MimiConfig
 
 configure_moshi_env()
 
@@ -199,12 +202,25 @@ def pick_lm_weights(quantize: str, runtime: str) -> str:
     return "float32" if quantize == "none" else quantize
 
 
+def read_mimi_config(files: CheckpointFiles) -> MimiConfig:
+    """The checkpoint's Mimi config (Kyutai's Mimi when it names none); raises ValueError
+    (or OSError) for a malformed or unreadable one."""
+    from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig
+
+    raw = (
+        json.loads(files.mimi_config.read_text(encoding="utf-8"))
+        if files.mimi_config is not None
+        else DEFAULT_MIMI_CONFIG
+    )
+    return MimiConfig.from_dict(raw)
+
+
 def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype) -> LeanModel:
     import sentencepiece
 
     from .runtime.linear import pick_quantized_engine
     from .runtime.lm import LanguageModel, LmConfig
-    from .runtime.mimi import DEFAULT_MIMI_CONFIG, MimiConfig, MimiEncoder
+    from .runtime.mimi import MimiEncoder
     from .runtime.weights import WeightError, WeightFile
     from .runtime.weights_trial import choose
 
@@ -218,12 +234,7 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
             raise CheckpointError(f"quantize {lm_weights}: {err}") from err
         _LOGGER.info("int8 matrix products use the %s quantized engine", engine)
     try:
-        raw_mimi = (
-            json.loads(files.mimi_config.read_text(encoding="utf-8"))
-            if files.mimi_config is not None
-            else DEFAULT_MIMI_CONFIG
-        )
-        mimi_config = MimiConfig.from_dict(raw_mimi)
+        mimi_config = read_mimi_config(files)
         lm_config = LmConfig.from_dict(files.raw_config)
         if lm_weights == "auto":
             frame_ms = 1000 / mimi_config.frame_rate

@@ -77,8 +77,7 @@ def choose(
 def decide(trial: Trial) -> tuple[str, str]:
     """``(weights, reason)``: ``"int8"`` or ``"int4"``, and why, in words for the log."""
     int8 = f"int8 products {trial.int8_ms:.0f} ms a step"
-    limit = FRAME_SHARE * trial.frame_ms
-    if trial.int8_ms <= limit:
+    if _int8_fits(trial.int8_ms, trial.frame_ms):
         return "int8", f"{int8}, within {FRAME_SHARE:.0%} of the {trial.frame_ms:.0f} ms frame"
     over = f"{int8}, over {FRAME_SHARE:.0%} of the {trial.frame_ms:.0f} ms frame"
     if trial.int4_ms is None:
@@ -105,7 +104,7 @@ def run_trial(weights: WeightFile, config: LmConfig, frame_ms: float, both: bool
     scale = config.num_layers / count
     int8_layers = [layer_linears(weights, config, i, int8=True) for i in range(count)]
     int8 = _products_ms(int8_layers, 1) * scale
-    if not (both or int8 > FRAME_SHARE * frame_ms):
+    if not both and _int8_fits(int8, frame_ms):
         return Trial(frame_ms=frame_ms, int8_ms=int8, int4_ms=None)
     int8_burst = _products_ms(int8_layers, BURST_ROWS) * scale
     del int8_layers
@@ -119,6 +118,11 @@ def run_trial(weights: WeightFile, config: LmConfig, frame_ms: float, both: bool
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return Trial(frame_ms, int8, None, f"failed: {first[:120]}", int8_burst)
     return Trial(frame_ms, int8, int4, None, int8_burst, int4_burst)
+
+
+def _int8_fits(int8_ms: float, frame_ms: float) -> bool:
+    """Whether int8's products of a step (ms) fit :data:`FRAME_SHARE` of the frame."""
+    return int8_ms <= FRAME_SHARE * frame_ms
 
 
 def _products_ms(layers: list[tuple[Linear | Int4Linear, ...]], rows: int) -> float:
