@@ -35,10 +35,15 @@ def test_a_non_finite_row_does_not_spoil_the_others(engine: str) -> None:
     assert torch.equal(q(x)[2:3], alone)
 
 
-def test_float32_is_plain_linear() -> None:
+def test_float32_is_x_times_the_weight_transposed_as_a_dense_product() -> None:
+    """float32 LM products run as :class:`Dense` (rows independent of the batch), not as
+    ``F.linear`` (MKL: rows rounded by the number of rows); the same up to rounding."""
     weight = torch.randn(12, 7)
     x = torch.randn(4, 7)
-    assert torch.equal(Linear(weight)(x), torch.nn.functional.linear(x, weight))
+    layer = Linear(weight)
+    assert layer.dense is not None and layer.weight is None
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight))
+    assert layer.resident_bytes == 12 * 7 * 4
 
 
 def test_the_fastest_engine_is_picked() -> None:

@@ -16,10 +16,6 @@ from torch.nn import functional as F
 from .linear import Dense
 from .weights import WeightFile
 
-MIN_TAP_WIDTH = 16
-"""Below this many inputs per tap (stride x input channels), PyTorch's own convolution runs
-(float32 only: see :class:`StreamingConv` on bfloat16)."""
-
 MAX_TAP_WASTE = 1.25
 """Tap groups compute ``m - 1`` blocks more than the outputs need; past this ratio (few
 outputs per Mimi frame, as at the last, lowest-rate layers) the windows are copied out."""
@@ -29,8 +25,9 @@ class StreamingConv:
     """One causal convolution with per-slot left context, over channel-last ``[n, T, C_in]``.
 
     Computed as matrix products against the weight laid out and prepacked once at load
-    (:class:`.linear.Dense`), in one of five ways fixed at load from the shape (and
-    ``positions``, the outputs per Mimi frame):
+    (:class:`.linear.Dense`: a row's result independent of the others in the call, so a
+    stream's output does not depend on the batch nor on the frames per call), in one of four
+    ways fixed at load from the shape (and ``positions``, the outputs per Mimi frame):
 
     - ``kernel == stride`` (1x1 included): one product of the input's blocks of ``s`` samples;
     - tap groups: with ``k = m * s``, the input read as blocks of ``s`` samples gives each
@@ -39,8 +36,10 @@ class StreamingConv:
     - windows: the ``k`` taps of each output copied side by side, one product (for layers
       with few outputs per frame, where tap groups would waste a large share of their work);
     - one input channel (Mimi's first layer): the ``k`` taps' scaled copies of the input
-      summed elementwise, so that each output is computed the same way whatever the batch;
-    - PyTorch's ``conv1d`` for other narrow inputs (float32 only: tiny test models).
+      summed elementwise, so that each output is computed the same way whatever the batch.
+
+    Never PyTorch's ``conv1d``: it rounds a position's output differently for another batch
+    or length, in the last bit.
 
     ``dtype`` bfloat16 stores the weight in bfloat16 and runs the product on the input
     rounded to bfloat16 (float32 accumulation; the result rounded to bfloat16, then bias and
@@ -48,8 +47,7 @@ class StreamingConv:
     weight bytes read and roughly doubles the product's speed. The one-channel layer stays
     float32 (nothing to gain). A row's bfloat16 result must not depend on the batch: the
     rounding to bfloat16 would turn a last-bit difference upstream into a whole bfloat16
-    step, so nothing before a bfloat16 product may round differently for another batch
-    (PyTorch's conv1d does, in the last bit).
+    step, so nothing before a bfloat16 product may round differently for another batch.
     """
 
     def __init__(
@@ -77,19 +75,15 @@ class StreamingConv:
         self.mode = "taps"
         if in_channels == 1:
             self.mode = "single"
-        elif stride * in_channels < MIN_TAP_WIDTH and dtype == torch.float32:
-            self.mode = "conv1d"
         elif groups == 1:
             self.mode = "blocks"
         elif positions and (positions + groups - 1) > MAX_TAP_WASTE * positions:
             self.mode = "windows"
         self.dtype = torch.float32 if self.mode == "single" else dtype
-        self.matrix: torch.Tensor | None = None  # single: [k, C_out]; conv1d: the weight
+        self.matrix: torch.Tensor | None = None  # single: [k, C_out]
         self.dense: Dense | None = None  # the other modes' product
         if self.mode == "single":
             self.matrix = weight[:, 0].t().contiguous()
-        elif self.mode == "conv1d":
-            self.matrix = weight.contiguous()
         elif self.mode == "windows":
             # [k * C_in, C_out]: an output's k taps side by side
             self.dense = Dense(taps.reshape(kernel * in_channels, out_channels).t(), dtype)
@@ -189,12 +183,9 @@ class StreamingConv:
         return y.float().view(n, positions, -1)
 
     def _convolve_plain(self, x: torch.Tensor, n: int, positions: int) -> torch.Tensor:
-        """:meth:`_convolve` by ``conv1d``, or for one input channel as the taps' scaled copies
-        of the input summed elementwise."""
+        """:meth:`_convolve` for one input channel: the taps' scaled copies of the input
+        summed elementwise."""
         assert self.matrix is not None
-        if self.mode == "conv1d":
-            y = F.conv1d(x.transpose(1, 2), self.matrix, self.bias, self.stride, 0, self.dilation)
-            return y.transpose(1, 2).contiguous()
         y = self._buffer("output", (n, positions, self.out_channels))
         if self.bias is None:
             y.zero_()

@@ -1,6 +1,21 @@
 """Matrix products of the runtime: :class:`Dense` (float32 or bfloat16 weights prepacked for
-oneDNN: Mimi's products) and :class:`Linear` (float32, or int8 weights with a per-stream
-activation grid: the LM's).
+oneDNN: Mimi's products, and every float product of the LM) and :class:`Linear` (float32
+through :class:`Dense`, or int8 weights with a per-stream activation grid: the LM's).
+
+Every product here gives a row (a stream's position) the same bits whatever other rows share
+its call: a stream's transcript must not depend on who else is talking. Libraries do not
+promise that: MKL's and oneDNN's float kernels pick their algorithm (and so their rounding)
+by the number of rows, differently on each CPU (on AMD Zen 4, MKL rounds 2-3 rows one way
+and 4 or more another; on Intel AMX, bfloat16 rows take AMX tiles or not by count). So:
+
+- int8 and 4-bit products accumulate exactly (integers) or in a fixed per-output order, by
+  construction (see :class:`Linear`, :class:`Int4Linear`);
+- float products (:class:`Dense`) run through oneDNN with prepacked weights, a single row as
+  two (oneDNN's one-row kernel rounds otherwise), and at construction :func:`rows_agree`
+  checks on this CPU, at this thread count, that rows give the same bits in calls of 1 to
+  :data:`ROW_COUNTS_CHECKED`'s rows at any offset. Where they do not, that product computes
+  every row alone (a batch of one-row products in one call: :data:`PER_ROW`), which is
+  batch-independent by construction, and slower; one log line says so.
 
 int8 uses PyTorch's dynamic quantized linear (fbgemm/x86 on x86, qnnpack on ARM): int8 weights
 per output channel, activations quantized to uint8 at run time. That op picks one activation
@@ -16,8 +31,10 @@ quantized engine (:func:`pick_quantized_engine`, called before int8 weights are 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +55,9 @@ def pick_quantized_engine() -> str:
 
 
 class Linear:
-    """``y = x @ W.T`` without bias; ``int8`` stores W as int8 per output channel.
+    """``y = x @ W.T`` without bias; ``int8`` stores W as int8 per output channel, float32
+    runs as a :class:`Dense` product (rows independent of each other; not PyTorch's
+    ``F.linear``, whose MKL kernels round by the number of rows).
 
     The float32 weight is not kept once the int8 one is made.
     """
@@ -48,8 +67,9 @@ class Linear:
             raise ValueError("a linear weight is 2-D [out, in]")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.int8 = int8
-        self.weight: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None  # no float copy kept (int8) or Dense's
         self.packed: object | None = None
+        self.dense: Dense | None = None
         if int8:
             if self.in_features < 2:
                 raise ValueError("int8 linears need at least 2 input features")
@@ -57,11 +77,11 @@ class Linear:
             self._reduce_range = _needs_reduced_range(torch.backends.quantized.engine)
             self._buffers = threading.local()
         else:
-            self.weight = weight.float().contiguous()
+            self.dense = Dense(weight.float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
-            return torch.nn.functional.linear(x, self.weight)
+        if self.dense is not None:
+            return self.dense(x)
         shape = x.shape
         rows = torch.nan_to_num(x.reshape(-1, self.in_features).float())  # one bad row ≠ all
         count = rows.shape[0]
@@ -87,8 +107,8 @@ class Linear:
     @property
     def resident_bytes(self) -> int:
         """Resident bytes of the weights (int8: one byte per weight plus per-channel scales)."""
-        if self.weight is not None:
-            return self.weight.numel() * self.weight.element_size()
+        if self.dense is not None:
+            return self.dense.resident_bytes
         return self.out_features * self.in_features + self.out_features * 12
 
 
@@ -107,20 +127,36 @@ ONEDNN = _has_onednn()
 """Dense products go through oneDNN with prepacked weights (else a plain ``matmul``)."""
 
 
+ROW_COUNTS_CHECKED = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 64)
+"""Row counts whose calls :func:`rows_agree` compares, row by row, with one call of all rows:
+every count up to 9 (where kernels for few rows switch), and around the block sizes kernels
+use (8, 16, 32)."""
+
+PER_ROW = "rows"
+""":attr:`Dense.kernel` of a product that computes every row alone (see :func:`rows_agree`)."""
+
+_ROWS_AGREE: dict[tuple[object, ...], bool] = {}  # rows_agree's verdicts, by call shape
+
+log = logging.getLogger(__name__)
+
+
 class Dense:
     """``y = x @ W.T`` for a fixed float32 or bfloat16 weight ``W`` [out, in], without bias;
     the result in the weight's dtype (bfloat16: the input rounded to bfloat16, float32
-    accumulation, the result rounded to bfloat16).
+    accumulation, the result rounded to bfloat16). A row's result does not depend on the
+    other rows of the call, bit for bit (see the module docstring).
 
     The weight is prepacked once for oneDNN: for the few rows a streaming step multiplies,
     PyTorch's default float32 product (MKL) re-lays out the weight at every call and reads
     it slowly; prepacked, Mimi's products of a frame take about half the time, in float32
-    and in bfloat16. In bfloat16 a row's result is the same whatever the number of rows (a
-    single row runs as two: alone, some shapes take another kernel); in float32 a single
-    row may differ in the last bit. The same products as moshi's up to float32 rounding
-    order. Where this torch has no oneDNN, or it refuses the weight, a plain
-    ``matmul`` on the weight laid out [in, out] (``packed=False`` forces that; the default is
-    :data:`ONEDNN` at construction).
+    and in bfloat16. oneDNN computes a single row by another kernel than several, which
+    rounds differently: a single row runs as two. The same products as moshi's up to
+    float32 rounding order. Where this torch has no oneDNN, or it refuses the weight, a
+    plain ``matmul`` on the weight laid out [in, out] (``packed=False`` forces that; the
+    default is :data:`ONEDNN` at construction). Either way, where :func:`rows_agree` finds
+    on this CPU that rows depend on their neighbours, every row is computed alone
+    (:attr:`kernel` is :data:`PER_ROW`). :attr:`kernel` names the kernel family: ``onednn``,
+    ``onednn-amx`` (oneDNN on a CPU with AMX tiles), ``matmul`` or :data:`PER_ROW`.
     """
 
     def __init__(
@@ -140,18 +176,46 @@ class Dense:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             except RuntimeError:  # e.g. a CPU or shape this oneDNN build does not handle
                 self.packed = None
-        if self.packed is None:
+        self.kernel = "matmul"
+        if self.packed is not None:
+            self.kernel = "onednn-amx" if amx_available() else "onednn"
+        else:
             self.matrix = weight.t().contiguous()
+        shape = (self.kernel, self.in_features, self.out_features, dtype, torch.get_num_threads())
+        if shape not in _ROWS_AGREE:
+            _ROWS_AGREE[shape] = rows_agree(self, self.in_features, dtype)
+        if not _ROWS_AGREE[shape]:
+            self._compute_rows_alone(weight)
+
+    def _compute_rows_alone(self, weight: torch.Tensor) -> None:
+        """Switch to one-row products: each row multiplied alone, in one batched call."""
+        log.info(
+            "this CPU's %s %s product %dx%d gives a row other bits when other rows share the "
+            "call: each row is computed alone (slower)",
+            self.kernel,
+            str(self.dtype).removeprefix("torch."),
+            self.in_features,
+            self.out_features,
+        )
+        self.packed, self.matrix, self.kernel = None, weight.t().contiguous(), PER_ROW
+        if not rows_agree(self, self.in_features, self.dtype):
+            log.warning(
+                "rows of the %dx%d product depend on the batch even one by one on this CPU: "
+                "a stream's result may differ in the last bit with others talking",
+                self.in_features,
+                self.out_features,
+            )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        single = self.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
-        if single:
-            # in bfloat16, torch's matmul and oneDNN (some shapes, e.g. 512 x 2048) compute a
-            # single row by another kernel than several, which rounds differently (torch
-            # 2.13): a stream's result must not depend on how many others share its call,
-            # so one row runs as two
+        if self.kernel == PER_ROW:
+            assert self.matrix is not None
+            rows = x.reshape(-1, self.in_features)
+            count = rows.shape[0]
+            out = torch.bmm(rows.unsqueeze(1), self.matrix.expand(count, -1, -1))
+            return out.view(*x.shape[:-1], self.out_features)
+        if x.numel() == x.shape[-1]:  # one row: run as two (see the class docstring)
             twice = x.reshape(1, -1).expand(2, -1)
             return self._product(twice.contiguous())[:1].view(*x.shape[:-1], -1)
         return self._product(x)
@@ -168,6 +232,32 @@ class Dense:
     def resident_bytes(self) -> int:
         """Bytes of the weight (prepacked or not: the same count of elements)."""
         return self.out_features * self.in_features * (2 if self.dtype == torch.bfloat16 else 4)
+
+
+def rows_agree(
+    product: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype
+) -> bool:
+    """Whether ``product`` gives every row the same bits in a call of any of
+    :data:`ROW_COUNTS_CHECKED` rows, starting at any of a few offsets, as in one call of all
+    of them: kernels choose by the number of rows, so this is asked of the CPU, at the
+    current thread count, not assumed. Random rows, the same for every check."""
+    generator = torch.Generator().manual_seed(0)
+    most = max(ROW_COUNTS_CHECKED)
+    x = torch.randn(most + 8, in_features, generator=generator).to(dtype)
+    whole = product(x)
+    for count in ROW_COUNTS_CHECKED:
+        for start in {0, count % 7 + 1}:
+            if not torch.equal(product(x[start : start + count]), whole[start : start + count]):
+                return False
+    return True
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon 4th generation and later), on which oneDNN
+    runs bfloat16 and int8 products: named in :attr:`Dense.kernel` and the bench."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 @functools.cache

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from .attention import AttentionPlan, KvCache, Rope
-from .linear import Int4Linear, Linear
+from .linear import Dense, Int4Linear, Linear
 from .weights import WeightFile
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
@@ -251,7 +251,8 @@ class LanguageModel:
             for i in range(config.extra_heads_num_heads)
         ]
         self.num_vad_heads = len(heads)
-        self._vad = torch.cat(heads) if heads else torch.zeros(0, dim)  # [heads * classes, dim]
+        # [heads * classes, dim], a Dense product: its rows independent of the batch
+        self._vad = Dense(torch.cat(heads)) if heads else None
         self._rope = Rope(config.head_dim, config.max_period)
         self.allocate(slots)
 
@@ -346,7 +347,7 @@ class LanguageModel:
         """Resident bytes by part: ``weights`` (transformer + heads, int8 or float32),
         ``embeddings`` (file dtype), ``kv_per_slot`` and ``kv`` (all slots)."""
         floats = sum(layer.float_bytes for layer in self._layers)
-        floats += (self._out_norm.numel() + self._vad.numel()) * 4
+        floats += self._out_norm.numel() * 4 + (self._vad.resident_bytes if self._vad else 0)
         per_slot = self._cache.bytes_per_slot
         return {
             "weights": sum(lin.resident_bytes for lin in self.linears()) + floats,
@@ -370,9 +371,9 @@ class LanguageModel:
 
     def _pauses(self, out: torch.Tensor) -> torch.Tensor:
         """Class-0 probability of each end-of-turn head, float32 [n, num_vad_heads]."""
-        if not self.num_vad_heads:
+        if self._vad is None:
             return out.new_zeros(out.shape[0], 0)
-        logits = F.linear(out, self._vad).view(out.shape[0], self.num_vad_heads, -1)
+        logits = self._vad(out).view(out.shape[0], self.num_vad_heads, -1)
         return torch.softmax(logits, dim=-1)[..., 0]
 
     def _check_sets(
