@@ -8,6 +8,7 @@ every call to the real stepper; nothing in production code knows about them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,17 +21,21 @@ from wyoming_kyutai.scheduler import Kept
 class Observed:
     """A real stepper (made by ``model``, which :class:`WrappedModel` sets) that records the
     calls made while serving (after warm-up); ``gated``: holds the worker before its first LM
-    pass until :meth:`release`; ``fail(slots)`` True: that pass raises, as a kernel would."""
+    pass until :meth:`release`; ``fail(slots)`` True: that pass raises, as a kernel would;
+    ``pass_seconds``: each LM pass takes at least this long, whatever its rows (a CPU slower
+    than real time, on which, as on real ones, a pass's rows cost about what one does)."""
 
     def __init__(
         self,
         model: Any,
         gated: bool = False,
         fail: Callable[[list[int]], bool] | None = None,
+        pass_seconds: float = 0.0,
     ) -> None:
         self.model = model
         self.inner: Any = None
         self.fail = fail
+        self.pass_seconds = pass_seconds
         self.serving = False
         self.encodes: list[tuple[list[int], int]] = []  # (slots, frames per slot)
         self.passes: list[tuple[list[int], list[int], list[int]]] = []  # slots, rows, kept
@@ -85,7 +90,9 @@ class Observed:
                 self.guesses_checked += 1
                 if guesses[i][j - 1] != unkept[j - 1]:
                     self.guesses_wrong.append((slot, j, guesses[i][j - 1], unkept[j - 1]))
+        started = time.monotonic()
         out = self.inner.lm_pass(slots, codes, guesses)
+        time.sleep(max(0.0, self.pass_seconds - (time.monotonic() - started)))  # a slower CPU
         for slot, result in zip(slots, out, strict=True):
             self._unkept[slot] = list(result.ahead)
         self.passes.append(([*slots], [len(c) for c in codes], [len(k.tokens) for k in out]))

@@ -14,6 +14,7 @@ import torch
 from tests.audio_gen import speechlike
 from tests.reference import reference_tokens
 from tests.steppers import Observed
+from wyoming_kyutai.audio import FRAME_SAMPLES
 from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
 from wyoming_kyutai.loaded_model import LeanModel, LoadedModel
@@ -454,3 +455,40 @@ async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_re
     finally:
         calls.release()
         eng.stop()
+
+
+async def test_a_stream_the_cpu_cannot_keep_up_with_stays_within_max_lag(
+    tiny_dir: Path,
+) -> None:
+    """A CPU half as fast as real time (an LM pass takes 0.16 s, a frame is 0.08 s) and 3 s
+    of audio, sent at once: the stream sheds its oldest audio rather than trailing further
+    behind the speaker, so its end comes within the bound after the audio would have ended
+    (plus its flush), not 4 s later; the results say what was shed, and their step indices
+    keep the audio's timeline."""
+    model = load_model(str(tiny_dir), device="cpu", quantize="int8", runtime="lean")
+    slow = Observed(model, pass_seconds=0.16)
+    max_lag = 0.4
+    eng = Engine(model, slots=1, make_stepper=slow, max_lag=max_lag)
+    eng.start()
+    try:
+        stream = await eng.open_stream()
+        audio = _audio(3.0, seed=21)
+        stream.push(audio)
+        spoken_by = time.monotonic()  # the clock starts as if it were spoken just now...
+        stream.finish()
+        results = []
+        while (result := await stream.get()) is not None:
+            results.append(result)
+        took = time.monotonic() - spoken_by - 3.0  # ...so a speaker ended 3 s later
+        stream.close()
+    finally:
+        eng.stop()
+    frames = len(audio) // FRAME_SAMPLES + model.flush_frames + 1  # + the padded last one
+    shed = sum(r.shed for r in results)
+    assert 0 < shed < len(audio) // FRAME_SAMPLES and stream.shed_frames == shed
+    assert len(results) + shed == frames  # every frame stepped or shed, none twice
+    assert [r.step for r in results] == sorted({r.step for r in results})
+    assert results[-1].step == frames - 1  # the timeline: indices skip what was shed
+    # the bound plus the flush, at worst one step a pass, and two passes of slack
+    limit = max_lag + (model.flush_frames + 2) * slow.pass_seconds
+    assert took < limit, (took, limit)

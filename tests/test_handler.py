@@ -43,10 +43,12 @@ class FakeModel:
 
 
 class ScriptedStream:
-    """Gives SCRIPT[i] for the i-th 1920-sample frame pushed; padding+pause 0 after."""
+    """Gives SCRIPT[i] for the i-th 1920-sample frame pushed; padding+pause 0 after;
+    ``shed``: step index: frames dropped unheard before it (the engine's lag bound)."""
 
-    def __init__(self, script: list[tuple[int, float]]) -> None:
+    def __init__(self, script: list[tuple[int, float]], shed: dict[int, int] | None = None) -> None:
         self.script = script
+        self.shed = shed or {}
         self.queue: asyncio.Queue[StepResult | None] = asyncio.Queue()
         self.samples = 0
         self.steps = 0
@@ -55,7 +57,9 @@ class ScriptedStream:
 
     def _emit(self) -> None:
         token, pause = self.script[self.steps] if self.steps < len(self.script) else (3, 0.0)
-        self.queue.put_nowait(StepResult(self.steps, token, (0.0, 0.0, pause, 0.0), 0.0))
+        shed = self.shed.get(self.steps, 0)
+        result = StepResult(self.steps, token, (0.0, 0.0, pause, 0.0), 0.0, shed)
+        self.queue.put_nowait(result)
         self.steps += 1
 
     def push(self, samples: np.ndarray) -> None:
@@ -81,15 +85,21 @@ class ScriptedStream:
 
 
 class ScriptedEngine:
-    def __init__(self, busy: bool = False, script: list[tuple[int, float]] = SCRIPT) -> None:
+    def __init__(
+        self,
+        busy: bool = False,
+        script: list[tuple[int, float]] = SCRIPT,
+        shed: dict[int, int] | None = None,
+    ) -> None:
         self.busy = busy
         self.script = script
+        self.shed = shed
         self.streams: list[ScriptedStream] = []
 
     async def open_stream(self, wait: float = 0.0) -> ScriptedStream:
         if self.busy:
             raise EngineBusy("all 1 slots are busy")
-        stream = ScriptedStream(self.script)
+        stream = ScriptedStream(self.script, self.shed)
         self.streams.append(stream)
         return stream
 
@@ -187,3 +197,16 @@ async def test_no_speech_ends_the_turn_with_an_empty_transcript() -> None:
     assert transcript.data["context"]["ended_by"] == "no-speech"
     assert sent[-1].type == "transcript-stop"
     assert engine.streams[0].steps <= 7  # ended at 0.4 s of audio, not at the end
+
+
+async def test_audio_shed_by_the_lag_bound_is_counted_in_the_transcript() -> None:
+    """The engine dropped 5 frames unheard (the CPU fell max_lag behind): the transcript's
+    stats say so, for the client and the logs; nothing else changes."""
+    engine = ScriptedEngine(shed={3: 5})
+    handler, sent = _handler(engine, EndOfTurnSettings(enabled=False))
+    await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
+    await handler.handle_event(_chunk(10))
+    await handler.handle_event(AudioStop().event())
+    transcript = next(e for e in sent if e.type == "transcript")
+    assert transcript.data["context"]["stats"]["shed_seconds"] == 0.4
+    assert transcript.data["text"] == "turn on the kitchen"

@@ -6,7 +6,11 @@ either. ``_outcome`` scripts what the model keeps of a pass.
 
 from __future__ import annotations
 
+import itertools
+
 from wyoming_kyutai.scheduler import (
+    LOOKAHEAD_MIN_ACCEPTANCE,
+    LOOKAHEAD_PROBE_PASSES,
     POOR_PASSES_BEFORE_STEPS,
     Claim,
     Frame,
@@ -238,3 +242,99 @@ def test_a_stream_ends_once_all_its_audio_is_stepped() -> None:
     assert len(rows[0].steps) == 2  # start + the frame: not a run (too short to gain)
     out = sched.apply(rows, _keep_all(rows), 0.0)
     assert out.ended == ["a"] and not sched.has_work()
+
+
+# ---------------------------------------------------------------- bounded lag, adaptive look-ahead
+def test_a_stream_past_max_lag_sheds_its_oldest_audio_and_keeps_its_timeline() -> None:
+    sched = Scheduler(2, FLUSH, lookahead=1, frames_per_call=4, max_lag=1.0)
+    late, fine = _open(sched, "late"), _open(sched, "fine")
+    _past_the_start(sched)
+    # 20 frames complete from 1.01 s to 1.96 s, 50 ms apart
+    sched.add_frames(late, [Frame(f"old{i}", 1.01 + 0.05 * i) for i in range(20)])
+    sched.add_frames(fine, _frames(2, at=1.9))
+    _encode_all(sched)  # 4 of late's frames become steps, 16 still wait as samples
+    assert sched.shed(1.9) == []  # the oldest is 0.89 s old: within the bound
+    # at 2.05 s late's oldest audio is 1.04 s old: all older than 0.5 x max_lag (complete by
+    # 1.55 s) goes, steps first, then frames; the other stream keeps its recent audio
+    assert sched.shed(2.05) == [("late", 11)]
+    slot = sched.slots[late.index]
+    assert not slot.steps
+    assert [f.samples for f in slot.frames] == [f"old{i}" for i in range(11, 20)]
+    _encode_all(sched)
+    rows = sched.plan_pass()
+    out = sched.apply(rows, _keep_all(rows), 2.1)
+    # result indices skip the dropped frames, so word times stay right; the first result
+    # after the gap says how many frames were dropped
+    assert {(o, r.step, r.shed) for o, r in out.results} == {("late", 11, 11), ("fine", 0, 0)}
+    assert sched.shed(2.1) == []  # what waits is recent: no more shedding
+
+
+def test_shedding_keeps_the_start_step_the_flush_and_a_final_run() -> None:
+    sched = Scheduler(1, FLUSH, lookahead=4, max_lag=0.5)
+    claim = _open(sched, "a")
+    _started(sched)  # the start step waits, not yet stepped
+    flush = [Frame("silence", 0.0, flush=True) for _ in range(FLUSH)]
+    sched.add_frames(claim, [*_frames(10, at=0.0), *flush], last=True)
+    assert sched.shed(5.0) == [("a", 10)]
+    slot = sched.slots[claim.index]
+    assert [s.codes for s in slot.steps] == [None]  # the start step stays first
+    assert [f.samples for f in slot.frames] == ["silence"] * FLUSH
+    _encode_all(sched)
+    rows = sched.plan_pass()  # the start step, with the first of the flush
+    assert rows[0].steps[0].codes is None
+    sched.apply(rows, _keep_all(rows), 5.0)
+    assert sched.plan_pass() == [] and slot.in_run  # the rest of the flush: the final run
+    assert sched.shed(50.0) == []  # a final run is never cut
+    while rows := sched.plan_run():
+        sched.apply(rows, _keep_all(rows), 50.0)
+    assert not sched.has_work()
+
+
+def test_no_bound_never_sheds() -> None:
+    sched = _sched()
+    claim = _open(sched, "a")
+    sched.add_frames(claim, _frames(100, at=0.0))
+    assert sched.shed(1e6) == [] and len(sched.slots[claim.index].frames) == 100
+
+
+def _kept_first(rows: list[Rows]) -> list[Kept]:
+    """Every pass keeps only its first row: guesses that never hold (random weights)."""
+    return [Kept([5], [(0.1,)], ahead=[5] * (len(r.steps) - 1)) for r in rows]
+
+
+def test_lookahead_stops_where_guesses_do_not_pay_and_probes_again() -> None:
+    sched = _sched(slots=1, lookahead=4)
+    claim = _open(sched, "a")
+    _past_the_start(sched)
+    sched.add_frames(claim, _frames(60))
+    _encode_all(sched)
+    sizes = []
+    for _ in range(30):
+        rows = sched.plan_pass()
+        sizes.append(len(rows[0].steps))
+        sched.apply(rows, _kept_first(rows), 0.0)
+        _encode_all(sched)
+    # look-ahead rows while it hopes, plain steps once none of them is kept, then a probe of
+    # one extra row every LOOKAHEAD_PROBE_PASSES plain passes
+    assert sizes[0] == 4
+    first_plain = sizes.index(1)
+    assert first_plain <= 6 and all(s <= 2 for s in sizes[first_plain:])
+    probes = [i for i, s in enumerate(sizes) if i > first_plain and s == 2]
+    assert probes and all(
+        b - a == LOOKAHEAD_PROBE_PASSES + 1 for a, b in itertools.pairwise(probes)
+    )
+    assert sched.slots[claim.index].acceptance < LOOKAHEAD_MIN_ACCEPTANCE
+
+
+def test_lookahead_stays_where_guesses_hold() -> None:
+    sched = _sched(slots=1, lookahead=4)
+    claim = _open(sched, "a")
+    _past_the_start(sched)
+    sched.add_frames(claim, _frames(40))
+    _encode_all(sched)
+    sizes = []
+    while rows := sched.plan_pass():
+        sizes.append(len(rows[0].steps))
+        sched.apply(rows, _keep_all(rows), 0.0)  # a trained model padding: guesses hold
+        _encode_all(sched)
+    assert sizes == [4] * 10 and sched.slots[claim.index].acceptance == 1.0

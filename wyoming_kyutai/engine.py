@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import FRAME_SAMPLES
+from .audio import FRAME_SAMPLES, MODEL_RATE
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .loaded_model import LoadedModel
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
@@ -45,26 +45,45 @@ class EngineStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         # the silence prefix (2.6B model: 1 s) goes in as samples, exactly as Kyutai pads
         self._pending = np.zeros(engine.prefix_samples, dtype=np.float32)
+        self._framed = -engine.prefix_samples  # audio samples (prefix excluded) in frames so far
+        self._audio_start: float | None = None  # when the audio's first sample was spoken
         self._had_audio = False
         self.finished = False
         self.closed = False
+        self.shed_frames = 0  # audio frames dropped unheard (the engine fell max_lag behind)
 
     @property
     def slot_index(self) -> int:
         return self._claim.index
 
     def push(self, samples: np.ndarray) -> None:
-        """Queue 24 kHz mono float32 samples; whole 80 ms frames go to the worker at once."""
+        """Queue 24 kHz mono float32 samples; whole 80 ms frames go to the worker at once.
+
+        A frame is ready (its lag counts) when it arrived or when a speaker would have
+        finished saying it, whichever is later: the stream's clock starts at its first
+        samples, as spoken just before they arrived. So audio sent faster than real time
+        (a file) is not "late" before its time, and only a CPU that falls behind the
+        speaker makes lag."""
         if self.finished or self.closed or len(samples) == 0:
             return
+        now = time.monotonic()
+        if self._audio_start is None:
+            self._audio_start = now - len(samples) / MODEL_RATE
         self._had_audio = True
         buf = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         whole = len(buf) - len(buf) % FRAME_SAMPLES
         self._pending = buf[whole:]
         if whole:
-            now = time.monotonic()
-            frames = [Frame(f, now) for f in np.split(buf[:whole], whole // FRAME_SAMPLES)]
+            frames = [
+                Frame(f, self._ready_at(now)) for f in np.split(buf[:whole], whole // FRAME_SAMPLES)
+            ]
             self._engine._enqueue(self._claim, frames)
+
+    def _ready_at(self, now: float) -> float:
+        """When the next frame is ready (see :meth:`push`); counts it as framed."""
+        assert self._audio_start is not None
+        self._framed += FRAME_SAMPLES
+        return max(now, self._audio_start + self._framed / MODEL_RATE)
 
     def finish(self) -> None:
         """No more audio: pad the last frame, flush the model's delay, then end the results."""
@@ -79,10 +98,11 @@ class EngineStream:
         if len(self._pending):
             last = np.zeros(FRAME_SAMPLES, dtype=np.float32)
             last[: len(self._pending)] = self._pending
+            now = self._ready_at(now)
             frames.append(Frame(last, now))
             self._pending = np.zeros(0, dtype=np.float32)
         silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-        frames.extend(Frame(silence, now) for _ in range(self._engine.flush_frames))
+        frames.extend(Frame(silence, now, flush=True) for _ in range(self._engine.flush_frames))
         self._engine._enqueue(self._claim, frames, last=True)
 
     async def get(self) -> StepResult | None:
@@ -117,8 +137,9 @@ class Engine:
 
     ``max_frames_per_step``: most frames of one slot in one Mimi call (a backlog or the
     flush); ``lookahead``: most steps of a slot with a backlog in one LM pass (1: one step a
-    pass); ``make_stepper``: builds the stepper for a number of slots (default: the model's;
-    tests wrap it to observe or fail calls).
+    pass); ``max_lag``: seconds a stream's audio may wait before the oldest is shed (None: no
+    bound; see :meth:`.Scheduler.shed`); ``make_stepper``: builds the stepper for a number of
+    slots (default: the model's; tests wrap it to observe or fail calls).
     """
 
     def __init__(
@@ -128,11 +149,14 @@ class Engine:
         max_frames_per_step: int = FRAMES_PER_CALL,
         lookahead: int = LOOKAHEAD_STEPS,
         make_stepper: Callable[[int], Stepper] | None = None,
+        max_lag: float | None = None,
     ) -> None:
         self.model = model
         self.num_slots = slots
         self.flush_frames = model.flush_frames
-        self._scheduler = Scheduler(slots, self.flush_frames, lookahead, max_frames_per_step)
+        self._scheduler = Scheduler(
+            slots, self.flush_frames, lookahead, max_frames_per_step, max_lag=max_lag
+        )
         self._make_stepper = make_stepper or model.make_stepper
         self._cond = threading.Condition()
         self._running = False
@@ -277,8 +301,11 @@ class Engine:
         assert self.stepper is not None
         sched = self._scheduler
         with self._cond:
+            shed = sched.shed(time.monotonic())
             resets = sched.take_resets()
             audio = sched.take_audio()
+        for owner, frames in shed:
+            self._report_shed(_stream(owner), frames)
         touched += resets
         if resets:
             self.stepper.reset([claim.index for claim in resets])
@@ -311,6 +338,20 @@ class Engine:
         with self._cond:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
         self._deliver(outcome)
+
+    def _report_shed(self, stream: EngineStream, frames: int) -> None:
+        """One warning the first time a stream loses audio to the lag bound, debug after."""
+        level = logging.DEBUG if stream.shed_frames else logging.WARNING
+        stream.shed_frames += frames
+        _LOGGER.log(
+            level,
+            "Slot %d fell over max_lag (%.1f s) behind: dropped %.2f s of its audio unheard "
+            "(%.2f s so far); the CPU cannot keep up with the streams it has",
+            stream.slot_index,
+            self._scheduler.max_lag or 0.0,
+            frames / self.model.frame_rate,
+            stream.shed_frames / self.model.frame_rate,
+        )
 
     @staticmethod
     def _deliver(outcome: Outcome) -> None:

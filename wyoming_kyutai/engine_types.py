@@ -36,6 +36,9 @@ class StepResult:
     """Class-0 ("pause") probability of each VAD head; empty without heads."""
     lag: float
     """Seconds from the frame being complete (pushed) to its result being ready."""
+    shed: int = 0
+    """Frames of the stream dropped just before this one, unheard: the CPU fell more than
+    ``max_lag`` behind (the step index skips them)."""
 
 
 class Stream(Protocol):

@@ -100,11 +100,14 @@ class _OpenUtterance:
         self.voice_started = False
         self.task: asyncio.Task[None] | None = None
         self.lags: list[float] = []
+        self.shed_steps = 0
 
     def stats(self) -> dict[str, float | int]:
-        """How far the engine trailed this utterance's audio (seconds; frame complete → done)."""
+        """How far the engine trailed this utterance's audio (seconds; frame complete → done),
+        and how much of it was dropped unheard to stay within ``max_lag`` (``shed_seconds``)."""
+        shed = round(self.decoder.step_seconds * self.shed_steps, 2)
         if not self.lags:
-            return {"frames": 0}
+            return {"frames": 0, "shed_seconds": shed}
         ordered = sorted(self.lags)
         at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
         return {
@@ -112,6 +115,7 @@ class _OpenUtterance:
             "lag_p50": round(at(0.5), 4),
             "lag_p99": round(at(0.99), 4),
             "lag_max": round(ordered[-1], 4),
+            "shed_seconds": shed,
         }
 
 
@@ -269,6 +273,7 @@ class SttHandler:
             while (result := await utt.stream.get()) is not None:
                 if not utt.finishing:
                     utt.lags.append(result.lag)
+                utt.shed_steps += result.shed
                 update = utt.decoder.feed(result)
                 if update.delta:
                     await self._send_delta(utt, update.delta)

@@ -14,7 +14,13 @@ a finished stream's flush) puts several of its steps in one LM pass; the text in
 step after the first (the previous step's output, not known yet) is guessed, and the model
 keeps the rows up to the first wrong guess. A step a pass did not keep waits again with the
 pass's output of the step before it as its guess (Jacobi iteration): those outputs came from
-a wrong input somewhere before them, yet mostly hold.
+a wrong input somewhere before them, yet mostly hold. Each slot measures how many of its
+extra rows are kept (:attr:`SlotState.acceptance`); where too few are for them to pay, it
+steps plainly, with an occasional probe to see whether guessing pays again.
+
+Lag stays bounded (``max_lag``): a stream the CPU cannot keep up with (a neighbour process
+took a core, more satellites than the CPU carries) loses its oldest waiting audio rather than
+trailing further and further behind (:meth:`Scheduler.shed`); its results say how much.
 """
 
 from __future__ import annotations
@@ -37,6 +43,19 @@ pass of 4 rows costs about 1.2 steps on a 2-core CPU, 16 rows 2.5), so they go t
 longest backlogs rather than to every slot."""
 RUN_MARGIN_FRAMES = 2
 """Frames beyond the flush that may still go in a finished stream's final run."""
+LOOKAHEAD_MIN_ACCEPTANCE = 0.25
+"""A slot gets look-ahead rows while at least this share of them is kept (its running
+:attr:`SlotState.acceptance`): an extra row costs about a tenth of a step (a pass of 4 rows
+about 1.3 steps at batch 1, 16 rows 2.5), a kept one saves a whole step; the margin covers
+CPUs where rows cost more."""
+ACCEPTANCE_WEIGHT = 0.3
+"""Weight of a pass's share of kept extra rows in the slot's running acceptance."""
+LOOKAHEAD_PROBE_PASSES = 8
+"""A slot whose guesses did not pay gets one extra row again after this many plain passes,
+to see whether they pay now (a stream's text changes: words, then padding)."""
+SHED_TO = 0.5
+"""Shedding drops a lagging stream's waiting audio older than this share of ``max_lag``: it
+loses one stretch of audio, then has room before the next, rather than a frame every pass."""
 POOR_PASSES_BEFORE_STEPS = 2
 """Passes of a final run in a row, its slot alone, that kept a single step; after them the
 slot goes on one row a pass (a pass of many rows costs more than a step). While other slots
@@ -49,7 +68,11 @@ class Frame:
 
     samples: Any
     ready_at: float
-    """When the frame was complete (the engine's clock): its result's lag counts from here."""
+    """When the frame was complete (the engine's clock; for audio sent faster than real time,
+    when it would have been): its result's lag counts from here."""
+    flush: bool = False
+    """One of the silent frames after the stream's audio: never shed (the last words need
+    them)."""
 
 
 @dataclass
@@ -93,8 +116,14 @@ class SlotState:
     """The model failed on this stream: nothing more is computed for it."""
     poor_passes: int = 0
     """Final-run passes in a row, alone, that kept one step (see POOR_PASSES_BEFORE_STEPS)."""
+    acceptance: float = 1.0
+    """Running share of this stream's extra (look-ahead) rows that were kept."""
+    plain_passes: int = 0
+    """Passes in a row without look-ahead rows since its acceptance fell below the floor."""
     delivered: int = 0
     """Results handed out (the index of the next one)."""
+    shed: int = 0
+    """Frames shed since the last result (the next result carries the count)."""
 
     def reset(self, owner: object | None) -> None:
         """A new stream (or none) holds the slot: nothing waiting, the model state to reset."""
@@ -103,7 +132,23 @@ class SlotState:
         self.steps.clear()
         self.needs_reset = owner is not None
         self.finishing = self.in_run = self.failed = False
-        self.poor_passes = self.delivered = 0
+        self.poor_passes = self.plain_passes = self.delivered = self.shed = 0
+        self.acceptance = 1.0
+
+    @property
+    def guesses_pay(self) -> bool:
+        """Whether its look-ahead rows are kept often enough to pay (or a probe is due)."""
+        return (
+            self.acceptance >= LOOKAHEAD_MIN_ACCEPTANCE
+            or self.plain_passes >= LOOKAHEAD_PROBE_PASSES
+        )
+
+    def oldest(self) -> float | None:
+        """When the oldest audio waiting in the slot (as codes or as samples) was complete."""
+        for step in self.steps:
+            if step.ready_at is not None:
+                return step.ready_at
+        return self.frames[0].ready_at if self.frames else None
 
     @property
     def claim(self) -> Claim:
@@ -166,7 +211,8 @@ class Scheduler:
     """The plan of every iteration over ``slots`` batch slots.
 
     ``lookahead``: most steps of one slot in a pass (1: every pass steps each slot once, and
-    so does a final run); ``flush_frames``: the silent frames after a stream's audio.
+    so does a final run); ``flush_frames``: the silent frames after a stream's audio;
+    ``max_lag``: seconds a stream's audio may wait before it is shed (None: no bound).
     """
 
     def __init__(
@@ -176,6 +222,7 @@ class Scheduler:
         lookahead: int = LOOKAHEAD_STEPS,
         frames_per_call: int = FRAMES_PER_CALL,
         lookahead_rows: int = LOOKAHEAD_ROWS,
+        max_lag: float | None = None,
     ) -> None:
         if min(slots, lookahead, frames_per_call) < 1 or min(flush_frames, lookahead_rows) < 0:
             raise ValueError(
@@ -187,6 +234,9 @@ class Scheduler:
         self.lookahead = lookahead
         self.frames_per_call = frames_per_call
         self.lookahead_rows = lookahead_rows
+        if max_lag is not None and not max_lag > 0:
+            raise ValueError("max_lag must be above 0 seconds (None: no bound)")
+        self.max_lag = max_lag
 
     # ------------------------------------------------------------ slot lifecycle
     def take(self, make_owner: Callable[[int], object]) -> Claim | None:
@@ -252,6 +302,39 @@ class Scheduler:
             if slot.holds(claim):
                 slot.steps.appendleft(Step(None, None))
 
+    def shed(self, now: float) -> list[tuple[object, int]]:
+        """Keep every stream within ``max_lag`` of real time: a slot whose oldest waiting
+        audio is older than that drops its waiting steps, then frames, oldest first, down to
+        those younger than ``SHED_TO * max_lag``. Its start step and flush frames stay, a
+        final run is never cut, and result indices skip the dropped frames (word times stay
+        right). Returns (stream, frames dropped) of the streams shed now."""
+        if self.max_lag is None:
+            return []
+        shed = []
+        for slot in self.slots:
+            oldest = slot.oldest()
+            if not slot.live or slot.in_run or oldest is None or now - oldest <= self.max_lag:
+                continue
+            keep_after = now - SHED_TO * self.max_lag
+            start = slot.steps.popleft() if slot.steps and slot.steps[0].codes is None else None
+            dropped = 0
+            while slot.steps and _before(slot.steps[0].ready_at, keep_after):
+                slot.steps.popleft()
+                dropped += 1
+            while not slot.steps and slot.frames:
+                frame = slot.frames[0]
+                if frame.flush or frame.ready_at > keep_after:
+                    break
+                slot.frames.popleft()
+                dropped += 1
+            if start is not None:
+                slot.steps.appendleft(start)
+            if dropped:
+                slot.delivered += dropped
+                slot.shed += dropped
+                shed.append((slot.owner, dropped))
+        return shed
+
     def take_audio(self) -> list[Encode]:
         """The frames to encode now, slots with as many frames grouped for one Mimi call.
 
@@ -300,7 +383,8 @@ class Scheduler:
         alone = len(running) == 1
         rows = []
         for slot in running:
-            plain = self.lookahead == 1 or (alone and slot.poor_passes >= POOR_PASSES_BEFORE_STEPS)
+            poor = slot.poor_passes >= POOR_PASSES_BEFORE_STEPS or not slot.guesses_pay
+            plain = self.lookahead == 1 or (alone and poor)
             rows.append(self._rows(slot, 1 if plain else len(slot.steps)))
         return rows
 
@@ -323,11 +407,13 @@ class Scheduler:
             slot.steps.extendleft(reversed(unkept))
             if slot.in_run:
                 slot.poor_passes = slot.poor_passes + 1 if alone and count < 2 else 0
+            self._measure_guesses(slot, len(row.steps), count)
             for step, token, pauses in zip(row.steps, result.tokens, result.pauses, strict=False):
                 if step.ready_at is not None:
-                    lag = now - step.ready_at
+                    lag = max(0.0, now - step.ready_at)
+                    shed, slot.shed = slot.shed, 0
                     outcome.results.append(
-                        (slot.owner, StepResult(slot.delivered, token, pauses, lag))
+                        (slot.owner, StepResult(slot.delivered, token, pauses, lag, shed))
                     )
                     slot.delivered += 1
             if slot.finishing and not slot.frames and not slot.steps:
@@ -336,21 +422,33 @@ class Scheduler:
         return outcome
 
     # ------------------------------------------------------------ rules
+    @staticmethod
+    def _measure_guesses(slot: SlotState, rows: int, kept: int) -> None:
+        """Fold a pass's share of kept extra rows into the slot's acceptance."""
+        if rows < 2:
+            slot.plain_passes += 1
+            return
+        share = (kept - 1) / (rows - 1)
+        slot.acceptance += ACCEPTANCE_WEIGHT * (share - slot.acceptance)
+        slot.plain_passes = 0
+
     def _rows(self, slot: SlotState, count: int) -> Rows:
         return Rows(slot.claim, [slot.steps.popleft() for _ in range(count)])
 
     def _counts(self, slots: Sequence[SlotState]) -> dict[int, int]:
         """How many of each slot's waiting steps go in a pass: one, and ``lookahead_rows``
-        extra rows to the longest backlogs (up to ``lookahead`` steps a slot)."""
+        extra rows to the longest backlogs (up to ``lookahead`` steps a slot) whose guesses
+        pay (:attr:`SlotState.guesses_pay`); a slot due a probe gets one."""
         counts = {slot.index: 1 for slot in slots}
-        eager = [slot for slot in slots if min(len(slot.steps), self.lookahead) > 1]
+        eager = [s for s in slots if min(len(s.steps), self.lookahead) > 1 and s.guesses_pay]
         spare = self.lookahead_rows
         while spare and eager:
             eager.sort(key=lambda s: counts[s.index] - len(s.steps))  # most left to step first
             slot = eager[0]
             counts[slot.index] += 1
             spare -= 1
-            if counts[slot.index] >= min(len(slot.steps), self.lookahead):
+            probe = slot.acceptance < LOOKAHEAD_MIN_ACCEPTANCE
+            if probe or counts[slot.index] >= min(len(slot.steps), self.lookahead):
                 eager.pop(0)
         return counts
 
@@ -371,3 +469,8 @@ class Scheduler:
         """A finished stream's frames and steps left all fit a final run it may join."""
         left = len(slot.steps) + len(slot.frames)
         return slot.finishing and left <= self.flush_frames + RUN_MARGIN_FRAMES + self.lookahead
+
+
+def _before(ready_at: float | None, time: float) -> bool:
+    """Whether audio complete at ``ready_at`` (None: no audio) is at ``time`` or older."""
+    return ready_at is not None and ready_at <= time

@@ -116,6 +116,13 @@ class Settings:
         max=4096,
     )
     slot_wait: float = _s(2.0, "seconds to wait for a free slot before answering busy", min=0)
+    max_lag: float = _s(
+        1.0,
+        "seconds a stream may fall behind its audio; past that, when the CPU cannot keep up, "
+        "its oldest waiting audio is dropped unheard (logged, and counted in the transcript's "
+        "stats) so that the transcript never comes minutes late (0: no bound)",
+        min=0,
+    )
     # --- end of turn
     end_of_turn: bool = _s(True, "end utterances early with the model's semantic VAD", group="turn")
     end_of_turn_head: int = _s(
