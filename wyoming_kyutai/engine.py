@@ -304,8 +304,8 @@ class Engine:
             shed = sched.shed(time.monotonic())
             resets = sched.take_resets()
             audio = sched.take_audio()
-        for owner, frames in shed:
-            self._report_shed(_stream(owner), frames)
+        for owner, dropped in shed:
+            self._report_shed(_stream(owner), dropped)
         touched += resets
         if resets:
             self.stepper.reset([claim.index for claim in resets])
