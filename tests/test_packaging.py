@@ -38,8 +38,10 @@ def test_one_version_everywhere() -> None:
     addon = yaml.safe_load((ROOT / "addon/kyutai_stt/config.yaml").read_text(encoding="utf-8"))
     assert addon["version"] == version
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    first = re.search(r"^## (\S+)", changelog, re.MULTILINE)
-    assert first is not None and first.group(1) == version
+    # the newest version's entry comes first, after what is not released yet, if anything
+    headings = re.findall(r"^## (.+)$", changelog, re.MULTILINE)
+    released = headings[1:] if headings[:1] == ["Unreleased"] else headings
+    assert released[:1] == [version] and "Unreleased" not in released
     # the add-on shows the project's changelog, not a copy of it
     addon_changelog = ROOT / "addon/kyutai_stt/CHANGELOG.md"
     assert addon_changelog.is_symlink()
