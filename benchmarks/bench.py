@@ -891,28 +891,21 @@ def end_of_speech(ckpt: Path, runs: int, threads: int) -> dict[str, Any]:
         server.stop()
 
 
-def auto_choice(ckpt: Path) -> dict[str, Any]:
-    """What ``quantize: auto`` picks on this CPU and why: the load-time trial
-    (:mod:`wyoming_kyutai.runtime.weights_trial`) on the checkpoint, on its own, with 4-bit
-    always timed."""
-    from wyoming_kyutai.checkpoint_files import resolve_checkpoint
-    from wyoming_kyutai.model_loading import read_mimi_config
-    from wyoming_kyutai.runtime.linear import pick_quantized_engine
-    from wyoming_kyutai.runtime.lm import LmConfig
-    from wyoming_kyutai.runtime.weights import WeightFile
-    from wyoming_kyutai.runtime.weights_trial import choose
+def auto_choice() -> dict[str, Any]:
+    """What ``quantize: auto`` picks on this CPU and why: its rule
+    (:mod:`wyoming_kyutai.runtime.auto_weights`: int8 wherever torch has an int8 engine, no
+    timing), with the int8 engine and the 4-bit kernel this torch has. int8 and 4-bit are
+    timed against each other by the steps rows and the LM weights phase."""
+    from wyoming_kyutai.runtime.auto_weights import choose
+    from wyoming_kyutai.runtime.linear import int4_available, pick_int4_kernel, quantized_engine
 
-    files = resolve_checkpoint(str(ckpt), None, True)
-    frame_ms = 1000 / read_mimi_config(files).frame_rate
-    pick_quantized_engine()
-    config = LmConfig.from_dict(files.raw_config)
-    weights, reason, trial = choose(WeightFile(files.lm_weights), config, frame_ms, both=True)
-    times = ("int8_ms", "int4_ms", "int8_burst_ms", "int4_burst_ms")
-    out: dict[str, Any] = {"weights": weights, "reason": reason}
-    for name in times:
-        value = getattr(trial, name)
-        out[name] = None if value is None else round(value, 1)
-    return out
+    auto = choose()
+    return {
+        "weights": auto.weights,
+        "reason": auto.reason,
+        "int8_engine": quantized_engine(),
+        "int4_kernel": pick_int4_kernel() if int4_available() else None,
+    }
 
 
 def weights_trial(
@@ -1025,7 +1018,7 @@ PHASES: dict[str, Any] = {
     "floor": lambda c, b: lm_floor(Path(c), b),
     "mimi_floor": lambda c, b, bf16=True: mimi_floor(Path(c), b, bf16=bf16),
     "memory": lambda c, n: memory(Path(c), n),
-    "auto": lambda c: auto_choice(Path(c)),
+    "auto": lambda: auto_choice(),
     "weights": lambda c, q, t, s: weights_trial(Path(c), q, t, s),
 }
 
@@ -1158,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for t in thread_settings
     ]
-    result["auto"] = phase("auto", c)
+    result["auto"] = phase("auto")
     say(f"quantize auto: {result['auto']}")
     say("LM weights through the server...")
     lengths = [5.0, 60.0]

@@ -440,7 +440,12 @@ def _flush_and_lookahead_rows(result: dict[str, Any]) -> list[str]:
 def _weights_rows(result: dict[str, Any]) -> list[str]:
     lines = []
     auto = result.get("auto")
-    if auto:
+    if auto and "int8_ms" not in auto:
+        lines.append(
+            f"| quantize auto (a rule, no timing: int8 wherever torch has an int8 engine) | "
+            f"**{auto['weights']}**: {auto['reason']} |"
+        )
+    elif auto:  # a result from before the rule: the load-time trial's own figures
         lines.append(
             f"| quantize auto (load-time trial: LM products a step, 1 stream) | "
             f"**{auto['weights']}**: {auto['reason']}"

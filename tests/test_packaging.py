@@ -7,6 +7,7 @@ import ast
 import importlib
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def test_one_version_everywhere() -> None:
     addon = yaml.safe_load((ROOT / "addon/kyutai_stt/config.yaml").read_text(encoding="utf-8"))
     assert addon["version"] == version
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    first = re.search(r"^## (\S+)", changelog, re.MULTILINE)
-    assert first is not None and first.group(1) == version
+    # the newest version's entry comes first, after what is not released yet, if anything
+    headings = re.findall(r"^## (.+)$", changelog, re.MULTILINE)
+    released = headings[1:] if headings[:1] == ["Unreleased"] else headings
+    assert released[:1] == [version] and "Unreleased" not in released
     # the add-on shows the project's changelog, not a copy of it
     addon_changelog = ROOT / "addon/kyutai_stt/CHANGELOG.md"
     assert addon_changelog.is_symlink()
@@ -78,6 +81,73 @@ def test_python_dash_m_keeps_working() -> None:
             timeout=60,
         )
         assert proc.returncode == 0 and proc.stdout.strip() == wyoming_kyutai.__version__
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every command the README names, as argv: the console scripts (``wyoming-kyutai...``,
+    installed beside this Python) and the ``python -m`` forms of our own packages, with
+    ``module[.a|.b]`` expanded to ``module``, ``module.a`` and ``module.b``."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    scripts = sorted(set(re.findall(r"\bwyoming-kyutai(?:-[a-z]+)*(?![\w-])", readme)))
+    modules: set[str] = set()
+    for base, alternatives in re.findall(
+        r"\bpython3? -m\s+([A-Za-z_][\w.]*)(?:\[([^\]\s]+)\])?", readme
+    ):
+        if base.split(".")[0] not in ("wyoming_kyutai", "benchmarks"):
+            continue  # the standard library's (python3 -m venv)
+        modules.add(base)
+        modules.update(base + alt for alt in alternatives.split("|") if alternatives)
+    bin_dir = Path(sys.executable).parent
+    return [[str(bin_dir / name)] for name in scripts] + [
+        [sys.executable, "-m", module] for module in sorted(modules)
+    ]
+
+
+def test_the_readme_names_the_commands_and_their_modules() -> None:
+    commands = _readme_commands()
+    names = {Path(c[0]).name for c in commands if len(c) == 1}
+    assert names == set(SCRIPTS)  # no command named that is not installed, none left out
+    modules = {c[2] for c in commands if len(c) == 3}
+    # each console script also runs as python -m (its module, or the package for __main__)
+    for target in SCRIPTS.values():
+        module = target.partition(":")[0].removesuffix(".__main__")
+        assert module in modules, f"the README does not name python -m {module}"
+
+
+def test_every_command_the_readme_names_runs() -> None:
+    """Each one's ``--help`` as a real subprocess (all at once, so it takes a few seconds): a
+    renamed module or a script pointing at one fails here, not for a user."""
+    commands = _readme_commands()
+    for command in commands:
+        assert Path(command[0]).is_file(), f"{command[0]} is not installed: run script/setup"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WYOMING_KYUTAI_")}
+    procs = [
+        (
+            command,
+            subprocess.Popen(
+                [*command, "--help"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            ),
+        )
+        for command in commands
+    ]
+    failed = []
+    try:
+        for command, proc in procs:
+            out, err = proc.communicate(timeout=120)
+            if proc.returncode != 0 or not out.startswith("usage: "):
+                shown = " ".join([Path(command[0]).name, *command[1:]])
+                failed.append(f"{shown} --help: exit {proc.returncode}: {(err or out)[-500:]}")
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not failed, "\n".join(failed)
 
 
 def _imported_distributions() -> set[str]:

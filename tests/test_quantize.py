@@ -11,71 +11,95 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import yaml
 
 from tests.audio_gen import speechlike, to_pcm, write_wav
 from tests.wyoming_io import Client, final_text, running_app
+from wyoming_kyutai import __main__ as server_main
 from wyoming_kyutai.checkpoint_files import CheckpointError
 from wyoming_kyutai.loaded_model import LeanModel
-from wyoming_kyutai.model_loading import load_model, pick_lm_weights
-from wyoming_kyutai.runtime import weights_trial
-from wyoming_kyutai.runtime.linear import Int4Linear, Linear, pick_quantized_engine
-from wyoming_kyutai.runtime.lm import LmConfig
-from wyoming_kyutai.runtime.weights import WeightFile
-from wyoming_kyutai.runtime.weights_trial import Trial, decide, run_trial
+from wyoming_kyutai.model_loading import load_model, pick_lm_weights, resolve_lm_weights
+from wyoming_kyutai.runtime import auto_weights, linear
+from wyoming_kyutai.runtime.linear import Int4Linear, Linear, quantized_engine
+from wyoming_kyutai.settings import settings_from_args
+
+INT8_REASON = "int8 kernels; auto never picks 4-bit where int8 runs"
 
 
-def test_auto_is_settled_at_load_on_the_cpu_and_float32_with_moshi() -> None:
-    assert pick_lm_weights("auto", "lean") == "auto"
+def test_auto_is_settled_by_the_rule_on_the_cpu_and_float32_with_moshi() -> None:
+    assert quantized_engine() is not None  # every CPU the tests run on has int8 kernels
+    assert pick_lm_weights("auto", "lean") == "int8"
     assert pick_lm_weights("auto", "moshi") == "float32"
     assert [pick_lm_weights(q, "lean") for q in ("none", "int8", "int4")] == [
         "float32",
         "int8",
         "int4",
     ]
+    assert resolve_lm_weights("int8", "lean") == ("int8", None)  # a reason only for auto
+    assert resolve_lm_weights("auto", "moshi") == (
+        "float32",
+        "runtime moshi has no quantized weights; lean (CPU) has",
+    )
 
 
 @pytest.mark.parametrize(
-    ("int8_ms", "int4_ms", "weights", "why"),
+    ("engine", "int4", "weights", "why"),
     [
-        (30.0, None, "int8", "int8 products 30 ms a step, within 50% of the 80 ms frame"),
-        (40.0, 10.0, "int8", "within 50%"),  # fits: int8's closer output wins
-        (45.0, 30.0, "int4", "over 50% of the 80 ms frame; 4-bit 30 ms (1.50x)"),
-        (45.0, 40.0, "int8", "4-bit 40 ms (1.12x) is not 1.25x faster"),
-        (45.0, 80.0, "int8", "4-bit 80 ms (0.56x)"),  # torch's AVX2 4-bit kernel
-        (45.0, None, "int8", "4-bit not measured"),
+        ("x86", True, "int8", f"this CPU has the x86 {INT8_REASON}"),
+        ("fbgemm", False, "int8", f"this CPU has the fbgemm {INT8_REASON}"),
+        ("qnnpack", True, "int8", f"this CPU has the qnnpack (ARM) {INT8_REASON}"),
+        (
+            None,
+            True,
+            "int4",
+            "this torch has no int8 engine for this CPU, but its 4-bit kernel (int4pack) runs; "
+            "the text head stays float32",
+        ),
+        (None, False, "float32", "this torch has neither an int8 engine for this CPU nor"),
     ],
 )
-def test_auto_keeps_int8_unless_it_is_too_slow_and_4_bit_clearly_faster(
-    int8_ms: float, int4_ms: float | None, weights: str, why: str
+def test_auto_is_int8_wherever_an_int8_engine_runs(
+    monkeypatch: pytest.MonkeyPatch, engine: str | None, int4: bool, weights: str, why: str
 ) -> None:
-    burst = None if int4_ms is None else 50.0
-    chosen, reason = decide(Trial(80.0, int8_ms, int4_ms, None, burst, burst))
-    assert chosen == weights
-    assert why in reason
+    monkeypatch.setattr(auto_weights, "quantized_engine", lambda: engine)
+    monkeypatch.setattr(auto_weights, "int4_available", lambda: int4)
+    monkeypatch.setattr(auto_weights, "pick_int4_kernel", lambda: "int4pack")
+    choice = auto_weights.choose()
+    assert choice.weights == weights
+    assert choice.reason.startswith(why)
+    assert resolve_lm_weights("auto", "lean") == (weights, choice.reason)
 
 
-def test_auto_keeps_int8_where_4_bit_is_slower_for_a_catch_up_passes_rows() -> None:
-    # AVX-512 today: 4-bit faster for one row, slower for 4 (the look-ahead's passes)
-    chosen, reason = decide(Trial(80.0, 45.0, 30.0, None, 50.0, 60.0))
-    assert chosen == "int8"
-    assert reason.endswith("4-bit 30 ms (1.50x), but slower for 4 rows (60 ms against int8's 50)")
-    assert decide(Trial(80.0, 45.0, 30.0, None, 50.0, 45.0))[0] == "int4"
-
-
-def test_the_trial_times_the_checkpoints_layers_both_ways_only_when_int8_is_slow(
-    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_quantized_engine_is_the_one_int8_weights_are_packed_for(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    weights = WeightFile(tiny_dir / "model.safetensors")
-    config = LmConfig.from_dict(json.loads((tiny_dir / "config.json").read_text()))
-    pick_quantized_engine()
-    monkeypatch.setattr(weights_trial, "FRAME_SHARE", 1e9)  # int8 always fits
-    fits = run_trial(weights, config, frame_ms=80.0)
-    assert fits.int8_ms > 0 and fits.int4_ms is None and fits.int4_error is None
-    assert fits.int8_burst_ms is None  # nothing more is timed
-    monkeypatch.setattr(weights_trial, "FRAME_SHARE", 0.0)  # int8 never fits
-    slow = run_trial(weights, config, frame_ms=80.0)
-    assert slow.int4_ms is not None and slow.int4_ms > 0 and slow.int4_error is None
-    assert slow.int8_burst_ms and slow.int4_burst_ms  # and for a burst's rows
+    assert quantized_engine(["qnnpack", "onednn", "x86", "fbgemm"]) == "x86"
+    assert quantized_engine(["qnnpack", "onednn"]) == "qnnpack"  # never onednn: rows differ
+    assert quantized_engine(["onednn", "none"]) is None
+    monkeypatch.setattr(linear, "quantized_engine", lambda: None)
+    with pytest.raises(RuntimeError, match="no quantized engine"):
+        linear.pick_quantized_engine()
+
+
+def test_auto_reads_no_clock_so_load_cannot_move_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same choice at every start, busy or idle: the rule times nothing (any clock it
+    read would raise here), so it is the same on every call."""
+    import time
+
+    def no_clock(*args: Any) -> Any:
+        raise AssertionError("quantize auto read a clock")
+
+    for name in ("perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time"):
+        monkeypatch.setattr(time, name, no_clock)
+    monkeypatch.setattr(time, "process_time", no_clock)
+    linear.int4_available.cache_clear()  # asked afresh, under the patch
+    linear.kleidiai_available.cache_clear()
+    choices = {auto_weights.choose() for _ in range(10)}
+    assert len(choices) == 1
+    assert {resolve_lm_weights("auto", "lean") for _ in range(10)} == {
+        (c.weights, c.reason) for c in choices
+    }
 
 
 def _load_auto(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> LeanModel:
@@ -85,59 +109,85 @@ def _load_auto(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> LeanModel:
     return model
 
 
-@pytest.mark.parametrize(("share", "weights"), [(1e9, "int8"), (0.0, "int4")])
-def test_auto_loads_what_the_trial_decides_and_logs_why(
-    tiny_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    share: float,
-    weights: str,
+def test_auto_loads_int8_here_and_logs_why(
+    tiny_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # share 0: int8 never fits, as on a CPU too slow for it; speed-ups of 0 accept any 4-bit
-    monkeypatch.setattr(weights_trial, "FRAME_SHARE", share)
-    monkeypatch.setattr(weights_trial, "MIN_SPEEDUP", 0.0)
-    monkeypatch.setattr(weights_trial, "BURST_MIN_SPEEDUP", 0.0)
     model = _load_auto(tiny_dir, caplog)
-    assert model.lm_weights == weights
-    kind = Int4Linear if weights == "int4" else Linear
-    assert all(isinstance(lin, kind) for lin in model.lm.linears()[:-1])
-    assert f"quantize auto: LM weights {weights} (int8 products" in caplog.text
+    assert model.lm_weights == "int8"
+    assert all(isinstance(lin, Linear) and lin.int8 for lin in model.lm.linears())
+    engine = quantized_engine()
+    assert (
+        f"quantize auto: LM weights int8 (this CPU has the "
+        f"{'qnnpack (ARM)' if engine == 'qnnpack' else engine} {INT8_REASON})"
+    ) in caplog.text
 
 
-def test_auto_keeps_int8_where_4_bit_is_missing_or_fails(
+def test_auto_without_an_int8_engine_loads_4_bit_with_a_float32_head(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(weights_trial, "FRAME_SHARE", 0.0)
-    monkeypatch.setattr(weights_trial, "MIN_SPEEDUP", 0.0)
-    monkeypatch.setattr(weights_trial, "int4_available", lambda: False)  # torch < 2.6
-    assert _load_auto(tiny_dir, caplog).lm_weights == "int8"
-    assert "4-bit unavailable in this torch)" in caplog.text
-    monkeypatch.setattr(weights_trial, "int4_available", lambda: True)
-    build = weights_trial.layer_linears
-
-    def refusing(*args: Any, int4: bool = False, **kwargs: Any) -> Any:
-        if int4:
-            raise RuntimeError("no 4-bit kernel for this CPU\ndetails")
-        return build(*args, **kwargs)
-
-    monkeypatch.setattr(weights_trial, "layer_linears", refusing)
+    # a torch whose int8 engines do not run on this CPU (fbgemm needs AVX2), as the loader
+    # and the rule see it
+    monkeypatch.setattr(linear, "quantized_engine", lambda: None)
+    monkeypatch.setattr(auto_weights, "quantized_engine", lambda: None)
+    model = _load_auto(tiny_dir, caplog)
+    assert model.lm_weights == "int4"
+    *transformer, head = model.lm.linears()
+    assert all(isinstance(lin, Int4Linear) for lin in transformer)
+    assert isinstance(head, Linear) and not head.int8
+    assert "quantize auto: LM weights int4 (this torch has no int8 engine" in caplog.text
+    # and where 4-bit is missing too: float32
+    monkeypatch.setattr(auto_weights, "int4_available", lambda: False)
     caplog.clear()
-    assert _load_auto(tiny_dir, caplog).lm_weights == "int8"
-    assert "4-bit failed: no 4-bit kernel for this CPU)" in caplog.text
+    model = _load_auto(tiny_dir, caplog)
+    assert model.lm_weights == "float32"
+    assert all(isinstance(lin, Linear) and not lin.int8 for lin in model.lm.linears())
+    assert "quantize auto: LM weights float32 (this torch has neither" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("quantize", "runtime"),
     [("int8", "lean"), ("int4", "lean"), ("none", "lean"), ("auto", "moshi")],
 )
-def test_only_auto_on_the_lean_runtime_runs_the_trial(
+def test_only_auto_on_the_lean_runtime_asks_the_rule(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, quantize: str, runtime: str
 ) -> None:
-    def no_trial(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the trial ran")
+    def no_rule() -> Any:
+        raise AssertionError("the rule was asked")
 
-    monkeypatch.setattr(weights_trial, "run_trial", no_trial)
+    monkeypatch.setattr(auto_weights, "choose", no_rule)
     load_model(str(tiny_dir), device="cpu", quantize=quantize, runtime=runtime)
+
+
+def _printed(args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    for name in [n for n in os.environ if n.startswith("WYOMING_KYUTAI_")]:
+        monkeypatch.delenv(name)
+    settings = settings_from_args(server_main.build_parser().parse_args(args))
+    return server_main.config_text(settings)
+
+
+def test_print_config_shows_what_auto_resolves_to_and_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WYOMING_KYUTAI_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wyoming_kyutai", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("quantize:")]
+    choice = auto_weights.choose()
+    assert line == f"quantize: auto  # resolves to LM weights int8 ({choice.reason})"
+    assert yaml.safe_load(proc.stdout)["quantize"] == "auto"  # still the settings, as YAML
+    moshi = _printed(["--print-config", "--runtime", "moshi"], monkeypatch)
+    assert "quantize: auto  # resolves to LM weights float32 (runtime moshi has no " in moshi
+    cuda = _printed(["--print-config", "--device", "cuda:7"], monkeypatch)
+    if not torch.cuda.is_available():
+        assert "quantize: auto  # cannot resolve: device cuda:7: CUDA is not available" in cuda
+    fixed = _printed(["--print-config", "--quantize", "int4"], monkeypatch)
+    assert "\nquantize: int4\n" in fixed  # set: nothing to resolve
 
 
 def test_int4_without_a_kernel_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

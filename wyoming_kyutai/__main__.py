@@ -98,6 +98,28 @@ async def _register_zeroconf(name: str, address: str) -> Any:
     return zc
 
 
+def config_text(settings: Settings) -> str:
+    """``settings`` as YAML (what ``--print-config`` prints); with ``quantize: auto`` its line
+    says, in a comment, what auto resolves to here and why (a rule: no checkpoint, no timing),
+    so the YAML still reads back as the same settings."""
+    text = yaml.safe_dump(as_dict(settings), sort_keys=False)
+    if settings.quantize != "auto":
+        return text
+    from .checkpoint_files import CheckpointError
+    from .model_loading import auto_lm_weights
+
+    try:
+        weights, why = auto_lm_weights(settings)
+        note = f"resolves to LM weights {weights} ({why})"
+    except CheckpointError as err:
+        note = f"cannot resolve: {err}"
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("quantize: "):
+            lines[i] = f"{line.rstrip()}  # {note}\n"
+    return "".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -107,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(as_dict(settings), sort_keys=False), end="")
+        print(config_text(settings), end="")
         return 0
     logging.basicConfig(
         level=logging.DEBUG if settings.debug else logging.INFO,

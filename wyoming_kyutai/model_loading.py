@@ -86,8 +86,8 @@ def load_model(
 
     ``quantize``: ``int8`` runs the LM transformer's matrix products and the text head with
     int8 weights, ``int4`` the transformer's with 4-bit ones (the lean runtime only, so the
-    CPU); ``auto``: see :func:`pick_lm_weights` (on the CPU, a timed trial
-    picks int8 or int4); ``none``: float32. ``dtype``: moshi's
+    CPU); ``auto``: see :func:`resolve_lm_weights` (on the CPU int8 wherever torch has an int8
+    engine: a rule, no timing); ``none``: float32. ``dtype``: moshi's
     compute type (``auto``: bfloat16 on CUDA and on CPUs with native bfloat16); with the lean
     runtime, that of Mimi's matrix products (``auto``: float32, Kyutai's codes exactly; the
     LM's attention, norms and cache stay float32).
@@ -97,7 +97,9 @@ def load_model(
     files = resolve_checkpoint(ref, data_dir, offline)
     dev = pick_device(device)
     chosen = pick_runtime(runtime, dev)
-    lm_weights = pick_lm_weights(quantize, chosen)
+    lm_weights, why = resolve_lm_weights(quantize, chosen)
+    if why is not None:
+        _LOGGER.info("quantize auto: LM weights %s (%s)", lm_weights, why)
     if threads > 0:
         torch.set_num_threads(threads)
     torch_dtype = pick_dtype(dtype, dev)
@@ -179,13 +181,28 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def pick_lm_weights(quantize: str, runtime: str) -> str:
-    """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4``, ``float32``, or
-    ``auto`` (the lean runtime with ``quantize: auto``: int8 or int4, settled at load by
-    :mod:`.runtime.weights_trial` from a timed trial on this CPU). float32 with moshi."""
+    """The LM's weights for ``quantize`` with ``runtime``: ``int8``, ``int4`` or ``float32``
+    (see :func:`resolve_lm_weights`)."""
+    return resolve_lm_weights(quantize, runtime)[0]
+
+
+def resolve_lm_weights(quantize: str, runtime: str) -> tuple[str, str | None]:
+    """``(weights, why)``: the LM's weights for ``quantize`` with ``runtime`` (``int8``,
+    ``int4`` or ``float32``) and, for ``quantize: auto``, why, in words for the log.
+
+    ``auto`` is a rule, with no timing, so the same at every start, busy or idle
+    (:mod:`.runtime.auto_weights`): on the lean runtime int8 wherever this torch has an int8
+    engine for the CPU, 4-bit only where it has none but has the 4-bit kernel, float32 where
+    neither; float32 with moshi. Needs no checkpoint: ``--print-config`` shows it too."""
     if quantize not in ("auto", "none", "int8", "int4"):
         raise CheckpointError(f"quantize {quantize}: choose auto, none, int8 or int4")
     if quantize == "auto":
-        return "auto" if runtime == "lean" else "float32"
+        if runtime != "lean":
+            return "float32", f"runtime {runtime} has no quantized weights; lean (CPU) has"
+        from .runtime.auto_weights import choose
+
+        auto = choose()
+        return auto.weights, auto.reason
     if quantize != "none" and runtime != "lean":
         raise CheckpointError(
             f"quantize {quantize} needs the lean runtime (CPU); use quantize none or auto with "
@@ -199,7 +216,16 @@ def pick_lm_weights(quantize: str, runtime: str) -> str:
                 f"quantize int4: torch {torch.__version__} has no 4-bit CPU kernel (torch 2.6 "
                 "or later has); use quantize int8 or auto"
             )
-    return "float32" if quantize == "none" else quantize
+    return ("float32" if quantize == "none" else quantize), None
+
+
+def auto_lm_weights(settings: Settings) -> tuple[str, str]:
+    """``(weights, why)`` that ``quantize: auto`` resolves to with ``settings``' device and
+    runtime (for ``--print-config``; reads no checkpoint). Raises :class:`.CheckpointError`
+    where the device or runtime cannot be had."""
+    runtime = pick_runtime(settings.runtime, pick_device(settings.device))
+    weights, why = resolve_lm_weights("auto", runtime)
+    return weights, why or ""
 
 
 def read_mimi_config(files: CheckpointFiles) -> MimiConfig:
@@ -218,13 +244,17 @@ def read_mimi_config(files: CheckpointFiles) -> MimiConfig:
 def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype) -> LeanModel:
     import sentencepiece
 
-    from .runtime.linear import pick_quantized_engine
+    from .runtime.linear import pick_quantized_engine, quantized_engine
     from .runtime.lm import LanguageModel, LmConfig
     from .runtime.mimi import MimiEncoder
     from .runtime.weights import WeightError, WeightFile
-    from .runtime.weights_trial import choose
 
-    if lm_weights != "float32":
+    int8_head = lm_weights != "float32"
+    if lm_weights == "int4" and quantized_engine() is None:
+        # 4-bit needs no int8 engine; the text head, int8 elsewhere, stays float32 here
+        int8_head = False
+        _LOGGER.info("No int8 engine for this CPU: the text head stays float32")
+    elif int8_head:
         # before any int8 weight is packed (int4 keeps an int8 text head): the packing is the
         # engine's, and onednn (torch's default on some builds) does not compute rows
         # independently, which the int8 Linear's per-stream guarantee needs
@@ -236,15 +266,12 @@ def _load_lean(files: CheckpointFiles, lm_weights: str, mimi_dtype: torch.dtype)
     try:
         mimi_config = read_mimi_config(files)
         lm_config = LmConfig.from_dict(files.raw_config)
-        if lm_weights == "auto":
-            frame_ms = 1000 / mimi_config.frame_rate
-            lm_weights, reason, _ = choose(WeightFile(files.lm_weights), lm_config, frame_ms)
-            _LOGGER.info("quantize auto: LM weights %s (%s)", lm_weights, reason)
         lm = LanguageModel(
             WeightFile(files.lm_weights),
             lm_config,
             int8=lm_weights == "int8",
             int4=lm_weights == "int4",
+            int8_head=int8_head,
         )
         # Mimi's reduced precision is bfloat16 (not int8): about as fast where bfloat16 is
         # native, changes fewer codes, and keeps time-batched calls (the flush) in one pass

@@ -92,8 +92,8 @@ class Settings:
         "auto",
         "auto, none, int8 or int4: the weights of the language model's matrix products (int4, "
         "experimental: half of int8's memory; CPU only). auto: none with moshi (CUDA); on the "
-        "CPU int8, or int4 where int8 is too slow for real time and int4 measures faster at "
-        "start",
+        "CPU int8 wherever PyTorch has int8 kernels for it (x86, ARM), a rule with no timing, "
+        "so the same at every start; set int4 yourself if script/bench shows it faster here",
         group="model",
         choices=("auto", "none", "int8", "int4"),
     )

@@ -43,15 +43,27 @@ _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 _PREPACK = torch.ops.quantized.linear_prepack.default
 
 
+QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack")
+"""The int8 engines :class:`Linear` runs on, best first (rows computed independently)."""
+
+
+def quantized_engine(engines: list[str] | None = None) -> str | None:
+    """The int8 engine :func:`pick_quantized_engine` would select, or None where this torch
+    has none for this CPU (torch lists fbgemm/x86 only on CPUs their kernels run on);
+    selects nothing. ``engines``: torch's ``supported_engines`` (tests give others)."""
+    if engines is None:
+        engines = torch.backends.quantized.supported_engines
+    return next((name for name in QUANTIZED_ENGINES if name in engines), None)
+
+
 def pick_quantized_engine() -> str:
     """Select the fastest quantized engine this torch has (x86/fbgemm, else qnnpack)."""
-    engines = torch.backends.quantized.supported_engines
-    for name in ("x86", "fbgemm", "qnnpack"):
-        if name in engines:
-            if torch.backends.quantized.engine != name:
-                torch.backends.quantized.engine = name
-            return name
-    raise RuntimeError("this build of torch has no quantized engine; use quantize none")
+    name = quantized_engine()
+    if name is None:
+        raise RuntimeError("this build of torch has no quantized engine; use quantize none")
+    if torch.backends.quantized.engine != name:
+        torch.backends.quantized.engine = name
+    return name
 
 
 class Linear:

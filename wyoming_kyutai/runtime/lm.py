@@ -212,14 +212,6 @@ class _Layer:
         return x + (update if self.scale2 is None else self.scale2 * update)
 
 
-def layer_linears(
-    weights: WeightFile, config: LmConfig, index: int, int8: bool = False, int4: bool = False
-) -> tuple[Linear | Int4Linear, ...]:
-    """Layer ``index``'s four matrix products alone, built as the model builds them (the
-    load-time trial of ``quantize: auto`` times them: ``weights_trial.py``)."""
-    return _Layer(weights, config, index, int8, int4).linears
-
-
 class LanguageModel:
     """The STT LM with explicit per-slot state: KV rings, positions, previous text tokens."""
 
@@ -230,9 +222,11 @@ class LanguageModel:
         slots: int = 0,
         int8: bool = False,
         int4: bool = False,
+        int8_head: bool = True,
     ) -> None:
         """``int8``: the matrix products and the text head with int8 weights; ``int4``: the
-        transformer's with 4-bit weights (``Int4Linear``), the text head with int8 ones."""
+        transformer's with 4-bit weights (``Int4Linear``), the text head with int8 ones
+        (float32 ones if not ``int8_head``: where torch has no int8 engine)."""
         if config.extra_heads_num_heads == 0 and weights.names("extra_heads."):
             raise ValueError(
                 "config.json: extra_heads_num_heads is 0 but the weights hold end-of-turn heads"
@@ -244,7 +238,8 @@ class LanguageModel:
         dim = config.dim
         self._out_norm = weights.take("out_norm.alpha", (1, 1, dim))[0]
         self._text_head = Linear(
-            weights.take("text_linear.weight", (config.text_card, dim)), int8 or int4
+            weights.take("text_linear.weight", (config.text_card, dim)),
+            int8 or (int4 and int8_head),
         )
         heads = [
             weights.take(f"extra_heads.{i}.weight", (config.extra_heads_dim, dim))
