@@ -119,7 +119,12 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
     if settings.server_ends_turns and not ends_turns:
         _LOGGER.warning("server_ends_turns ignored: early end of turn is off")
     info = build_info(model.ref, languages, ends_turns)
-    engine = Engine(model, slots=settings.slots, max_lag=settings.max_lag or None)
+    engine = Engine(
+        model,
+        slots=settings.slots,
+        max_lag=settings.max_lag or None,
+        adapt_threads=settings.threads == 0 and model.device.type == "cpu",
+    )
     handler_settings = HandlerSettings(slot_wait=settings.slot_wait, turn=policy)
 
     def make_handler(conn: Connection) -> SttHandler:

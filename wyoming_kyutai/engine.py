@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .audio import FRAME_SAMPLES, MODEL_RATE
+from .cpu_share import CpuSampler, ThreadGovernor
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .loaded_model import LoadedModel
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
@@ -138,8 +139,10 @@ class Engine:
     ``max_frames_per_step``: most frames of one slot in one Mimi call (a backlog or the
     flush); ``lookahead``: most steps of a slot with a backlog in one LM pass (1: one step a
     pass); ``max_lag``: seconds a stream's audio may wait before the oldest is shed (None: no
-    bound; see :meth:`.Scheduler.shed`); ``make_stepper``: builds the stepper for a number of
-    slots (default: the model's; tests wrap it to observe or fail calls).
+    bound; see :meth:`.Scheduler.shed`); ``adapt_threads``: run on fewer threads while other
+    processes take part of the cores (``cpu_share.py``; where the CPU's bits do not depend on
+    the thread count); ``make_stepper``: builds the stepper for a number of slots (default:
+    the model's; tests wrap it to observe or fail calls).
     """
 
     def __init__(
@@ -150,6 +153,8 @@ class Engine:
         lookahead: int = LOOKAHEAD_STEPS,
         make_stepper: Callable[[int], Stepper] | None = None,
         max_lag: float | None = None,
+        adapt_threads: bool = False,
+        cpu_sampler: Callable[[], tuple[float, float] | None] | None = None,
     ) -> None:
         self.model = model
         self.num_slots = slots
@@ -166,6 +171,10 @@ class Engine:
         sample_rate = model.frame_size * model.frame_rate
         self.prefix_samples = round(model.silence_prefix_seconds * sample_rate)
         self.stepper: Stepper | None = None
+        self._adapt_threads = adapt_threads
+        self._cpu_sampler = cpu_sampler  # tests script it; default: CpuSampler.open()
+        self.governor: ThreadGovernor | None = None
+        """Fits the model's threads to the cores left to it (None: fixed threads)."""
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -196,6 +205,39 @@ class Engine:
         started = time.monotonic()
         self.stepper.warm_up(self.flush_frames)
         _LOGGER.info("Warm-up: %.0f ms", (time.monotonic() - started) * 1000)
+        if self._adapt_threads:
+            self.governor = self._make_governor(self.stepper)
+
+    def _make_governor(self, stepper: Stepper) -> ThreadGovernor | None:
+        """A thread governor, where this machine has more than one thread to give, ``/proc``
+        to read, and a model whose bits are the same on one thread as on all."""
+        most = torch.get_num_threads()
+        sampler = self._cpu_sampler or CpuSampler.open()
+        if most < 2 or sampler is None:
+            return None
+        if not same_bits_on_one_thread(stepper, most):
+            _LOGGER.info(
+                "This CPU's kernels round differently on 1 thread than on %d: the model keeps "
+                "%d threads even while other processes take part of the cores",
+                most,
+                most,
+            )
+            return None
+        return ThreadGovernor(most, sampler)
+
+    def _govern_threads(self) -> None:
+        """Fit the model's threads to the cores other processes leave (on the worker)."""
+        if self.governor is None:
+            return
+        threads = self.governor.poll(time.monotonic())
+        if threads is not None:
+            torch.set_num_threads(threads)
+            _LOGGER.info(
+                "Other processes keep %.1f cores busy: the model runs on %d of %d threads",
+                self.governor.others,
+                threads,
+                self.governor.most,
+            )
 
     def stop(self) -> None:
         """Stop the worker; open streams get EngineClosed instead of hanging."""
@@ -281,6 +323,7 @@ class Engine:
                     self._cond.wait()
                 if not self._running:
                     return
+            self._govern_threads()
             touched: list[Claim] = []
             try:
                 self._iterate(touched)
@@ -359,6 +402,24 @@ class Engine:
             _stream(owner)._deliver(result)
         for owner in outcome.ended:
             _stream(owner)._deliver(_END)
+
+
+def same_bits_on_one_thread(stepper: Stepper, threads: int) -> bool:
+    """Whether a few steps of slot 0 (Mimi codes, tokens and end-of-turn probabilities) come
+    out bit for bit the same on one thread as on ``threads``; leaves slot 0 to be reset."""
+    audio = np.random.default_rng(0).standard_normal((1, 3 * FRAME_SAMPLES)).astype(np.float32)
+    runs = []
+    for count in (threads, 1):
+        torch.set_num_threads(count)
+        stepper.reset([0])
+        codes = stepper.encode(audio * 0.1, [0])
+        rows = torch.cat([stepper.start_codes[None], codes[0].T])
+        kept = stepper.lm_pass([0], [rows], [[None] * (len(rows) - 1)])[0]
+        runs.append((codes, kept.tokens, kept.pauses))
+    torch.set_num_threads(threads)
+    stepper.reset([0])
+    (codes_a, tokens_a, pauses_a), (codes_b, tokens_b, pauses_b) = runs
+    return torch.equal(codes_a, codes_b) and tokens_a == tokens_b and pauses_a == pauses_b
 
 
 def _stream(owner: object) -> EngineStream:

@@ -86,7 +86,12 @@ class Settings:
         choices=("auto", "float32", "bfloat16"),
     )
     threads: int = _s(
-        0, "CPU threads for the model (0: torch's default)", group="model", min=0, max=256
+        0,
+        "CPU threads for the model (0: one per core, fewer while other processes keep part of "
+        "the cores busy; a number fixes it)",
+        group="model",
+        min=0,
+        max=256,
     )
     quantize: str = _s(
         "auto",

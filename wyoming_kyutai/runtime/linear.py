@@ -13,7 +13,8 @@ and 4 or more another; on Intel AMX, bfloat16 rows take AMX tiles or not by coun
 - float products (:class:`Dense`) run through oneDNN with prepacked weights, a single row as
   two (oneDNN's one-row kernel rounds otherwise), and at construction :func:`rows_agree`
   checks on this CPU, at this thread count, that rows give the same bits in calls of 1 to
-  :data:`ROW_COUNTS_CHECKED`'s rows at any offset. Where they do not, that product computes
+  :data:`ROW_COUNTS_CHECKED`'s rows at any offset (and on one thread, which the engine uses
+  while other processes take part of the cores). Where they do not, that product computes
   every row alone (a batch of one-row products in one call: :data:`PER_ROW`), which is
   batch-independent by construction, and slower; one log line says so.
 
@@ -193,11 +194,21 @@ class Dense:
             self.kernel = "onednn-amx" if amx_available() else "onednn"
         else:
             self.matrix = weight.t().contiguous()
-        shape = (self.kernel, self.in_features, self.out_features, dtype, torch.get_num_threads())
-        if shape not in _ROWS_AGREE:
-            _ROWS_AGREE[shape] = rows_agree(self, self.in_features, dtype)
-        if not _ROWS_AGREE[shape]:
+        if not all(self._rows_agree(threads) for threads in {torch.get_num_threads(), 1}):
             self._compute_rows_alone(weight)
+
+    def _rows_agree(self, threads: int) -> bool:
+        """:func:`rows_agree` for this product's kernel and shape on ``threads`` threads (the
+        configured count, and one, to which the engine falls back under load), asked once."""
+        shape = (self.kernel, self.in_features, self.out_features, self.dtype, threads)
+        if shape not in _ROWS_AGREE:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                _ROWS_AGREE[shape] = rows_agree(self, self.in_features, self.dtype)
+            finally:
+                torch.set_num_threads(before)
+        return _ROWS_AGREE[shape]
 
     def _compute_rows_alone(self, weight: torch.Tensor) -> None:
         """Switch to one-row products: each row multiplied alone, in one batched call."""
