@@ -117,6 +117,28 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "native_bf16": _native_bf16(),
         "forced_isa": "avx2" if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else None,
+        "kernels": kernels(),
+    }
+
+
+def kernels() -> dict[str, str]:
+    """The kernel family each kind of product runs on here, so that a result from another CPU
+    explains itself: Mimi's and the float products (oneDNN, on AMX tiles where the CPU has
+    them, or a plain matmul: MKL), int8 (fbgemm through torch's x86 engine, or qnnpack),
+    4-bit (torch's int4pack, or KleidiAI). ``float`` reads ``rows`` where this CPU's oneDNN
+    rounds a row by the rows beside it (then every row is computed alone: slower)."""
+    import torch
+
+    from wyoming_kyutai.runtime import linear
+
+    probe = linear.Dense(torch.randn(64, 512))
+    engine = linear.quantized_engine()
+    return {
+        "float": probe.kernel,
+        "int8": {"x86": "fbgemm (x86)", "fbgemm": "fbgemm"}.get(engine or "", engine or "none"),
+        "int4": linear.pick_int4_kernel() if linear.int4_available() else "none",
+        "amx": "yes" if linear.amx_available() else "no",
+        "blas": "MKL" if torch.backends.mkl.is_available() else "other",
     }
 
 

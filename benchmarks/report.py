@@ -574,6 +574,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['torch_cpu_capability']}; {' '.join(m.get('cpu_flags', []))}), torch {m['torch']}. "
         f"Command: `{result['command']}`",
         *(
+            [
+                "",
+                "Kernels: " + ", ".join(f"{k} {v}" for k, v in m["kernels"].items()) + ".",
+            ]
+            if m.get("kernels")
+            else []
+        ),
+        *(
             []
             if m.get("native_bf16", True)
             else ["", "No native bfloat16 on this CPU: the Mimi-in-bfloat16 rows are skipped."]
