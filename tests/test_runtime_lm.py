@@ -214,6 +214,20 @@ def test_batched_streams_each_match_moshi_alone(small: Checkpoint) -> None:
         _assert_matches(_collected(stream), _moshi(small, stream.codes))
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_four_streams_at_once_give_each_its_alone_bits(small: Checkpoint, int8: bool) -> None:
+    """Each stream's tokens, text logits and end-of-turn probabilities are bit for bit those
+    it gets alone, whoever shares its passes (1 to 4 rows of other streams)."""
+    streams = _streams(small.config["card"])
+    _run_interleaved(_model(small, slots=4, int8=int8), streams, seed=2)
+    for stream in streams:
+        alone = _run_alone(_model(small, slots=1, int8=int8), stream.codes)
+        together = _collected(stream)
+        assert together.tokens == alone.tokens
+        assert torch.equal(together.logits, alone.logits)
+        assert torch.equal(together.pauses, alone.pauses)
+
+
 def test_in_proj_weight_naming_loads(small: Checkpoint, tmp_path: Path) -> None:
     reader = WeightFile(small.path)
     state: dict[str, torch.Tensor] = {}
