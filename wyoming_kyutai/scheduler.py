@@ -16,7 +16,8 @@ keeps the rows up to the first wrong guess. A step a pass did not keep waits aga
 pass's output of the step before it as its guess (Jacobi iteration): those outputs came from
 a wrong input somewhere before them, yet mostly hold. Each slot measures how many of its
 extra rows are kept (:attr:`SlotState.acceptance`); where too few are for them to pay, it
-steps plainly, with an occasional probe to see whether guessing pays again.
+steps plainly, with an occasional probe to see whether guessing pays again. (A final run
+has its own rule: the flush is silence, where guesses fare otherwise than mid-stream.)
 
 Lag stays bounded (``max_lag``): a stream the CPU cannot keep up with (a neighbour process
 took a core, more satellites than the CPU carries) loses its oldest waiting audio rather than
@@ -43,13 +44,14 @@ pass of 4 rows costs about 1.2 steps on a 2-core CPU, 16 rows 2.5), so they go t
 longest backlogs rather than to every slot."""
 RUN_MARGIN_FRAMES = 2
 """Frames beyond the flush that may still go in a finished stream's final run."""
-LOOKAHEAD_MIN_ACCEPTANCE = 0.25
+LOOKAHEAD_MIN_ACCEPTANCE = 0.1
 """A slot gets look-ahead rows while at least this share of them is kept (its running
-:attr:`SlotState.acceptance`): an extra row costs about a tenth of a step (a pass of 4 rows
-about 1.3 steps at batch 1, 16 rows 2.5), a kept one saves a whole step; the margin covers
-CPUs where rows cost more."""
-ACCEPTANCE_WEIGHT = 0.3
-"""Weight of a pass's share of kept extra rows in the slot's running acceptance."""
+:attr:`SlotState.acceptance`): a kept row saves a whole step, an extra row costs 4-11 % of
+one (a pass of 4 rows costs 1.11 plain steps at batch 1 on an AMD Zen 4, 1.33 on an Intel
+Xeon: the bench's look-ahead rows), so below a tenth kept they cost more than they save."""
+ACCEPTANCE_WEIGHT = 0.5
+"""Weight of a pass's share of kept extra rows in the slot's running acceptance: a stream
+whose guesses stop holding steps plainly after four passes."""
 LOOKAHEAD_PROBE_PASSES = 8
 """A slot whose guesses did not pay gets one extra row again after this many plain passes,
 to see whether they pay now (a stream's text changes: words, then padding)."""
@@ -383,8 +385,7 @@ class Scheduler:
         alone = len(running) == 1
         rows = []
         for slot in running:
-            poor = slot.poor_passes >= POOR_PASSES_BEFORE_STEPS or not slot.guesses_pay
-            plain = self.lookahead == 1 or (alone and poor)
+            plain = self.lookahead == 1 or (alone and slot.poor_passes >= POOR_PASSES_BEFORE_STEPS)
             rows.append(self._rows(slot, 1 if plain else len(slot.steps)))
         return rows
 
