@@ -800,9 +800,16 @@ class Server:
                 self.address = found.group(1)
                 break
         self.start_seconds = round(time.monotonic() - started, 1)
+        self.threads: list[int] = []  # the model threads it changed to, in order (its log)
         import threading
 
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr or []], daemon=True).start()
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr or []:
+            found = re.search(r"the model runs on (\d+) of \d+ threads", line)
+            if found:
+                self.threads.append(int(found.group(1)))
 
     def rss_mb(self) -> dict[str, float]:
         return _rss_mb(self.proc.pid)
@@ -959,6 +966,44 @@ def weights_trial(
     return out
 
 
+BUSY_LOOP = (
+    "import os\nos.sched_setaffinity(0, {max(os.sched_getaffinity(0))})\nwhile True:\n    pass\n"
+)
+"""Another process that keeps the last core busy (what Home Assistant, a camera add-on or a
+backup does to a small box)."""
+
+
+def neighbour(ckpt: Path, seconds: float) -> dict[str, Any]:
+    """One real-time stream of ``seconds`` through a 1-slot server with the default settings
+    (threads 0, max_lag), on a quiet machine and then beside :data:`BUSY_LOOP`: audio-stop →
+    transcript, the stream's lag, the audio shed to stay within ``max_lag`` and the model
+    threads the server changed to."""
+    runs = []
+    for busy in (False, True):
+        server = Server(ckpt, slots=1)
+        loop = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
+        try:
+            result = one_at_a_time(server.address, [seconds], first_seed=400)[0]
+        finally:
+            if loop is not None:
+                loop.kill()
+                loop.wait()
+            server.stop()
+        stats = result["stats"]
+        runs.append(
+            {
+                "busy_core": busy,
+                "end_of_speech": round(result["end_of_speech"], 4),
+                "lag_p50": stats.get("lag_p50"),
+                "lag_p99": stats.get("lag_p99"),
+                "shed_seconds": stats.get("shed_seconds", 0.0),
+                "threads": server.threads,
+            }
+        )
+        print(f"  neighbour {busy}: {runs[-1]}", file=sys.stderr, flush=True)
+    return {"seconds": seconds, "lm_weights": server.lm_weights, "runs": runs}
+
+
 def capacity(
     ckpt: Path, max_n: int, seconds: float, threads: int
 ) -> tuple[list[dict[str, Any]], int, int]:
@@ -1082,6 +1127,12 @@ def main(argv: list[str] | None = None) -> int:
         default="native",
         help="avx2: AVX2 kernels on an AVX-512 CPU (see AVX2_KERNELS)",
     )
+    parser.add_argument(
+        "--only",
+        choices=["neighbour"],
+        help="run only this part and add it to the named result (neighbour: one 60 s stream "
+        "quiet and beside a busy core)",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--phase-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1101,6 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
         from wyoming_kyutai.random_checkpoint import make_checkpoint
 
         make_checkpoint(ckpt, args.preset)
+    if args.only:
+        return _add_to_result(name, ckpt)
     frames = 20 if quick else 40
     seconds = args.seconds or (5.0 if quick else 20.0)
     max_n = args.max_streams or (4 if quick else 12)
@@ -1180,13 +1233,34 @@ def main(argv: list[str] | None = None) -> int:
     result["weights"] = [
         weights_trial(ckpt, q, t, lengths) for q in ("int8", "int4") for t in thread_settings
     ]
+    say("a busy neighbour...")
+    result["neighbour"] = neighbour(ckpt, 60.0)
+    _write(name, result)
+    return 0
+
+
+def _write(name: str, result: dict[str, Any]) -> None:
+    """``benchmarks/results/<name>.json``, then every page generated from the results."""
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     # <name>.md, docs/performance.md and the README's table, from every result JSON
     for path in report.regenerate(out_dir):
-        say(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
     print(report.markdown(result))
+
+
+def _add_to_result(name: str, ckpt: Path) -> int:
+    """``--only neighbour``: that part alone, added to result ``name`` (which must exist, from
+    this machine: its other rows keep their own date)."""
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
+    if not path.is_file():
+        print(f"no result {path.name} to add to: run script/bench first", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    result["neighbour"] = neighbour(ckpt, 60.0)
+    result["neighbour"]["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _write(name, result)
     return 0
 
 

@@ -470,6 +470,25 @@ def _weights_rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _neighbour_rows(result: dict[str, Any]) -> list[str]:
+    """One stream through the server, quiet and beside a process that keeps a core busy."""
+    part = result.get("neighbour")
+    if not part:
+        return []
+    lines = []
+    for run in part["runs"]:
+        where = "beside a busy loop on one core" if run["busy_core"] else "quiet machine"
+        threads = " → ".join(str(t) for t in run["threads"]) or "unchanged"
+        lines.append(
+            f"| server, 1 stream of {part['seconds']:g} s, default settings, {where} | "
+            f"audio-stop → transcript {_ms(run['end_of_speech'])}; "
+            f"lag p50 {_ms(run['lag_p50'] or 0)}, p99 {_ms(run['lag_p99'] or 0)}; "
+            f"audio shed (max_lag) {run['shed_seconds']:g} s; "
+            f"model threads {threads} |"
+        )
+    return lines
+
+
 def _agreement_and_memory_rows(result: dict[str, Any]) -> list[str]:
     lines = []
     agree = result.get("agreement")
@@ -602,6 +621,7 @@ def markdown(result: dict[str, Any]) -> str:
     for srv in result["server"]:
         lines += _server_rows(srv)
     lines += _weights_rows(result)
+    lines += _neighbour_rows(result)
     lines.append("")
     return "\n".join(lines)
 

@@ -306,24 +306,40 @@ def test_lookahead_stops_where_guesses_do_not_pay_and_probes_again() -> None:
     sched = _sched(slots=1, lookahead=4)
     claim = _open(sched, "a")
     _past_the_start(sched)
-    sched.add_frames(claim, _frames(60))
+    sched.add_frames(claim, _frames(100))
     _encode_all(sched)
     sizes = []
-    for _ in range(30):
+    for _ in range(45):
         rows = sched.plan_pass()
         sizes.append(len(rows[0].steps))
         sched.apply(rows, _kept_first(rows), 0.0)
         _encode_all(sched)
-    # look-ahead rows while it hopes, plain steps once none of them is kept, then a probe of
-    # one extra row every LOOKAHEAD_PROBE_PASSES plain passes
+    # look-ahead rows while it hopes, plain steps once too few of them are kept (about ten
+    # passes keeping none), then a probe of one extra row every LOOKAHEAD_PROBE_PASSES
     assert sizes[0] == 4
     first_plain = sizes.index(1)
-    assert first_plain <= 6 and all(s <= 2 for s in sizes[first_plain:])
+    assert 5 <= first_plain <= 12 and all(s <= 2 for s in sizes[first_plain:])
     probes = [i for i, s in enumerate(sizes) if i > first_plain and s == 2]
-    assert probes and all(
-        b - a == LOOKAHEAD_PROBE_PASSES + 1 for a, b in itertools.pairwise(probes)
-    )
+    assert len(probes) >= 2
+    assert all(b - a == LOOKAHEAD_PROBE_PASSES + 1 for a, b in itertools.pairwise(probes))
     assert sched.slots[claim.index].acceptance < LOOKAHEAD_MIN_ACCEPTANCE
+
+
+def test_lookahead_stays_where_guesses_hold_every_other_pass() -> None:
+    """Jacobi iteration on a model that rarely pads: a pass on padding guesses keeps one row,
+    the next, on the guesses it computed, keeps them all; worth it, so it goes on."""
+    sched = _sched(slots=1, lookahead=4)
+    claim = _open(sched, "a")
+    _past_the_start(sched)
+    sched.add_frames(claim, _frames(80))
+    _encode_all(sched)
+    sizes = []
+    for i in range(30):
+        rows = sched.plan_pass()
+        sizes.append(len(rows[0].steps))
+        sched.apply(rows, _kept_first(rows) if i % 2 == 0 else _keep_all(rows), 0.0)
+        _encode_all(sched)
+    assert sizes == [4] * 30
 
 
 def test_lookahead_stays_where_guesses_hold() -> None:

@@ -49,9 +49,10 @@ LOOKAHEAD_MIN_ACCEPTANCE = 0.1
 :attr:`SlotState.acceptance`): a kept row saves a whole step, an extra row costs 4-11 % of
 one (a pass of 4 rows costs 1.11 plain steps at batch 1 on an AMD Zen 4, 1.33 on an Intel
 Xeon: the bench's look-ahead rows), so below a tenth kept they cost more than they save."""
-ACCEPTANCE_WEIGHT = 0.5
+ACCEPTANCE_WEIGHT = 0.2
 """Weight of a pass's share of kept extra rows in the slot's running acceptance: a stream
-whose guesses stop holding steps plainly after four passes."""
+whose guesses stop holding steps plainly after about ten passes, while one whose guesses
+hold every other pass (Jacobi iteration on a model that rarely pads) keeps looking ahead."""
 LOOKAHEAD_PROBE_PASSES = 8
 """A slot whose guesses did not pay gets one extra row again after this many plain passes,
 to see whether they pay now (a stream's text changes: words, then padding)."""
