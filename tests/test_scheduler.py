@@ -290,6 +290,26 @@ def test_shedding_keeps_the_start_step_the_flush_and_a_final_run() -> None:
     assert not sched.has_work()
 
 
+def test_a_finished_stream_far_behind_keeps_its_encoded_flush_and_ends() -> None:
+    """Its flush already encoded (codes waiting), the stream falls far behind: shedding drops
+    its audio, never its flush, so it still has steps to end on (it used to hang: no work
+    left, never ended)."""
+    sched = Scheduler(1, FLUSH, lookahead=1, frames_per_call=64, max_lag=1.0)
+    claim = _open(sched, "a")
+    _past_the_start(sched)
+    flush = [Frame("silence", 3.0, flush=True) for _ in range(FLUSH)]
+    sched.add_frames(claim, [*_frames(30, at=2.0), *flush], last=True)
+    _encode_all(sched)  # audio and flush all waiting as codes
+    assert sched.shed(60.0) == [("a", 30)]
+    slot = sched.slots[claim.index]
+    assert len(slot.steps) == FLUSH and all(step.flush for step in slot.steps)
+    ended = []
+    while sched.has_work():
+        rows = sched.plan_pass() or sched.plan_run()
+        ended += sched.apply(rows, _keep_all(rows), 60.0).ended
+    assert ended == ["a"]
+
+
 def test_no_bound_never_sheds() -> None:
     sched = _sched()
     claim = _open(sched, "a")

@@ -89,6 +89,8 @@ class Step:
     guess: int | None = None
     """A guess of this step's text input (the output of the step before it) from a pass that
     computed that step from a wrong input; None: the padding token."""
+    flush: bool = False
+    """The codes of one of the silent frames after the stream's audio: never shed."""
 
 
 @dataclass(frozen=True)
@@ -308,9 +310,10 @@ class Scheduler:
     def shed(self, now: float) -> list[tuple[object, int]]:
         """Keep every stream within ``max_lag`` of real time: a slot whose oldest waiting
         audio is older than that drops its waiting steps, then frames, oldest first, down to
-        those younger than ``SHED_TO * max_lag``. Its start step and flush frames stay, a
-        final run is never cut, and result indices skip the dropped frames (word times stay
-        right). Returns (stream, frames dropped) of the streams shed now."""
+        those younger than ``SHED_TO * max_lag``. Its start step and its flush (as frames
+        or as codes) stay: a finished stream always has a step left to end on. A final run is
+        never cut, and result indices skip the dropped frames (word times stay right).
+        Returns (stream, frames dropped) of the streams shed now."""
         if self.max_lag is None:
             return []
         shed = []
@@ -321,7 +324,11 @@ class Scheduler:
             keep_after = now - SHED_TO * self.max_lag
             start = slot.steps.popleft() if slot.steps and slot.steps[0].codes is None else None
             dropped = 0
-            while slot.steps and _before(slot.steps[0].ready_at, keep_after):
+            while (
+                slot.steps
+                and not slot.steps[0].flush
+                and _before(slot.steps[0].ready_at, keep_after)
+            ):
                 slot.steps.popleft()
                 dropped += 1
             while not slot.steps and slot.frames:
@@ -360,7 +367,9 @@ class Scheduler:
         """Mimi's codes of a slot's frames (one per frame): steps waiting for the LM."""
         slot = self.slots[claim.index]
         if slot.holds(claim):
-            slot.steps.extend(Step(c, f.ready_at) for f, c in zip(frames, codes, strict=True))
+            slot.steps.extend(
+                Step(c, f.ready_at, flush=f.flush) for f, c in zip(frames, codes, strict=True)
+            )
 
     def plan_pass(self) -> list[Rows]:
         """The rows of this iteration's LM pass, ascending slots: one step of every slot with
