@@ -23,6 +23,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "languages": "languages",
     "slots": "slots",
     "slot_wait": "slot_wait",
+    "max_lag": "max_lag",
     "end_of_turn": "end_of_turn",
     "end_of_turn_threshold": "end_of_turn_threshold",
     "server_ends_turns": "server_ends_turns",
