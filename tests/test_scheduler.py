@@ -7,6 +7,7 @@ either. ``_outcome`` scripts what the model keeps of a pass.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from wyoming_kyutai.scheduler import (
     LOOKAHEAD_MIN_ACCEPTANCE,
@@ -322,18 +323,29 @@ def _kept_first(rows: list[Rows]) -> list[Kept]:
     return [Kept([5], [(0.1,)], ahead=[5] * (len(r.steps) - 1)) for r in rows]
 
 
-def test_lookahead_stops_where_guesses_do_not_pay_and_probes_again() -> None:
+def _backlog_passes(
+    frames: int, passes: int, keep: Callable[[int, list[Rows]], list[Kept]]
+) -> tuple[list[int], Scheduler]:
+    """One stream with a backlog of ``frames``, stepped ``passes`` passes (or until done) with
+    the model's outcome scripted by ``keep(pass index, rows)``: the rows of each pass."""
     sched = _sched(slots=1, lookahead=4)
     claim = _open(sched, "a")
     _past_the_start(sched)
-    sched.add_frames(claim, _frames(100))
+    sched.add_frames(claim, _frames(frames))
     _encode_all(sched)
     sizes = []
-    for _ in range(45):
+    for i in range(passes):
         rows = sched.plan_pass()
+        if not rows:
+            break
         sizes.append(len(rows[0].steps))
-        sched.apply(rows, _kept_first(rows), 0.0)
+        sched.apply(rows, keep(i, rows), 0.0)
         _encode_all(sched)
+    return sizes, sched
+
+
+def test_lookahead_stops_where_guesses_do_not_pay_and_probes_again() -> None:
+    sizes, sched = _backlog_passes(100, 45, lambda i, rows: _kept_first(rows))
     # look-ahead rows while it hopes, plain steps once too few of them are kept (about ten
     # passes keeping none), then a probe of one extra row every LOOKAHEAD_PROBE_PASSES
     assert sizes[0] == 4
@@ -342,35 +354,19 @@ def test_lookahead_stops_where_guesses_do_not_pay_and_probes_again() -> None:
     probes = [i for i, s in enumerate(sizes) if i > first_plain and s == 2]
     assert len(probes) >= 2
     assert all(b - a == LOOKAHEAD_PROBE_PASSES + 1 for a, b in itertools.pairwise(probes))
-    assert sched.slots[claim.index].acceptance < LOOKAHEAD_MIN_ACCEPTANCE
+    assert sched.slots[0].acceptance < LOOKAHEAD_MIN_ACCEPTANCE
 
 
 def test_lookahead_stays_where_guesses_hold_every_other_pass() -> None:
     """Jacobi iteration on a model that rarely pads: a pass on padding guesses keeps one row,
     the next, on the guesses it computed, keeps them all; worth it, so it goes on."""
-    sched = _sched(slots=1, lookahead=4)
-    claim = _open(sched, "a")
-    _past_the_start(sched)
-    sched.add_frames(claim, _frames(80))
-    _encode_all(sched)
-    sizes = []
-    for i in range(30):
-        rows = sched.plan_pass()
-        sizes.append(len(rows[0].steps))
-        sched.apply(rows, _kept_first(rows) if i % 2 == 0 else _keep_all(rows), 0.0)
-        _encode_all(sched)
+    sizes, _ = _backlog_passes(
+        80, 30, lambda i, rows: _kept_first(rows) if i % 2 == 0 else _keep_all(rows)
+    )
     assert sizes == [4] * 30
 
 
 def test_lookahead_stays_where_guesses_hold() -> None:
-    sched = _sched(slots=1, lookahead=4)
-    claim = _open(sched, "a")
-    _past_the_start(sched)
-    sched.add_frames(claim, _frames(40))
-    _encode_all(sched)
-    sizes = []
-    while rows := sched.plan_pass():
-        sizes.append(len(rows[0].steps))
-        sched.apply(rows, _keep_all(rows), 0.0)  # a trained model padding: guesses hold
-        _encode_all(sched)
-    assert sizes == [4] * 10 and sched.slots[claim.index].acceptance == 1.0
+    """A trained model padding: guesses hold, every pass keeps all its rows."""
+    sizes, sched = _backlog_passes(40, 100, lambda i, rows: _keep_all(rows))
+    assert sizes == [4] * 10 and sched.slots[0].acceptance == 1.0
