@@ -124,7 +124,8 @@ class SlotState:
     acceptance: float = 1.0
     """Running share of this stream's extra (look-ahead) rows that were kept."""
     plain_passes: int = 0
-    """Passes in a row without look-ahead rows since its acceptance fell below the floor."""
+    """Passes in a row of one row: once its acceptance is below the floor, a probe row comes
+    after LOOKAHEAD_PROBE_PASSES of them."""
     delivered: int = 0
     """Results handed out (the index of the next one)."""
     shed: int = 0
