@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import bench
 from benchmarks.bench import capacity, phase
-from benchmarks.report import _weights_rows, markdown
+from benchmarks.report import _neighbour_rows, _weights_rows, markdown
 
 
 def test_step_floor_agreement_and_memory_phases_measure_and_render(
@@ -190,3 +190,16 @@ def test_weights_trials_run_int4_through_the_real_server(tiny_dir: Path) -> None
         assert 0 < b["end_of_speech_p50"] < 5 and b["lag_p99_worst"] > 0
     rows = "\n".join(_weights_rows({"weights": [trial]}))
     assert rows.startswith("| server, 1 stream, quantize int4, threads 1 | 1 s: audio-stop")
+
+
+def test_the_busy_neighbour_part_runs_through_the_real_server(tiny_dir: Path) -> None:
+    """One real-time stream with default settings, quiet and beside a busy loop on one core:
+    each run's audio-stop → transcript, lag, shed audio and thread changes, rendered."""
+    part = bench.neighbour(tiny_dir, 1.0)
+    assert [run["busy_core"] for run in part["runs"]] == [False, True]
+    for run in part["runs"]:
+        assert 0 < run["end_of_speech"] < 5 and run["shed_seconds"] >= 0
+        assert all(t in (1, 2) for t in run["threads"])
+    rows = _neighbour_rows({"neighbour": part})
+    assert rows[0].startswith("| server, 1 stream of 1 s, default settings, quiet machine |")
+    assert "beside a busy loop on one core" in rows[1]
