@@ -134,15 +134,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-quality.json"))
     p.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--export-audio", type=Path, help="also write the tests' WAVs here")
     args = p.parse_args()
     with args.data.open("rb") as f:
         _, test = pickle.load(f)
+    if args.export_audio:
+        export_test_audio(test, args.export_audio, 3)
     if args.limit:
         test = test[: args.limit]
     report: dict[str, Any] = {
+        "name": "commands-en-quality",
+        "command": "python -m training.evaluate --data " + str(args.data),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "checkpoint": str(args.model),
         "model_id": json.loads((args.model / "config.json").read_text())["model_id"],
-        "cpu": cpu_name(),
+        "machine": {"cpu": cpu_name(), "threads": 1},
         "held_out": "unseen sentence combinations, voice en-us-nyc (no training utterance), "
         "speeds 152-168 wpm (between the training bands), each spoken word by word and whole",
         "end_of_turn_settings": "server defaults (head 2, threshold 0.5, 12 ignored steps)",

@@ -203,7 +203,7 @@ def train(
     drop_text: float = 0.25,
     log: Any = print,
     snapshot: Any = None,
-    snapshot_every: int = 300,
+    snapshot_every: int = 100,
 ) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
