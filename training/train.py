@@ -121,7 +121,7 @@ def main() -> None:
         torch.save((mimi, codes), mimi_path)
     agree = []
     for u, c in list(zip(train, codes, strict=True))[:12]:
-        s = streaming_codes(mimi, to_24k(u.audio))
+        s = streaming_codes(mimi, to_24k(cropped(u)))
         agree.append((s == c.long()).float().mean().item())
     log(f"streaming vs batch codes: {100 * float(np.mean(agree)):.2f} % equal (12 utterances)")
 
