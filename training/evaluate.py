@@ -162,10 +162,6 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def export_test_audio(test: list[Utterance], out_dir: Path, per_delivery: int) -> None:
     """The first ``per_delivery`` held-out utterances of each delivery as the tests' WAVs,
     cut 1 s after the last word, with a manifest of their words and word times."""
@@ -186,3 +182,7 @@ def export_test_audio(test: list[Utterance], out_dir: Path, per_delivery: int) -
                 }
             )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
