@@ -1,0 +1,57 @@
+"""The training and held-out utterance sets (synthesized once, cached in the work folder)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import synth
+from .corpus import Domain, sentences
+
+
+def build(
+    work: Path, n_train: int, n_test: int, n_voices: int, seed: int, log=print
+) -> tuple[list[synth.Utterance], list[synth.Utterance]]:
+    """Training utterances (60 % word by word, 40 % whole) and the held-out set.
+
+    The held-out set speaks ``n_test`` unseen sentence combinations with the held-out voice
+    and speed band, each sentence twice: word by word and whole.
+    """
+    path = work / f"data-{n_train}-{n_test}-{n_voices}-{seed}.pkl"
+    if path.exists():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    start = time.time()
+    domain = Domain.load()
+    words = domain.words()
+    train_voices = synth.voices(n_voices, held_out=False, seed=seed)
+    test_voices = synth.voices(8, held_out=True, seed=seed + 1)
+    cache = synth.ClipCache()
+    cache.fill(words, train_voices + test_voices)
+    log(f"  {len(cache.clips)} word clips in {time.time() - start:.0f} s")
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    train = []
+    for i, text in enumerate(sentences(domain, n_train, held_out=False, seed=seed)):
+        voice = rng.choice(train_voices)
+        make = synth.whole if rng.random() < 0.4 else synth.word_by_word
+        train.append(make(text, voice, cache, rng, nprng))
+        if i % 2000 == 0:
+            log(f"  {i} training utterances ({time.time() - start:.0f} s)")
+    test = []
+    for text in sentences(domain, n_test, held_out=True, seed=seed + 1):
+        voice = rng.choice(test_voices)
+        test.append(synth.word_by_word(text, voice, cache, rng, nprng))
+        test.append(synth.whole(text, voice, cache, rng, nprng))
+    hours = sum(len(u.audio) for u in train) / synth.RATE / 3600
+    log(
+        f"  {len(train)} training utterances ({hours:.1f} h), {len(test)} held out, "
+        f"{time.time() - start:.0f} s"
+    )
+    with path.open("wb") as f:
+        pickle.dump((train, test), f)
+    return train, test
