@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--voices", type=int, default=96)
     p.add_argument("--held-out", type=int, default=150)
     p.add_argument("--encoder-steps", type=int, default=500)
-    p.add_argument("--lm-steps", type=int, default=600)
+    p.add_argument("--lm-steps", type=int, default=1000)
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on a shared 2-core box
     args = p.parse_args()
