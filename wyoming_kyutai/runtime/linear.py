@@ -13,8 +13,7 @@ and 4 or more another; on Intel AMX, bfloat16 rows take AMX tiles or not by coun
 - float products (:class:`Dense`) run through oneDNN with prepacked weights, a single row as
   two (oneDNN's one-row kernel rounds otherwise), and at construction :func:`rows_agree`
   checks on this CPU, at this thread count, that rows give the same bits in calls of 1 to
-  :data:`ROW_COUNTS_CHECKED`'s rows at any offset (and on one thread, which the engine uses
-  while other processes take part of the cores). Where they do not, that product computes
+  :data:`ROW_COUNTS_CHECKED`'s rows at any offset. Where they do not, that product computes
   every row alone (a batch of one-row products in one call: :data:`PER_ROW`), which is
   batch-independent by construction, and slower; one log line says so.
 
@@ -140,10 +139,12 @@ ONEDNN = _has_onednn()
 """Dense products go through oneDNN with prepacked weights (else a plain ``matmul``)."""
 
 
-ROW_COUNTS_CHECKED = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 64)
+ROW_COUNTS_CHECKED = (1, 2, 3, 4, 5, 8, 16, 17, 32, 33)
 """Row counts whose calls :func:`rows_agree` compares, row by row, with one call of all rows:
-every count up to 9 (where kernels for few rows switch), and around the block sizes kernels
-use (8, 16, 32)."""
+around where kernels for few rows switch (1/2 in oneDNN, 3/4 in MKL on AMD Zen 4, 16 on
+Intel AMX) and the blocks they use. Few on purpose: oneDNN keeps a compiled kernel for every
+row count it has seen (about 0.3 MB each), so every count checked costs resident memory for
+every product shape (the full sweep is the test suite's, tests/test_batch_invariance.py)."""
 
 PER_ROW = "rows"
 """:attr:`Dense.kernel` of a product that computes every row alone (see :func:`rows_agree`)."""
@@ -194,21 +195,11 @@ class Dense:
             self.kernel = "onednn-amx" if amx_available() else "onednn"
         else:
             self.matrix = weight.t().contiguous()
-        if not all(self._rows_agree(threads) for threads in {torch.get_num_threads(), 1}):
+        shape = (self.kernel, self.in_features, self.out_features, dtype, torch.get_num_threads())
+        if shape not in _ROWS_AGREE:  # asked once per kernel, shape and thread count
+            _ROWS_AGREE[shape] = rows_agree(self, self.in_features, dtype)
+        if not _ROWS_AGREE[shape]:
             self._compute_rows_alone(weight)
-
-    def _rows_agree(self, threads: int) -> bool:
-        """:func:`rows_agree` for this product's kernel and shape on ``threads`` threads (the
-        configured count, and one, to which the engine falls back under load), asked once."""
-        shape = (self.kernel, self.in_features, self.out_features, self.dtype, threads)
-        if shape not in _ROWS_AGREE:
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                _ROWS_AGREE[shape] = rows_agree(self, self.in_features, self.dtype)
-            finally:
-                torch.set_num_threads(before)
-        return _ROWS_AGREE[shape]
 
     def _compute_rows_alone(self, weight: torch.Tensor) -> None:
         """Switch to one-row products: each row multiplied alone, in one batched call."""
