@@ -9,7 +9,6 @@ committed, so these tests need no espeak-ng.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from tests.reference import reference_tokens
 from tests.wyoming_io import Client, final_text, running_app
+from training.evaluate import edit_distance, words_of
 from wyoming_kyutai.audio import PcmConverter, PcmFormat, read_wav
 from wyoming_kyutai.engine import Engine
 from wyoming_kyutai.loaded_model import LoadedModel
@@ -43,19 +43,6 @@ The checkpoint does not hear well yet: on the 300 held-out utterances its float3
 errors measured; a change that makes it hear worse fails."""
 
 
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
-
-
-def _edit_distance(ref: list[str], hyp: list[str]) -> int:
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
-
-
 def _pcm(name: str) -> bytes:
     return read_wav(AUDIO_DIR / name).data
 
@@ -71,7 +58,7 @@ async def test_spoken_commands_through_the_server_lose_no_more_words_than_measur
             finally:
                 await client.close()
     for item in MANIFEST:
-        errors = _edit_distance(_words(item["text"]), _words(got[item["file"]]))
+        errors = edit_distance(words_of(item["text"]), words_of(got[item["file"]]))
         allowed = ALLOWED_WORD_ERRORS.get(item["file"], 0)
         assert errors <= allowed, (item["file"], item["text"], got[item["file"]])
 
