@@ -14,12 +14,12 @@ import torch
 from moshi.models import LMGen, loaders
 from safetensors.torch import save_file
 
-from wyoming_kyutai.random_checkpoint import MOSHI_NAME, _lm_config
+from wyoming_kyutai.random_checkpoint import MOSHI_NAME, lm_config
 from wyoming_kyutai.runtime.lm import LanguageModel, LmConfig, LmStep
 from wyoming_kyutai.runtime.weights import WeightError, WeightFile
 
 # context 8 so that streams wrap the KV ring within a few steps; LayerScale on
-SMALL = _lm_config(
+SMALL = lm_config(
     dim=32,
     text_card=64,
     card=64,
@@ -74,7 +74,7 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
 @pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> Checkpoint:
     cfg = json.loads((tiny_dir / "config.json").read_text())
-    lm_cfg = {k: v for k, v in cfg.items() if k in _lm_config()}
+    lm_cfg = {k: v for k, v in cfg.items() if k in lm_config()}
     lm = loaders.get_moshi_lm(tiny_dir / MOSHI_NAME, lm_kwargs=lm_cfg, dtype=torch.float32)
     return Checkpoint(tiny_dir / MOSHI_NAME, lm_cfg, lm.eval())
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wyoming_kyutai.random_checkpoint import lm_config as kyutai_lm_config
+
 EOP, PAD = 0, 3
 FRAME_S = 0.08
 HORIZONS = (0.5, 1.0, 2.0, 3.0)
@@ -32,39 +34,22 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz'"
 
 
 def lm_config(text_card: int, card: int) -> dict[str, Any]:
-    """moshi ``LMModel`` keys for a 4-layer, 256-wide STT model (no depformer)."""
-    return {
-        "dim": 256,
-        "text_card": text_card,
-        "existing_text_padding_id": PAD,
-        "n_q": 32,
-        "dep_q": 0,
-        "card": card,
-        "num_heads": 4,
-        "num_layers": 4,
-        "hidden_scale": 4.125,
-        "causal": True,
-        "layer_scale": None,
-        "context": 250,
-        "max_period": 10000,
-        "gating": "silu",
-        "norm": "rms_norm_f32",
-        "positional_embedding": "rope",
-        "depformer_dim": 256,
-        "depformer_dim_feedforward": 1024,
-        "depformer_num_heads": 4,
-        "depformer_num_layers": 1,
-        "depformer_layer_scale": None,
-        "depformer_multi_linear": True,
-        "depformer_context": 8,
-        "depformer_max_period": 10000,
-        "depformer_gating": "silu",
-        "depformer_pos_emb": "none",
-        "depformer_weights_per_step": True,
-        "delays": [0] * 33,
-        "extra_heads_num_heads": 4,
-        "extra_heads_dim": 6,
-    }
+    """moshi ``LMModel`` keys for a 4-layer, 256-wide STT model (Kyutai's keys, no depformer
+    steps)."""
+    return kyutai_lm_config(
+        dim=256,
+        text_card=text_card,
+        existing_text_padding_id=PAD,
+        card=card,
+        num_heads=4,
+        num_layers=4,
+        context=250,
+        max_period=10000,
+        depformer_dim=256,
+        depformer_dim_feedforward=1024,
+        depformer_num_heads=4,
+        depformer_num_layers=1,
+    )
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:

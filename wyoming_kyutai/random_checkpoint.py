@@ -44,7 +44,8 @@ class Preset:
     dtype: torch.dtype
 
 
-def _lm_config(**overrides: Any) -> dict[str, Any]:
+def lm_config(**overrides: Any) -> dict[str, Any]:
+    """moshi ``LMModel`` keys of Kyutai's stt-1b-en_fr, with ``overrides``."""
     base: dict[str, Any] = {
         "dim": 2048,
         "text_card": 8000,
@@ -98,7 +99,7 @@ def _tiny_mimi_config() -> dict[str, Any]:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        lm=_lm_config(
+        lm=lm_config(
             dim=32,
             text_card=64,
             card=64,
@@ -115,7 +116,7 @@ PRESETS: dict[str, Preset] = {
         dtype=torch.float32,
     ),
     "stt-1b-en_fr": Preset(
-        lm=_lm_config(),
+        lm=lm_config(),
         stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
         tokenizer_name="tokenizer_en_fr_audio_8000.model",
         vocab_size=8000,
@@ -123,7 +124,7 @@ PRESETS: dict[str, Preset] = {
         dtype=torch.bfloat16,
     ),
     "stt-2.6b-en": Preset(
-        lm=_lm_config(
+        lm=lm_config(
             text_card=4000,
             num_heads=32,
             num_layers=48,
