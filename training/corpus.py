@@ -72,6 +72,55 @@ class Domain:
         )
 
 
+_ONSETS = (
+    "b c d f g h j k l m n p r s t v w z br bl cr cl dr fl fr gr gl pr pl sh ch st tr th sp "
+    "sk sl sn sw"
+).split() + [""] * 4
+_NUCLEI = "a e i o u a e i o u ee oo ai ea ou oa ie".split()
+_CODAS = [""] * 6 + "n r l s t k m x ng nd st".split()
+
+
+def pseudo_word(rng: random.Random) -> str:
+    """A made-up word of one to three syllables in plain English spelling ("brenmo",
+    "sheekal"): espeak-ng reads it by its letter-to-sound rules, so a model trained on many of
+    them learns to write sounds it never heard as a word (an open vocabulary)."""
+    while True:
+        word = "".join(
+            rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+            for _ in range(rng.choice((1, 2, 2, 2, 3)))
+        )
+        if 3 <= len(word) <= 9:
+            return word
+
+
+def open_name(domain: Domain, rng: random.Random) -> str:
+    """A household's name for a device the model never heard: "the brenmo", "the sheekal
+    tuno" or "the brenmo lamp"; never a biasing name's word."""
+    banned = {w for name in domain.biasing_names for w in name.split()}
+    words = []
+    while len(words) < 1 + (rng.random() < 0.3):
+        word = pseudo_word(rng)
+        if word not in banned:
+            words.append(word)
+    if len(words) == 1 and rng.random() < 0.25:
+        words.append(rng.choice(domain.devices))
+    return "the " + " ".join(words)
+
+
+def with_open_names(domain: Domain, sentences: list[str], share: float, seed: int) -> list[str]:
+    """``sentences`` with ``share`` of them replaced by a name template naming an
+    :func:`open_name` (deterministic for a seed)."""
+    rng = random.Random(seed)
+    templates = [t for t in domain.templates if "{name}" in t]
+    out = []
+    for s in sentences:
+        if rng.random() < share:
+            t = rng.choice(templates).replace("{name}", open_name(domain, rng))
+            s = t.replace("{number}", rng.choice(domain.numbers))
+        out.append(s)
+    return out
+
+
 def is_held_out(sentence: str) -> bool:
     """True for the one combination in eight reserved for evaluation (stable across runs)."""
     return zlib.crc32(sentence.encode()) % 8 == 0

@@ -10,18 +10,26 @@ from pathlib import Path
 import numpy as np
 
 from . import synth
-from .corpus import Domain, sentences
+from .corpus import Domain, sentences, with_open_names
 
 
 def build(
-    work: Path, n_train: int, n_test: int, n_voices: int, seed: int, log=print
+    work: Path,
+    n_train: int,
+    n_test: int,
+    n_voices: int,
+    seed: int,
+    open_names: float = 0.0,
+    log=print,
 ) -> tuple[list[synth.Utterance], list[synth.Utterance]]:
-    """Training utterances (60 % word by word, 40 % whole) and the held-out set.
+    """Training utterances (60 % word by word, 40 % whole; ``open_names`` of them name a
+    made-up device, ``corpus.open_name``) and the held-out set.
 
     The held-out set speaks ``n_test`` unseen sentence combinations with the held-out voice
     and speed band, each sentence twice: word by word and whole.
     """
-    path = work / f"data-{n_train}-{n_test}-{n_voices}-{seed}.pkl"
+    tag = f"-open{round(100 * open_names)}" if open_names else ""
+    path = work / f"data-{n_train}-{n_test}-{n_voices}-{seed}{tag}.pkl"
     if path.exists():
         with path.open("rb") as f:
             return pickle.load(f)
@@ -36,7 +44,9 @@ def build(
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     train = []
-    for i, text in enumerate(sentences(domain, n_train, held_out=False, seed=seed)):
+    texts = sentences(domain, n_train, held_out=False, seed=seed)
+    texts = with_open_names(domain, texts, open_names, seed + 2)
+    for i, text in enumerate(texts):
         voice = rng.choice(train_voices)
         make = synth.whole if rng.random() < 0.4 else synth.word_by_word
         train.append(make(text, voice, cache, rng, nprng))

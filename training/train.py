@@ -76,8 +76,9 @@ def main() -> None:
     p.add_argument("--voices", type=int, default=96)
     p.add_argument("--held-out", type=int, default=150)
     p.add_argument("--encoder-steps", type=int, default=500)
-    p.add_argument("--lm-steps", type=int, default=1000)
+    p.add_argument("--lm-steps", type=int, default=3500)
     p.add_argument("--batch-frames", type=int, default=2000)
+    p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on a shared 2-core box
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,12 +90,13 @@ def main() -> None:
 
     log("speech")
     train, _test = data.build(
-        args.work, args.utterances, args.held_out, args.voices, args.seed, log
+        args.work, args.utterances, args.held_out, args.voices, args.seed, args.open_names, log
     )
     hours = sum(len(u.audio) for u in train) / RATE / 3600
 
     mimi_cfg = front_end.mimi_config()
-    mimi_path = args.work / f"mimi-{args.seed}-{args.encoder_steps}-{args.utterances}.pt"
+    tag = f"-open{round(100 * args.open_names)}" if args.open_names else ""
+    mimi_path = args.work / f"mimi-{args.seed}-{args.encoder_steps}-{args.utterances}{tag}.pt"
     if mimi_path.exists():
         mimi, codes = torch.load(mimi_path, weights_only=False)
         log("Mimi front end: cached")
