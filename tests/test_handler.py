@@ -96,7 +96,7 @@ class ScriptedEngine:
         self.shed = shed
         self.streams: list[ScriptedStream] = []
 
-    async def open_stream(self, wait: float = 0.0) -> ScriptedStream:
+    async def open_stream(self, wait: float = 0.0, names: object = None) -> ScriptedStream:
         if self.busy:
             raise EngineBusy("all 1 slots are busy")
         stream = ScriptedStream(self.script, self.shed)

@@ -14,8 +14,9 @@ from .engine import Engine
 from .framing import FrameLimits
 from .handler import HandlerSettings, SttHandler
 from .loaded_model import LoadedModel
+from .name_book import book_from_settings
 from .server import Connection, ServerLimits, SttServer
-from .settings import Settings, connection_limit
+from .settings import DEFAULTS, Settings, connection_limit
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -23,8 +24,16 @@ KYUTAI_URL = "https://kyutai.org/next/stt"
 PROJECT_URL = "https://github.com/wyoming-kyutai/wyoming_kyutai"
 
 
-def build_info(model_ref: str, languages: list[str], ends_turns: bool) -> Any:
-    """The ``info`` answer to ``describe``: one ASR program with one model."""
+def build_info(
+    model_ref: str,
+    languages: list[str],
+    ends_turns: bool,
+    auto_gain: bool = DEFAULTS["prefers_auto_gain"],
+    noise_reduction: bool = DEFAULTS["prefers_noise_reduction"],
+) -> Any:
+    """The ``info`` answer to ``describe``: one ASR program with one model. ``auto_gain`` and
+    ``noise_reduction`` say which audio satellites should send (Home Assistant 2026.11 reads
+    them; ESPHome sends the unprocessed microphone channel when both are false)."""
     from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 
     return Info(
@@ -47,6 +56,8 @@ def build_info(model_ref: str, languages: list[str], ends_turns: bool) -> Any:
                 ],
                 supports_transcript_streaming=True,
                 requires_external_vad=not ends_turns,
+                prefers_auto_gain_enabled=auto_gain,
+                prefers_noise_reduction_enabled=noise_reduction,
             )
         ]
     )
@@ -118,14 +129,21 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
     ends_turns = settings.server_ends_turns and eot.enabled
     if settings.server_ends_turns and not ends_turns:
         _LOGGER.warning("server_ends_turns ignored: early end of turn is off")
-    info = build_info(model.ref, languages, ends_turns)
+    info = build_info(
+        model.ref,
+        languages,
+        ends_turns,
+        settings.prefers_auto_gain,
+        settings.prefers_noise_reduction,
+    )
     engine = Engine(
         model,
         slots=settings.slots,
         max_lag=settings.max_lag or None,
         adapt_threads=settings.threads == 0 and model.device.type == "cpu",
     )
-    handler_settings = HandlerSettings(slot_wait=settings.slot_wait, turn=policy)
+    names = book_from_settings(settings, model)
+    handler_settings = HandlerSettings(slot_wait=settings.slot_wait, turn=policy, names=names)
 
     def make_handler(conn: Connection) -> SttHandler:
         return SttHandler(

@@ -26,6 +26,7 @@ from .audio import FRAME_SAMPLES, MODEL_RATE
 from .cpu_share import CpuSampler, ThreadGovernor
 from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
 from .loaded_model import LoadedModel
+from .names import NameTrie
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
 from .stepper import Stepper, run_pass
 
@@ -39,8 +40,15 @@ STOP_JOIN_SECONDS = 10.0
 class EngineStream:
     """One utterance's handle on a slot. Create with :meth:`Engine.open_stream`."""
 
-    def __init__(self, engine: Engine, index: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        index: int,
+        loop: asyncio.AbstractEventLoop,
+        names: NameTrie | None = None,
+    ) -> None:
         self._engine = engine
+        self.names = names  # the names its transcript is biased toward (None: none)
         self._claim = Claim(index, self)
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -267,15 +275,16 @@ class Engine:
         with self._cond:
             return self._scheduler.free
 
-    async def open_stream(self, wait: float = 0.0) -> EngineStream:
-        """Take a free slot, waiting up to ``wait`` seconds; raises EngineBusy."""
+    async def open_stream(self, wait: float = 0.0, names: NameTrie | None = None) -> EngineStream:
+        """Take a free slot, waiting up to ``wait`` seconds; raises EngineBusy. The stream's
+        transcript is biased toward ``names`` (``names.py``; None: no biasing)."""
         if not self._running:
             raise EngineClosed("the engine is not running")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             with self._cond:
-                claim = self._scheduler.take(lambda index: EngineStream(self, index, loop))
+                claim = self._scheduler.take(lambda index: EngineStream(self, index, loop, names))
             if claim is not None:
                 return _stream(claim.owner)
             remaining = deadline - loop.time()
@@ -351,7 +360,9 @@ class Engine:
             self._report_shed(_stream(owner), dropped)
         touched += resets
         if resets:
-            self.stepper.reset([claim.index for claim in resets])
+            self.stepper.reset(
+                [claim.index for claim in resets], [_stream(claim.owner).names for claim in resets]
+            )
             with self._cond:
                 sched.started(resets)
         for group in audio:

@@ -56,7 +56,9 @@ class Stream(Protocol):
 class StreamingEngine(Protocol):
     """The engine as the handler sees it."""
 
-    async def open_stream(self, wait: float = 0.0) -> Any: ...
+    async def open_stream(self, wait: float = 0.0, names: Any = None) -> Any:
+        """A stream on a free slot (waiting up to ``wait`` s), its transcript biased toward
+        ``names`` (a ``names.NameTrie``; None: none)."""
 
 
 class ModelInfo(Protocol):

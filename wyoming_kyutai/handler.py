@@ -37,6 +37,8 @@ from .engine_types import (
     StreamFailed,
     StreamingEngine,
 )
+from .name_book import MAX_CLIENT_NAMES, NameBook
+from .names import NameTrie
 from .settings import DEFAULTS, base_language
 from .utterance import UtteranceDecoder
 
@@ -53,6 +55,8 @@ class HandlerSettings:
     """Seconds to wait for a free slot before answering ``busy``."""
     turn: TurnPolicy = field(default_factory=TurnPolicy)
     """What ends an utterance before ``audio-stop`` (end of turn, no speech, length limit)."""
+    names: NameBook | None = None
+    """The names transcripts are biased toward (None: no biasing)."""
 
 
 class ProtocolError(Exception):
@@ -62,6 +66,24 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _client_names(data: dict[str, object]) -> tuple[str, ...]:
+    """``transcribe``'s ``transcript_names`` then ``transcript_terms`` (wyoming 1.10), checked:
+    lists of non-empty strings, at most ``MAX_CLIENT_NAMES`` in all."""
+    names: list[str] = []
+    for key in ("transcript_names", "transcript_terms"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise ProtocolError("bad-event", f"transcribe {key} must be a list of strings")
+        names += [n.strip() for n in value if n.strip()]
+    if len(names) > MAX_CLIENT_NAMES:
+        raise ProtocolError(
+            "bad-event", f"transcribe: at most {MAX_CLIENT_NAMES} names and terms, got {len(names)}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _format_of(event: Event) -> PcmFormat:
@@ -140,6 +162,7 @@ class SttHandler:
         self.languages = languages
         self.request_close = request_close
         self.language: str | None = None
+        self.client_names: tuple[str, ...] = ()  # the last transcribe's names and terms
         self.current: _OpenUtterance | None = None
         self.discarding = False
 
@@ -183,6 +206,7 @@ class SttHandler:
         return True
 
     def _on_transcribe(self, event: Event) -> None:
+        self.client_names = _client_names(event.data)
         language = event.data.get("language")
         if language is None:
             self.language = None
@@ -207,7 +231,7 @@ class SttHandler:
         except AudioFormatError as err:
             raise ProtocolError("unsupported-audio-format", str(err)) from None
         try:
-            stream = await self.engine.open_stream(self.settings.slot_wait)
+            stream = await self.engine.open_stream(self.settings.slot_wait, self._names())
         except EngineBusy:
             raise ProtocolError(
                 "busy", "all transcription slots are busy; try again shortly"
@@ -220,6 +244,11 @@ class SttHandler:
         self.current = utt
         await self.send(TranscriptStart(language=language).event())
         utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
+
+    def _names(self) -> NameTrie | None:
+        """The trie of the utterance's names: the server's, plus the client's own."""
+        book = self.settings.names
+        return None if book is None else book.trie(self.client_names)
 
     async def _on_audio_chunk(self, event: Event) -> None:
         utt = self.current

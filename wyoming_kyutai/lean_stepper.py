@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .names import NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 from .runtime.memory import check_memory
 from .runtime.mimi import MimiEncoder
@@ -31,6 +32,7 @@ class LeanStepper:
         self.start_codes = torch.zeros(lm.config.n_q, dtype=torch.long)
         self._mimi = mimi
         self._lm = lm
+        self._names = SlotNames(slots)
         per_slot = lm.nbytes()["kv_per_slot"] + mimi.nbytes()["state_per_slot"]
         check_memory(slots * per_slot, f"{slots} slots")
         mimi.allocate(slots)
@@ -62,9 +64,11 @@ class LeanStepper:
         self.lm_pass([0], [run], [[None] * (len(run) - 1)])
 
     @torch.inference_mode()
-    def reset(self, slots: Sequence[int]) -> None:
+    def reset(self, slots: Sequence[int], names: Sequence[NameTrie | None] = ()) -> None:
         self._mimi.reset(slots)
         self._lm.reset(slots)
+        for i, slot in enumerate(slots):
+            self._names.set(slot, names[i] if names else None)
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
@@ -79,7 +83,13 @@ class LeanStepper:
     ) -> list[Kept]:
         pad = self._lm.config.padding_id
         given = [[pad if g is None else int(g) for g in guess] for guess in guesses]
-        return [
+        boosts = None
+        if self._names.any(slots):
+            boosts = [self._names.rows(s, g) for s, g in zip(slots, given, strict=True)]
+        kept = [
             Kept(o.tokens.tolist(), [tuple(p) for p in o.pauses.tolist()], o.ahead.tolist())
-            for o in self._lm.step(codes, slots, given)
+            for o in self._lm.step(codes, slots, given, boosts)
         ]
+        for slot, k in zip(slots, kept, strict=True):
+            self._names.keep(slot, k.tokens)
+        return kept

@@ -23,6 +23,7 @@ configure_moshi_env()
 import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
+from .names import NameTrie, SlotNames  # noqa: E402
 from .runtime.memory import check_memory  # noqa: E402
 from .scheduler import Kept  # noqa: E402
 
@@ -38,7 +39,15 @@ class MoshiStepper:
         self.start_codes = torch.zeros(int(mimi.num_codebooks), dtype=torch.long, device=device)
         self._mimi = mimi
         self._device = device
-        self._gen = LMGen(lm, temp=0.0, temp_text=0.0, support_out_of_sync=True)
+        self._names = SlotNames(slots)
+        self._bias: torch.Tensor | None = None  # added to the next step's text logits
+        self._gen = LMGen(
+            lm,
+            temp=0.0,
+            temp_text=0.0,
+            support_out_of_sync=True,
+            on_text_logits_hook=self._add_bias,
+        )
         if device.type == "cuda":
             self._check_gpu_memory(slots)
         self._streaming = ExitStack()
@@ -48,6 +57,12 @@ class MoshiStepper:
 
     def close(self) -> None:
         self._streaming.close()
+
+    def _add_bias(self, text_logits: torch.Tensor) -> None:
+        """LMGen's hook, called with the step's text logits [slots, 1, 1, card] before its
+        argmax: the names' boosts of this step (``names.py``), in place."""
+        if self._bias is not None:
+            text_logits += self._bias.to(text_logits.dtype)
 
     def _check_gpu_memory(self, slots: int) -> None:
         """Measure one slot's streaming state on the GPU and refuse ``slots`` of them (one
@@ -76,10 +91,12 @@ class MoshiStepper:
         return mask.to(self._device)
 
     @torch.no_grad()
-    def reset(self, slots: Sequence[int]) -> None:
+    def reset(self, slots: Sequence[int], names: Sequence[NameTrie | None] = ()) -> None:
         mask = self._mask(slots)
         self._mimi.reset_streaming(mask)
         self._gen.reset_streaming(mask)
+        for i, slot in enumerate(slots):
+            self._names.set(slot, names[i] if names else None)
 
     @torch.no_grad()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
@@ -110,9 +127,28 @@ class MoshiStepper:
         full = torch.zeros(self.num_slots, first.shape[1], 1, dtype=torch.long, device=self._device)
         full[index, :, 0] = first
         self._gen.set_exec_mask(self._mask(slots))
-        out = self._gen.step_with_extra_heads(full)
+        self._bias = self._names_bias(slots)
+        try:
+            out = self._gen.step_with_extra_heads(full)
+        finally:
+            self._bias = None
         assert out is not None
         tokens, heads = out
         columns = [tokens[:, 0, :1].float(), *(h[:, 0, :1].float() for h in heads)]
         rows = torch.cat(columns, dim=1)[index].cpu().tolist()  # the one transfer
-        return [Kept([int(row[0])], [tuple(row[1:])]) for row in rows]
+        kept = [Kept([int(row[0])], [tuple(row[1:])]) for row in rows]
+        for slot, k in zip(slots, kept, strict=True):
+            self._names.keep(slot, k.tokens)
+        return kept
+
+    def _names_bias(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """The step's boosts as one [slots, 1, 1, card] tensor (one shape for every call, as
+        CUDA graphs want; the hook runs outside them), or None when no slot has names."""
+        if not self._names.any(slots):
+            return None
+        card = int(self._gen.lm_model.text_card)
+        bias = torch.zeros(self.num_slots, 1, 1, card)
+        for slot in slots:
+            (ids, value), *_ = self._names.rows(slot, [])
+            bias[slot, 0, 0, list(ids)] = value
+        return bias.to(self._device, non_blocking=True)

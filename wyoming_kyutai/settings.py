@@ -27,6 +27,20 @@ DRAIN_TIMEOUT = 2.0
 """Seconds to deliver a connection's last events before closing it (not a setting)."""
 
 
+NAME_BOOST = 3.0
+"""The default ``name_boost`` (a logit per token; benchmarks/results/commands-en-names.md)."""
+
+
+def check_names_file(path: str) -> None:
+    """ValueError (one line) unless ``path`` is a readable UTF-8 text file."""
+    try:
+        Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot read {path} ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
 class SettingsError(Exception):
     """A bad configuration value or key; the message is one line."""
 
@@ -152,6 +166,37 @@ class Settings:
     server_ends_turns: bool = _s(
         False, "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
     )
+    prefers_auto_gain: bool = _s(
+        True,
+        "ask Home Assistant's satellites for audio with automatic gain (false: the raw "
+        "microphone level, where the satellite offers it)",
+    )
+    prefers_noise_reduction: bool = _s(
+        True,
+        "ask Home Assistant's satellites for noise-suppressed audio (false: the unprocessed "
+        "microphone channel, where the satellite offers it)",
+    )
+    # --- names (biasing toward device, area and other names; names.py)
+    names: list[str] | None = _s(
+        None,
+        "names to bias recognition toward (devices, rooms, people), comma-separated on the "
+        "command line; added to Home Assistant's and each request's own",
+        group="names",
+    )
+    names_file: str | None = _s(
+        None,
+        "file of names to bias recognition toward, one per line (# starts a comment)",
+        group="names",
+        validate=check_names_file,
+    )
+    name_boost: float = _s(
+        NAME_BOOST,
+        "how hard recognition leans toward the names: added to the score of each text token "
+        "that continues one (0: off; too high writes names nobody said)",
+        group="names",
+        min=0,
+        max=20,
+    )
     # --- limits
     max_connections: int = _s(
         0, "open connections at once; more are refused (0: twice `slots`, at least 64)", min=0
@@ -191,6 +236,8 @@ MODEL_SETTINGS = in_group("model")
 """The settings that pick and load the model."""
 TURN_SETTINGS = in_group("turn")
 """The settings of the end-of-turn policy (endpointing.turn_policy)."""
+NAME_SETTINGS = in_group("names")
+"""The settings of biasing toward names (name_book.py)."""
 
 
 def _kind(f: dataclasses.Field[Any]) -> str:

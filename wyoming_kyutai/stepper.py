@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .names import NameTrie
 from .scheduler import Kept, Rows
 
 
@@ -36,8 +37,9 @@ class Stepper(Protocol):
     def close(self) -> None:
         """Release the slots' state (the stepper is not used after this)."""
 
-    def reset(self, slots: Sequence[int]) -> None:
-        """Start these slots over as new streams.
+    def reset(self, slots: Sequence[int], names: Sequence[NameTrie | None] = ()) -> None:
+        """Start these slots over as new streams; ``names[i]`` (optional) is the name trie
+        slot ``slots[i]``'s transcript is biased toward (``names.py``; None: none).
 
         A slot's first LM step after this is the model's start step: its input is replaced by
         start tokens, so the first frame's codes go in the step after (as Kyutai's loop feeds

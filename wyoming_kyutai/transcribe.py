@@ -25,6 +25,7 @@ from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
 from .loaded_model import LoadedModel
 from .model_loading import load_configured
 from .model_thread import run_in_own_thread
+from .names import NameTrie
 from .settings import (
     MODEL_SETTINGS,
     TURN_SETTINGS,
@@ -41,11 +42,16 @@ READ_FRAMES = 4000  # input samples per chunk pushed to the engine
 
 
 async def transcribe_audio(
-    engine: Engine, audio: WavAudio, policy: TurnPolicy, wait: float = 3600.0
+    engine: Engine,
+    audio: WavAudio,
+    policy: TurnPolicy,
+    wait: float = 3600.0,
+    names: NameTrie | None = None,
 ) -> dict[str, Any]:
-    """Stream one file through the engine as fast as it goes; return the JSON record."""
+    """Stream one file through the engine as fast as it goes (biased toward ``names``);
+    return the JSON record."""
     model = engine.model
-    stream = await engine.open_stream(wait)
+    stream = await engine.open_stream(wait, names)
     try:
         converter = PcmConverter(audio.format)
         chunk = READ_FRAMES * audio.format.bytes_per_frame

@@ -26,6 +26,9 @@ from .attention import AttentionPlan, KvCache, Rope
 from .linear import Dense, Int4Linear, Linear
 from .weights import WeightFile
 
+Boost = tuple[Sequence[int], float]
+"""Text tokens whose logits get a value added before a row's argmax (names biasing)."""
+
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
 
@@ -277,6 +280,7 @@ class LanguageModel:
         codes: Sequence[torch.Tensor],
         slots: Sequence[int],
         guesses: Sequence[Sequence[int]] | None = None,
+        boosts: Sequence[Sequence[Boost]] | None = None,
     ) -> list[LmStep]:
         """One pass over the next steps of several slots: ``codes[i]`` int64 [k_i >= 1, n_q]
         are slot ``slots[i]``'s next k_i frames, in [0, card) (-1: no input for that codebook;
@@ -296,7 +300,10 @@ class LanguageModel:
         of the text inputs of the steps after them, for a later pass.
 
         A slot whose k_i rows would wrap its KV ring (position + k_i > context: a later pass
-        redoing the unkept rows needs the entries they overwrite) takes one row."""
+        redoing the unkept rows needs the entries they overwrite) takes one row.
+
+        ``boosts[i][j]`` (optional; names biasing, ``names.py``) are tokens whose logits get a
+        value added before row j's argmax; ``text_logits`` stay the model's own."""
         slots = self._check_sets(codes, slots, guesses)
         pad = self.config.padding_id
         counts: list[int] = []
@@ -322,7 +329,8 @@ class LanguageModel:
         text[firsts] = self._text[slots]
         rows = torch.cat([frames[:count] for frames, count in zip(codes, counts, strict=True)])
         plan = self._cache.plan(row_slots, positions, self._rope)
-        out = self._forward(rows, text, positions, plan)
+        bias = None if boosts is None else _bias_index(boosts, firsts.tolist(), counts)
+        out = self._forward(rows, text, positions, plan, bias)
         results: list[LmStep] = []
         for slot, first, count in zip(slots, firsts.tolist(), counts, strict=True):
             end = first + _confirmed(out.tokens[first : first + count], text[first : first + count])
@@ -352,16 +360,23 @@ class LanguageModel:
         }
 
     def _forward(
-        self, codes: torch.Tensor, text: torch.Tensor, positions: Sequence[int], plan: AttentionPlan
+        self,
+        codes: torch.Tensor,
+        text: torch.Tensor,
+        positions: Sequence[int],
+        plan: AttentionPlan,
+        bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> LmStep:
         """The outputs of the rows of ``plan`` given their audio ``codes`` [n, n_q] and text
-        inputs ``text`` [n]; writes their keys/values, changes no other state."""
+        inputs ``text`` [n] (``bias``: rows, tokens and values added to the logits before the
+        argmax); writes their keys/values, changes no other state."""
         x = self._embed(codes, text, positions)
         for index, layer in enumerate(self._layers):
             x = layer.forward(x, index, plan, self._cache)
         out = _rms_norm(x, self._out_norm, self.config.norm_eps)
         logits = self._text_head(out)
-        tokens = logits.argmax(dim=-1)
+        scores = logits if bias is None else logits.index_put(bias[:2], bias[2], accumulate=True)
+        tokens = scores.argmax(dim=-1)
         return LmStep(tokens=tokens, pauses=self._pauses(out), text_logits=logits)
 
     def _pauses(self, out: torch.Tensor) -> torch.Tensor:
@@ -411,6 +426,23 @@ class LanguageModel:
         audio = torch.where(codes < 0, self._zero_row, codes + self._audio_base)
         index = torch.cat([audio, (text + self._text_base)[:, None]], dim=1)
         return self._embeddings[index].float().sum(dim=1)
+
+
+def _bias_index(
+    boosts: Sequence[Sequence[Boost]], firsts: Sequence[int], counts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The (row, token, value) triples of the pass's boosts (the rows it runs), or None."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    values: list[float] = []
+    for slot_boosts, first, count in zip(boosts, firsts, counts, strict=True):
+        for j, (ids, value) in enumerate(slot_boosts[:count]):
+            rows += [first + j] * len(ids)
+            tokens += ids
+            values += [value] * len(ids)
+    if not rows:
+        return None
+    return torch.tensor(rows), torch.tensor(tokens), torch.tensor(values, dtype=torch.float32)
 
 
 def _confirmed(tokens: torch.Tensor, guesses: torch.Tensor) -> int:

@@ -1,0 +1,223 @@
+"""Biasing toward names, measured on the trained checkpoint: the boost sweep.
+
+Commands that name one of ``domain.yaml``'s ``biasing_names`` (never in the training text, so
+the model writes something close instead) are spoken by the held-out voice, word by word and
+whole, and run through ``wyoming_kyutai.transcribe``'s engine path with the names given at
+each boost of the sweep; the held-out name-free commands run beside them, to count names the
+boost inserts where nobody said one. Reported per boost: exact-name accuracy (the name's
+words, in order, in the transcript), false insertions (a biasing name in a name-free
+command's transcript) and the name-free commands' WER.
+
+``python -m training.names_eval --data build/train-test-model/data-*.pkl`` writes
+``benchmarks/results/commands-en-names.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pickle
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wyoming_kyutai.audio import read_wav
+from wyoming_kyutai.endpointing import turn_policy
+from wyoming_kyutai.model_loading import load_configured
+from wyoming_kyutai.names import TextIds, build_trie
+from wyoming_kyutai.settings import build_settings
+from wyoming_kyutai.transcribe import transcribe_audio
+
+from . import synth
+from .corpus import Domain, number_words
+from .evaluate import cpu_name, edit_distance, words_of, write_wav
+
+BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+TEMPLATES = ("turn on the {name}", "turn off the {name}", "set the {name} to {number} percent")
+
+
+def name_sentences(domain: Domain, seed: int) -> list[tuple[str, str]]:
+    """(sentence, name): every biasing name in every template."""
+    rng = random.Random(seed)
+    return [
+        (t.replace("{name}", n).replace("{number}", number_words(rng.randrange(101))), n)
+        for n in domain.biasing_names
+        for t in TEMPLATES
+    ]
+
+
+def speak(sentences: list[str], seed: int) -> list[synth.Utterance]:
+    """Each sentence by the held-out voice, word by word and whole."""
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    voices = synth.voices(8, held_out=True, seed=seed + 1)
+    cache = synth.ClipCache()
+    out = []
+    for text in sentences:
+        voice = rng.choice(voices)
+        out.append(synth.word_by_word(text, voice, cache, rng, nprng))
+        out.append(synth.whole(text, voice, cache, rng, nprng))
+    return out
+
+
+def contains(words: list[str], name: str) -> bool:
+    target = words_of(name)
+    return any(words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1))
+
+
+async def run_all(model: Any, paths: list[Path], policy: Any, trie: Any) -> list[dict[str, Any]]:
+    from wyoming_kyutai.engine import Engine
+
+    engine = Engine(model, slots=8)
+    engine.start()
+    try:
+        files = [read_wav(p) for p in paths]
+        return list(
+            await asyncio.gather(*(transcribe_audio(engine, f, policy, names=trie) for f in files))
+        )
+    finally:
+        engine.stop()
+
+
+def sweep(
+    model_dir: Path,
+    named: list[tuple[synth.Utterance, str]],
+    plain: list[synth.Utterance],
+    domain: Domain,
+    wav_dir: Path,
+    boosts: tuple[float, ...],
+    quantize: str,
+) -> list[dict[str, Any]]:
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    utts = [u for u, _ in named] + plain
+    paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
+    settings = build_settings(
+        cli_values={
+            "model": str(model_dir),
+            "device": "cpu",
+            "quantize": quantize,
+            "runtime": "lean",
+            "threads": 1,
+        }
+    )
+    model = load_configured(settings)
+    policy = turn_policy(settings, model.num_vad_heads)
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    rows = []
+    for boost in boosts:
+        trie = build_trie(domain.biasing_names, model.tokenizer, boost, special)
+        start = time.time()
+        records = asyncio.run(run_all(model, paths, policy, trie))
+        hyps = [words_of(r["text"]) for r in records]
+        named_hyps, plain_hyps = hyps[: len(named)], hyps[len(named) :]
+        right = [contains(h, name) for h, (_, name) in zip(named_hyps, named, strict=True)]
+        inserted = [any(contains(h, n) for n in domain.biasing_names) for h in plain_hyps]
+        errors = sum(
+            edit_distance(words_of(u.text), h) for u, h in zip(plain, plain_hyps, strict=True)
+        )
+        ref_words = sum(len(words_of(u.text)) for u in plain)
+        named_errors = sum(
+            edit_distance(words_of(u.text), h) for (u, _), h in zip(named, named_hyps, strict=True)
+        )
+        named_words = sum(len(words_of(u.text)) for u, _ in named)
+        row = {
+            "boost": boost,
+            "names_right_percent": round(100 * sum(right) / len(right), 1),
+            "names_right_word_by_word_percent": round(
+                100
+                * sum(r for r, (u, _) in zip(right, named, strict=True) if not u.whole)
+                / max(1, sum(not u.whole for u, _ in named)),
+                1,
+            ),
+            "names_right_whole_percent": round(
+                100
+                * sum(r for r, (u, _) in zip(right, named, strict=True) if u.whole)
+                / max(1, sum(u.whole for u, _ in named)),
+                1,
+            ),
+            "named_commands_wer_percent": round(100 * named_errors / named_words, 2),
+            "false_insertions_percent": round(100 * sum(inserted) / max(1, len(inserted)), 2),
+            "name_free_wer_percent": round(100 * errors / max(1, ref_words), 2),
+            "seconds": round(time.time() - start, 1),
+            "examples": [
+                {"ref": u.text, "hyp": " ".join(h)}
+                for (u, _), h in list(zip(named, named_hyps, strict=True))[:6]
+            ],
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Biasing toward names: boost sweep ({report['checkpoint']}, {report['quantize']})",
+        "",
+        f"{report['named_utterances']} commands naming one of {report['names']} names never in "
+        f"the training text (held-out voice, word by word and whole); "
+        f"{report['name_free_utterances']} held-out name-free commands. CPU: "
+        f"{report['machine']['cpu']}. Command: `{report['command']}`.",
+        "",
+        "| boost | names right | word by word | whole | WER, named commands | "
+        "false name insertions (name-free) | WER, name-free |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['boost']:g} | {r['names_right_percent']} % | "
+            f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
+            f"{r['named_commands_wer_percent']} % | {r['false_insertions_percent']} % | "
+            f"{r['name_free_wer_percent']} % |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", type=Path, default=Path("tests/checkpoints/commands-en"))
+    p.add_argument("--data", type=Path, required=True, help="the training run's data-*.pkl")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-names.json"))
+    p.add_argument("--boosts", type=float, nargs="+", default=list(BOOSTS))
+    p.add_argument("--quantize", default="int8")
+    p.add_argument("--name-free", type=int, default=150, help="name-free commands (held out)")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args()
+    domain = Domain.load()
+    with args.data.open("rb") as f:
+        _, test = pickle.load(f)
+    plain = test[: args.name_free]
+    pairs = name_sentences(domain, args.seed)
+    spoken = speak([s for s, _ in pairs], args.seed)
+    named = [(u, pairs[i // 2][1]) for i, u in enumerate(spoken)]
+    rows = sweep(
+        args.model,
+        named,
+        plain,
+        domain,
+        args.data.parent / "names-wavs",
+        tuple(args.boosts),
+        args.quantize,
+    )
+    report = {
+        "name": "commands-en-names",
+        "command": "python -m training.names_eval --data " + str(args.data),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "checkpoint": str(args.model),
+        "quantize": args.quantize,
+        "machine": {"cpu": cpu_name(), "threads": 1},
+        "names": len(domain.biasing_names),
+        "named_utterances": len(named),
+        "name_free_utterances": len(plain),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table(report))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
