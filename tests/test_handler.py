@@ -95,8 +95,10 @@ class ScriptedEngine:
         self.script = script
         self.shed = shed
         self.streams: list[ScriptedStream] = []
+        self.names: list[object] = []  # each stream's names trie, as opened
 
     async def open_stream(self, wait: float = 0.0, names: object = None) -> ScriptedStream:
+        self.names.append(names)
         if self.busy:
             raise EngineBusy("all 1 slots are busy")
         stream = ScriptedStream(self.script, self.shed)
@@ -210,3 +212,56 @@ async def test_audio_shed_by_the_lag_bound_is_counted_in_the_transcript() -> Non
     transcript = next(e for e in sent if e.type == "transcript")
     assert transcript.data["context"]["stats"]["shed_seconds"] == 0.4
     assert transcript.data["text"] == "turn on the kitchen"
+
+
+async def test_transcribe_names_and_terms_bias_that_utterance_on_top_of_the_servers() -> None:
+    import sentencepiece as spm
+    from wyoming.asr import Transcribe
+
+    from tests.test_names import CHECKPOINT
+    from wyoming_kyutai.name_book import NameBook
+
+    sp = spm.SentencePieceProcessor(model_file=str(next(CHECKPOINT.glob("*.model"))))
+    engine = ScriptedEngine()
+    handler, sent = _handler(engine, EndOfTurnSettings(enabled=False))
+    handler.settings = HandlerSettings(names=NameBook(sp, 2.0, ["kitchen light"]))
+    start = AudioStart(rate=16000, width=2, channels=1).event()
+    asks = Transcribe(language="en", transcript_names=["Ecobee"], transcript_terms=["hue go"])
+    for event in (asks.event(), start, _chunk(2), AudioStop().event()):
+        assert await handler.handle_event(event)
+    await _settle()
+    # a transcribe without names: back to the server's own
+    for event in (Transcribe(language="en").event(), start, AudioStop().event()):
+        assert await handler.handle_event(event)
+    own, plain = engine.names
+    assert len(own) == 3 and len(plain) == 1  # type: ignore[arg-type]
+    # a bad list is the client's mistake: one error, and the connection ends
+    bad = Event("transcribe", {"language": "en", "transcript_names": "Ecobee"})
+    assert await handler.handle_event(bad) is False
+    assert sent[-1].type == "error" and sent[-1].data["code"] == "bad-event"
+    assert "transcript_names" in sent[-1].data["text"]
+
+
+async def test_without_names_the_engine_gets_none() -> None:
+    from wyoming.asr import Transcribe
+
+    engine = ScriptedEngine()
+    handler, _sent = _handler(engine, EndOfTurnSettings(enabled=False))
+    asks = Transcribe(language="en", transcript_names=["Ecobee"])
+    for event in (asks.event(), AudioStart(rate=16000, width=2, channels=1).event()):
+        assert await handler.handle_event(event)
+    assert engine.names == [None]  # no name book: the server does not bias at all
+
+
+async def test_describe_tells_satellites_which_audio_processing_we_prefer() -> None:
+    from wyoming.info import Describe
+
+    handler, sent = _handler(ScriptedEngine(), EndOfTurnSettings())
+    assert await handler.handle_event(Describe().event())
+    asr = sent[-1].data["asr"][0]
+    assert asr["prefers_auto_gain_enabled"] and asr["prefers_noise_reduction_enabled"]
+    handler.info = build_info("scripted", ["en"], False, auto_gain=False, noise_reduction=False)
+    assert await handler.handle_event(Describe().event())
+    asr = sent[-1].data["asr"][0]
+    assert asr["prefers_auto_gain_enabled"] is False
+    assert asr["prefers_noise_reduction_enabled"] is False

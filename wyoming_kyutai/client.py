@@ -101,7 +101,12 @@ async def describe(uri: str) -> dict[str, Any]:
 
 
 async def transcribe_file(
-    uri: str, path: Path, realtime: bool, language: str | None, live: bool
+    uri: str,
+    path: Path,
+    realtime: bool,
+    language: str | None,
+    live: bool,
+    names: list[str] | None = None,
 ) -> FileResult:
     audio = pcm16k(path)
     reader, writer = await _connect(uri)
@@ -137,7 +142,8 @@ async def transcribe_file(
 
     async def send_audio() -> None:
         nonlocal audio_done
-        await async_write_event(Transcribe(language=language).event(), writer)
+        transcribe = Transcribe(language=language, transcript_names=names or None)
+        await async_write_event(transcribe.event(), writer)
         await async_write_event(AudioStart(rate=RATE, width=2, channels=1).event(), writer)
         step = CHUNK_SAMPLES * 2
         for i, pos in enumerate(range(0, len(audio), step)):
@@ -189,7 +195,9 @@ async def run(args: argparse.Namespace) -> int:
         live = not args.json
         if live and len(args.files) > 1:
             print(f"{path}: ", end="", flush=True)
-        result = await transcribe_file(args.uri, path, args.realtime, args.language, live)
+        result = await transcribe_file(
+            args.uri, path, args.realtime, args.language, live, args.names
+        )
         if args.json:
             print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
         else:
@@ -208,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--realtime", action="store_true", help="pace audio in real time")
     parser.add_argument("--language", help="language to ask for (e.g. en, fr)")
+    parser.add_argument(
+        "--names",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        help="comma-separated names to bias this request toward (sent as transcript_names)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--describe", action="store_true", help="print the server's info")
     parser.add_argument("--version", action="version", version=__version__)

@@ -25,9 +25,11 @@ from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
 from .loaded_model import LoadedModel
 from .model_loading import load_configured
 from .model_thread import run_in_own_thread
+from .name_book import book_from_settings
 from .names import NameTrie
 from .settings import (
     MODEL_SETTINGS,
+    NAME_SETTINGS,
     TURN_SETTINGS,
     SettingsError,
     add_arguments,
@@ -81,14 +83,19 @@ async def transcribe_audio(
 
 
 async def transcribe_files(
-    model: LoadedModel, files: list[WavAudio], policy: TurnPolicy, slots: int
+    model: LoadedModel,
+    files: list[WavAudio],
+    policy: TurnPolicy,
+    slots: int,
+    names: NameTrie | None = None,
 ) -> list[dict[str, Any]]:
     from .engine import Engine
 
     engine = Engine(model, slots=slots)
     engine.start()
     try:
-        return list(await asyncio.gather(*(transcribe_audio(engine, f, policy) for f in files)))
+        jobs = (transcribe_audio(engine, f, policy, names=names) for f in files)
+        return list(await asyncio.gather(*jobs))
     finally:
         engine.stop()
 
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per file and line")
     parser.add_argument("--version", action="version", version=__version__)
-    add_arguments(parser, (*MODEL_SETTINGS, *TURN_SETTINGS, "debug"))
+    add_arguments(parser, (*MODEL_SETTINGS, *TURN_SETTINGS, *NAME_SETTINGS, "debug"))
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -128,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     policy = turn_policy(settings, model.num_vad_heads)
+    names = book_from_settings(settings, model).trie()
     slots = args.file_slots if args.file_slots > 0 else min(len(files), 8)
     try:
-        results = asyncio.run(transcribe_files(model, files, policy, slots))
+        results = asyncio.run(transcribe_files(model, files, policy, slots, names))
     except MemoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
