@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,8 @@ from wyoming.event import async_read_event, async_write_event  # noqa: E402
 from wyoming.info import Describe  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from benchmarks.names_cost import names_cost  # noqa: E402
+from benchmarks.quality import quality  # noqa: E402
 
 if TYPE_CHECKING:
     from wyoming_kyutai.loaded_model import LeanModel, MoshiModel
@@ -1087,7 +1090,24 @@ PHASES: dict[str, Any] = {
     "memory": lambda c, n: memory(Path(c), n),
     "auto": lambda: auto_choice(),
     "weights": lambda c, q, t, s: weights_trial(Path(c), q, t, s),
+    "names": lambda c: names_cost(Path(c)),
+    "quality": lambda c, q, d, n: quality(Path(c), q, d, n),
 }
+
+TRAINED = ROOT / "tests" / "checkpoints" / "commands-en"
+"""The small checkpoint trained on synthetic speech (script/train-test-model)."""
+
+
+def quality_runs(ckpt: Path) -> dict[str, Any]:
+    """Recognition on held-out synthetic speech (benchmarks/quality.py): the trained test
+    checkpoint in each weight mode (and Mimi in bfloat16), and ``ckpt`` (random weights)."""
+    if shutil.which("espeak-ng") is None:
+        return {"skipped": "espeak-ng is not installed (apt-get install espeak-ng)"}
+    t = str(TRAINED)
+    runs = [phase("quality", t, q, "auto", 150) for q in ("none", "int8", "int4")]
+    runs.append(phase("quality", t, "int8", "bfloat16", 150))
+    runs.append(phase("quality", str(ckpt), "int8", "auto", 20))
+    return {"runs": runs}
 
 
 def phase(name: str, *args: Any) -> dict[str, Any]:
@@ -1129,9 +1149,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["neighbour"],
+        choices=["neighbour", "names", "quality"],
         help="run only this part and add it to the named result (neighbour: one 60 s stream "
-        "quiet and beside a busy core)",
+        "quiet and beside a busy core; names: a step's cost with 0 / 100 / 1,000 names; "
+        "quality: recognition of held-out speech, trained and random checkpoints)",
     )
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--phase-args", help=argparse.SUPPRESS)
@@ -1153,7 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_checkpoint(ckpt, args.preset)
     if args.only:
-        return _add_to_result(name, ckpt)
+        return _add_to_result(name, ckpt, args.only)
     frames = 20 if quick else 40
     seconds = args.seconds or (5.0 if quick else 20.0)
     max_n = args.max_streams or (4 if quick else 12)
@@ -1235,6 +1256,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     say("a busy neighbour...")
     result["neighbour"] = neighbour(ckpt, 60.0)
+    result["names"] = phase("names", c)
+    say("recognition on speech...")
+    result["quality"] = quality_runs(ckpt)
     _write(name, result)
     return 0
 
@@ -1250,16 +1274,21 @@ def _write(name: str, result: dict[str, Any]) -> None:
     print(report.markdown(result))
 
 
-def _add_to_result(name: str, ckpt: Path) -> int:
-    """``--only neighbour``: that part alone, added to result ``name`` (which must exist, from
+def _add_to_result(name: str, ckpt: Path, part: str) -> int:
+    """``--only PART``: that part alone, added to result ``name`` (which must exist, from
     this machine: its other rows keep their own date)."""
     path = ROOT / "benchmarks" / "results" / f"{name}.json"
     if not path.is_file():
         print(f"no result {path.name} to add to: run script/bench first", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    result["neighbour"] = neighbour(ckpt, 60.0)
-    result["neighbour"]["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if part == "neighbour":
+        result[part] = neighbour(ckpt, 60.0)
+    elif part == "quality":
+        result[part] = quality_runs(ckpt)
+    else:
+        result[part] = phase(part, str(ckpt))
+    result[part]["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write(name, result)
     return 0
 

@@ -489,6 +489,62 @@ def _neighbour_rows(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _names_rows(result: dict[str, Any]) -> list[str]:
+    """What biasing toward names costs a batch-1 step (benchmarks/names_cost.py)."""
+    part = result.get("names")
+    if not part:
+        return []
+    steps = part["step_ms"]
+    ratios = part["step_ratio"]
+    worst = part["word_boundary_worst_case"]
+    return [
+        f"| names biasing, batch 1, lean int8: LM step with 0 / 100 / 1,000 names | "
+        f"{steps['0']} / {steps['100']} / {steps['1000']} ms "
+        f"({ratios['100']:.3f}× / {ratios['1000']:.3f}×); worst case at a word boundary "
+        f"(every first piece boosted: {worst['1000']['tokens_boosted']} tokens) "
+        f"+{worst['1000']['extra_ms']} ms = {worst['1000']['percent_of_step']} % of a step |"
+    ]
+
+
+def quality_table(result: dict[str, Any]) -> list[str]:
+    """Recognition of held-out synthetic speech (benchmarks/quality.py), its own table."""
+    part = result.get("quality")
+    if not part:
+        return []
+    if "skipped" in part:
+        return ["", f"Recognition on speech: not measured ({part['skipped']}).", ""]
+    lines = [
+        "",
+        "Recognition of held-out synthetic commands (espeak-ng; unseen sentence combinations, "
+        "voice and speed band), one at a time through the engine, server end-of-turn "
+        "defaults. WER and exact sentences: spoken word by word / whole. End of turn: after "
+        "the last word, median / p90 (word by word), and turns ended before the last word "
+        "(word by word / whole). Look-ahead: share of guessed rows a pass kept; passes from "
+        "audio-stop to the last result (median / max).",
+        "",
+        "| checkpoint | weights | utterances | WER | sentences exact | end of turn after last"
+        " word | ended early | guessed rows kept | passes after audio-stop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in part["runs"]:
+        wbw, whole, ahead = run["word_by_word"], run["whole"], run["lookahead"]
+        weights = run["quantize"] + (", Mimi bfloat16" if run["dtype"] == "bfloat16" else "")
+        lines.append(
+            f"| {run['checkpoint']} | {weights} | {run['utterances']} | "
+            f"{wbw['wer_percent']} / {whole['wer_percent']} % | "
+            f"{wbw['sentences_exact_percent']} / {whole['sentences_exact_percent']} % | "
+            f"{_s(wbw['end_of_turn_delay_median_s'])} / {_s(wbw['end_of_turn_delay_p90_s'])} | "
+            f"{wbw['ended_before_last_word_percent']} / {whole['ended_before_last_word_percent']}"
+            f" % | {ahead['guessed_rows_kept_percent']} % | "
+            f"{ahead['tail_passes_median']} / {ahead['tail_passes_max']} |"
+        )
+    return lines + [""]
+
+
+def _s(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds:.2f} s"
+
+
 def _agreement_and_memory_rows(result: dict[str, Any]) -> list[str]:
     lines = []
     agree = result.get("agreement")
@@ -622,7 +678,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _server_rows(srv)
     lines += _weights_rows(result)
     lines += _neighbour_rows(result)
+    lines += _names_rows(result)
     lines.append("")
+    lines += quality_table(result)
     return "\n".join(lines)
 
 

@@ -65,3 +65,20 @@ def build(
     with path.open("wb") as f:
         pickle.dump((train, test), f)
     return train, test
+
+
+def held_out(n_test: int, seed: int = 0) -> list[synth.Utterance]:
+    """A held-out set on its own (the benchmark's; ``build`` makes the training run's): the
+    same unseen sentence combinations, voice and speed band, each sentence spoken word by
+    word and whole, with its own random gaps and noise."""
+    domain = Domain.load()
+    rng = random.Random(seed + 3)
+    nprng = np.random.default_rng(seed + 3)
+    voices = synth.voices(8, held_out=True, seed=seed + 1)
+    cache = synth.ClipCache()
+    out = []
+    for text in sentences(domain, n_test, held_out=True, seed=seed + 1):
+        voice = rng.choice(voices)
+        out.append(synth.word_by_word(text, voice, cache, rng, nprng))
+        out.append(synth.whole(text, voice, cache, rng, nprng))
+    return out

@@ -1,0 +1,110 @@
+"""What biasing toward names costs a step: 0 / 100 / 1,000 names, batch 1, lean int8.
+
+Two measures, side by side in one process:
+
+- the LM step of one stream (a speech-like signal's codes) with no names and with 100 and
+  1,000 made-up two-word names, interleaved rounds; a random model rarely writes the end
+  of padding, so its match state mostly sits at the root, where a step boosts nothing;
+- the worst case: the extra work of a step at a word boundary, where every name's first
+  piece is boosted (the slot's boost lists, the (row, token) index, the boosted argmax),
+  against the plain argmax, on the text logits of one row.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COUNTS = (0, 100, 1000)
+
+
+def made_up_names(count: int, seed: int = 0) -> list[str]:
+    from training.corpus import pseudo_word
+
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < count:
+        name = f"{pseudo_word(rng)} {pseudo_word(rng)}"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.bench import speechlike
+    from wyoming_kyutai.model_loading import load_model
+    from wyoming_kyutai.names import NameTrie, SlotNames, TextIds, build_trie
+    from wyoming_kyutai.runtime.lm import bias_index
+
+    model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    names = made_up_names(max(COUNTS))
+    tries = {n: build_trie(names[:n], model.tokenizer, 3.0, special) if n else None for n in COUNTS}
+    stepper = model.make_stepper(1)
+    audio = speechlike(frames * 0.08, 24000, 5)[None]
+    step_ms: dict[int, list[float]] = {n: [] for n in COUNTS}
+    with torch.inference_mode():
+        stepper.reset([0])
+        codes = stepper.encode(audio, [0])[0].t()
+        for _ in range(rounds):
+            for n in COUNTS:
+                stepper.reset([0], [tries[n]])
+                times = []
+                for i in range(frames):
+                    t0 = time.perf_counter()
+                    stepper.lm_pass([0], [codes[i : i + 1]], [[]])
+                    times.append(time.perf_counter() - t0)
+                step_ms[n].append(1000 * statistics.median(times[3:]))
+    logits = torch.randn(1, model.tokenizer.get_piece_size())
+    worst: dict[str, Any] = {}
+    for n in COUNTS[1:]:
+        trie = tries[n]
+        assert trie is not None
+        slots = SlotNames(1)
+        slots.set(0, trie)
+        slots.keep(0, [special.end_of_padding])  # a word boundary: every first piece boosted
+        boosted = len(trie.boosted(NameTrie.START * 2 + 1)[0])
+
+        def biased(slots: SlotNames = slots) -> int:
+            rows = [slots.rows(0, [])]
+            bias = bias_index(rows, [0], [1])
+            assert bias is not None
+            return int(logits.index_put(bias[:2], bias[2], accumulate=True).argmax(-1))
+
+        def plain() -> int:
+            return int(logits.argmax(-1))
+
+        worst[str(n)] = {
+            "tokens_boosted": boosted,
+            "extra_ms": round(_median_ms(biased) - _median_ms(plain), 4),
+        }
+    plain_step = statistics.median(step_ms[0])
+    return {
+        "checkpoint": ckpt.name,
+        "frames": frames,
+        "threads": torch.get_num_threads(),
+        "step_ms": {str(n): round(statistics.median(v), 2) for n, v in step_ms.items()},
+        "step_ratio": {
+            str(n): round(statistics.median(v) / plain_step, 3) for n, v in step_ms.items()
+        },
+        "word_boundary_worst_case": {
+            n: {**w, "percent_of_step": round(100 * w["extra_ms"] / plain_step, 2)}
+            for n, w in worst.items()
+        },
+    }
+
+
+def _median_ms(run: Any, repeats: int = 2000) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
