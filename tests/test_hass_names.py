@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -292,3 +293,32 @@ def test_resolve_source() -> None:
     assert resolve_source(None, "mine", {}) is None  # no URL to use it with
     assert resolve_source(None, "mine", addon) is None  # explicit token, but where?
     assert resolve_source(None, None, {"SUPERVISOR_TOKEN": ""}) is None
+
+
+async def test_app_reads_names_from_home_assistant(
+    fake: FakeHomeAssistant,
+    tiny_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.wyoming_io import running_app
+
+    monkeypatch.delenv("SUPERVISOR_TOKEN", raising=False)
+    caplog.set_level(logging.INFO)
+    url = f"http://127.0.0.1:{fake.port}"
+    async with running_app(tiny_dir, hass_url=url, hass_token=TOKEN) as app:
+        assert app.home_assistant is not None
+        async with asyncio.timeout(5.0):
+            await app.home_assistant.wait_for_version(0)
+        assert app.home_assistant.names() == EXPECTED
+        assert "Home Assistant: 10 names loaded" in caplog.text
+    assert not app.home_assistant.running
+    assert TOKEN not in caplog.text
+
+
+async def test_app_without_home_assistant(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.wyoming_io import running_app
+
+    monkeypatch.delenv("SUPERVISOR_TOKEN", raising=False)
+    async with running_app(tiny_dir) as app:
+        assert app.home_assistant is None

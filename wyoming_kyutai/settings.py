@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .hass_names import websocket_url
 from .uri import parse_uri
 
 ENV_PREFIX = "WYOMING_KYUTAI_"
@@ -152,6 +153,13 @@ class Settings:
     server_ends_turns: bool = _s(
         False, "tell Home Assistant it need not run its own VAD (only for HA 2026.10+)"
     )
+    # --- names
+    hass_url: str | None = _s(
+        None,
+        "Home Assistant URL for device/area names (null: the add-on's Supervisor, else none)",
+        validate=websocket_url,
+    )
+    hass_token: str | None = _s(None, "long-lived access token (never logged)")
     # --- limits
     max_connections: int = _s(
         0, "open connections at once; more are refused (0: twice `slots`, at least 64)", min=0
