@@ -241,6 +241,33 @@ async def test_malformed_reply_is_one_warning(
     assert names.names() == EXPECTED[:5] + EXPECTED[-2:]
 
 
+async def test_a_silent_server_is_a_timeout(
+    stopped: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that accepts the connection and never answers: one warning, retried."""
+    caplog.set_level(logging.DEBUG, logger="wyoming_kyutai.hass_names")
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        names = client(stopped, f"ws://127.0.0.1:{port}/api/websocket", request_timeout=0.1)
+        await names.start()
+        await wait_until(lambda: _count(caplog, "no connection in 0.1 s") >= 2)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no connection in 0.1 s" in warnings[0].getMessage()
+        assert names.names() == () and names.running
+        await names.stop()
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_stop_before_anything_and_twice(stopped: list) -> None:
     names = client(stopped, "ws://127.0.0.1:9/api/websocket")
     await names.stop()

@@ -134,8 +134,9 @@ def collect_names(
 class _Session:
     """One authenticated websocket: numbered commands, their results, registry events."""
 
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, ws: Any, timeout: float) -> None:
         self._ws = ws
+        self._timeout = timeout
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.changed = asyncio.Event()
@@ -177,9 +178,9 @@ class _Session:
         self._pending[self._next_id] = future
         try:
             await self._ws.send(json.dumps({"id": self._next_id, "type": kind, **fields}))
-            reply = await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            reply = await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
-            raise HassError("timeout", f"no answer to {kind} in {REQUEST_TIMEOUT:g} s") from None
+            raise HassError("timeout", f"no answer to {kind} in {self._timeout:g} s") from None
         except WebSocketException:
             raise HassError("closed", "the connection closed") from None
         finally:
@@ -216,6 +217,7 @@ class HomeAssistantNames:
         debounce: float = DEBOUNCE,
         reconnect_min: float = RECONNECT_MIN,
         reconnect_max: float = RECONNECT_MAX,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.url = url
         self.__token = token  # never logged, never in repr
@@ -223,6 +225,7 @@ class HomeAssistantNames:
         self.debounce = debounce
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        self.request_timeout = request_timeout
         self.version = 0
         self._names: tuple[str, ...] = ()
         self._changed = asyncio.Condition()
@@ -269,12 +272,12 @@ class HomeAssistantNames:
             try:
                 async with connect(
                     self.url,
-                    open_timeout=REQUEST_TIMEOUT,
+                    open_timeout=self.request_timeout,
                     max_size=MAX_MESSAGE_BYTES,
                     logger=_WS_LOGGER,
                 ) as ws:
                     await self._authenticate(ws)
-                    session = _Session(ws)
+                    session = _Session(ws, self.request_timeout)
                     try:
                         await self._serve(session)
                     finally:
@@ -287,20 +290,23 @@ class HomeAssistantNames:
                     return
                 self._warn(err)
             except TimeoutError:
-                self._warn(HassError("timeout", f"no connection in {REQUEST_TIMEOUT:g} s"))
+                self._warn(HassError("timeout", f"no connection in {self.request_timeout:g} s"))
             except (OSError, WebSocketException) as err:
                 self._warn(HassError("unreachable", f"cannot connect ({_describe(err)})"))
+            except Exception as err:  # a reply this code did not foresee: still one line
+                _LOGGER.debug("Home Assistant: unexpected failure", exc_info=True)
+                self._warn(HassError("unexpected", f"{type(err).__name__}: {err}"))
             if self._loaded:  # the connection worked for a while: start over quickly
                 delay = self.reconnect_min
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.reconnect_max)
 
     async def _authenticate(self, ws: Any) -> None:
-        first = await _receive(ws)
+        first = await _receive(ws, self.request_timeout)
         if first.get("type") != "auth_required":
             raise HassError("malformed", f"expected auth_required, got {first.get('type')!r}")
         await ws.send(json.dumps({"type": "auth", "access_token": self.__token}))
-        answer = await _receive(ws)
+        answer = await _receive(ws, self.request_timeout)
         if answer.get("type") == "auth_invalid":
             raise HassError("auth", "Home Assistant rejected the access token (auth_invalid)")
         if answer.get("type") != "auth_ok":
@@ -337,9 +343,11 @@ class HomeAssistantNames:
             await session.call("homeassistant/expose_entity/list"), "exposed_entities"
         )
         wanted = [e for e, a in exposed.items() if isinstance(a, dict) and a.get("conversation")]
-        entries = _checked(
-            await session.call("config/entity_registry/get_entries", entity_ids=wanted), dict
-        )
+        entries: dict[str, Any] = {}
+        if wanted:
+            entries = _checked(
+                await session.call("config/entity_registry/get_entries", entity_ids=wanted), dict
+            )
         states: dict[str, Any] = {}
         if any(not _registry_name(entries.get(e)) for e in wanted):
             states_list = _checked(await session.call("get_states"), list)
@@ -386,10 +394,10 @@ def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-async def _receive(ws: Any) -> dict[str, Any]:
+async def _receive(ws: Any, timeout: float) -> dict[str, Any]:
     """One message during the handshake, as a JSON object."""
     try:
-        raw = await asyncio.wait_for(ws.recv(), REQUEST_TIMEOUT)
+        raw = await asyncio.wait_for(ws.recv(), timeout)
         message = json.loads(raw)
     except TimeoutError:
         raise HassError("timeout", "no answer while authenticating") from None
