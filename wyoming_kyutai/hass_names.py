@@ -174,17 +174,18 @@ class _Session:
         """Send command ``kind`` and return its result (None when ``optional`` and this Home
         Assistant does not know it)."""
         self._next_id += 1
+        msg_id = self._next_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[self._next_id] = future
+        self._pending[msg_id] = future
         try:
-            await self._ws.send(json.dumps({"id": self._next_id, "type": kind, **fields}))
+            await self._ws.send(json.dumps({"id": msg_id, "type": kind, **fields}))
             reply = await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
             raise HassError("timeout", f"no answer to {kind} in {self._timeout:g} s") from None
         except WebSocketException:
             raise HassError("closed", "the connection closed") from None
         finally:
-            self._pending.pop(self._next_id, None)
+            self._pending.pop(msg_id, None)
         if not reply.get("success"):
             error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
             if optional and error.get("code") == "unknown_command":
