@@ -85,6 +85,8 @@ def test_manifest_basics(manifest: dict[str, Any]) -> None:
     assert manifest["init"] is False
     assert manifest["discovery"] == ["wyoming"]
     assert manifest["ports"] == {"10300/tcp": None}
+    # the server reads device/area names through the Supervisor's proxy (hass_names)
+    assert manifest["homeassistant_api"] is True
     repository = _yaml(ROOT / "repository.yaml")
     assert repository["name"] and repository["url"]
 

@@ -93,3 +93,19 @@ def test_languages_are_normalised_and_numbers_must_be_finite() -> None:
     for bad in ("nan", "inf"):
         with pytest.raises(SettingsError, match="expected a finite number"):
             build_settings({}, {"WYOMING_KYUTAI_AUDIO_TIMEOUT": bad}, {})
+
+
+def test_home_assistant_settings() -> None:
+    s = build_settings({}, {"WYOMING_KYUTAI_HASS_TOKEN": "abc"}, {"hass_url": "http://ha:8123"})
+    assert (s.hass_url, s.hass_token) == ("http://ha:8123", "abc")
+    assert build_settings().hass_url is None and build_settings().hass_token is None
+    with pytest.raises(SettingsError, match="setting 'hass_url': use http"):
+        build_settings({"hass_url": "ha:8123"})
+
+
+def test_print_config_hides_the_token() -> None:
+    from wyoming_kyutai.__main__ import config_text
+
+    text = config_text(build_settings({"quantize": "none", "hass_token": "very-secret"}))
+    assert "very-secret" not in text and "hass_token: <hidden>" in text
+    assert "hass_token: null" in config_text(build_settings({"quantize": "none"}))

@@ -19,6 +19,8 @@ from .settings import Settings, SettingsError, add_arguments, as_dict, settings_
 from .uri import parse_uri
 
 _LOGGER = logging.getLogger("wyoming_kyutai")
+HIDDEN = "<hidden>"
+"""What ``--print-config`` shows instead of a secret."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +103,12 @@ async def _register_zeroconf(name: str, address: str) -> Any:
 def config_text(settings: Settings) -> str:
     """``settings`` as YAML (what ``--print-config`` prints); with ``quantize: auto`` its line
     says, in a comment, what auto resolves to here and why (a rule: no checkpoint, no timing),
-    so the YAML still reads back as the same settings."""
-    text = yaml.safe_dump(as_dict(settings), sort_keys=False)
+    so the YAML still reads back as the same settings, the token aside: a set ``hass_token``
+    shows as ``<hidden>``, never in clear."""
+    values = as_dict(settings)
+    if values["hass_token"] is not None:
+        values["hass_token"] = HIDDEN  # never printed in clear
+    text = yaml.safe_dump(values, sort_keys=False)
     if settings.quantize != "auto":
         return text
     from .checkpoint_files import CheckpointError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from .endpointing import EndOfTurnSettings, turn_policy
 from .engine import Engine
 from .framing import FrameLimits
 from .handler import HandlerSettings, SttHandler
+from .hass_names import HomeAssistantNames, resolve_source
 from .loaded_model import LoadedModel
 from .name_book import book_from_settings
 from .server import Connection, ServerLimits, SttServer
@@ -100,6 +102,8 @@ class App:
     info: Any
     languages: list[str]
     end_of_turn: EndOfTurnSettings
+    home_assistant: HomeAssistantNames | None = None
+    """Names of devices, areas and floors read from Home Assistant (None: no source)."""
 
     async def start(self) -> None:
         await asyncio.to_thread(self.engine.start)
@@ -109,8 +113,12 @@ class App:
             await asyncio.to_thread(self.engine.stop)
             raise
         freeze_loaded_objects()
+        if self.home_assistant is not None:
+            await self.home_assistant.start()  # returns at once: reads in the background
 
     async def stop(self) -> None:
+        if self.home_assistant is not None:
+            await self.home_assistant.stop()
         await self.server.stop()  # idempotent: a no-op after a SIGTERM already stopped it
         await asyncio.to_thread(self.engine.stop)
 
@@ -142,7 +150,9 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         max_lag=settings.max_lag or None,
         adapt_threads=settings.threads == 0 and model.device.type == "cpu",
     )
-    names = book_from_settings(settings, model)
+    source = resolve_source(settings.hass_url, settings.hass_token, os.environ)
+    home_assistant = HomeAssistantNames(*source) if source is not None else None
+    names = book_from_settings(settings, model, [home_assistant] if home_assistant else [])
     handler_settings = HandlerSettings(slot_wait=settings.slot_wait, turn=policy, names=names)
 
     def make_handler(conn: Connection) -> SttHandler:
@@ -151,4 +161,4 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         )
 
     server = SttServer(settings.uri, server_limits(settings), make_handler)
-    return App(settings, model, engine, server, info, languages, eot)
+    return App(settings, model, engine, server, info, languages, eot, home_assistant)

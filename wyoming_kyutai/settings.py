@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .hass_names import websocket_url
 from .uri import parse_uri
 
 ENV_PREFIX = "WYOMING_KYUTAI_"
@@ -197,6 +198,12 @@ class Settings:
         min=0,
         max=20,
     )
+    hass_url: str | None = _s(
+        None,
+        "Home Assistant URL for device/area names (null: the add-on's Supervisor, else none)",
+        validate=websocket_url,
+    )
+    hass_token: str | None = _s(None, "long-lived access token (never logged)")
     # --- limits
     max_connections: int = _s(
         0, "open connections at once; more are refused (0: twice `slots`, at least 64)", min=0

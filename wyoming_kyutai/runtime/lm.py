@@ -329,7 +329,7 @@ class LanguageModel:
         text[firsts] = self._text[slots]
         rows = torch.cat([frames[:count] for frames, count in zip(codes, counts, strict=True)])
         plan = self._cache.plan(row_slots, positions, self._rope)
-        bias = None if boosts is None else _bias_index(boosts, firsts.tolist(), counts)
+        bias = None if boosts is None else bias_index(boosts, firsts.tolist(), counts)
         out = self._forward(rows, text, positions, plan, bias)
         results: list[LmStep] = []
         for slot, first, count in zip(slots, firsts.tolist(), counts, strict=True):
@@ -428,7 +428,7 @@ class LanguageModel:
         return self._embeddings[index].float().sum(dim=1)
 
 
-def _bias_index(
+def bias_index(
     boosts: Sequence[Sequence[Boost]], firsts: Sequence[int], counts: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The (row, token, value) triples of the pass's boosts (the rows it runs), or None."""
