@@ -248,7 +248,9 @@ class SttHandler:
     def _names(self) -> NameTrie | None:
         """The trie of the utterance's names: the server's, plus the client's own."""
         book = self.settings.names
-        return None if book is None else book.trie(self.client_names)
+        trie = None if book is None else book.trie(self.client_names)
+        _LOGGER.debug("Utterance biased toward %d names", 0 if trie is None else len(trie))
+        return trie
 
     async def _on_audio_chunk(self, event: Event) -> None:
         utt = self.current
