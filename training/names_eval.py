@@ -148,8 +148,38 @@ def sweep(
             ],
         }
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+        row["_right"] = right
         rows.append(row)
     return rows
+
+
+def export_names_audio(
+    named: list[tuple[synth.Utterance, str]],
+    rows: list[dict[str, Any]],
+    boost: float,
+    out_dir: Path,
+    count: int = 3,
+) -> None:
+    """Commands whose name the model misses without biasing and gets with ``boost``, one per
+    name (word by word first), as the names tests' WAVs with a manifest."""
+    plain = next(r for r in rows if r["boost"] == 0)["_right"]
+    biased = next(r for r in rows if r["boost"] == boost)["_right"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: list[dict[str, Any]] = []
+    used: set[str] = set()
+    order = sorted(range(len(named)), key=lambda i: named[i][0].whole)
+    for i in order:
+        u, name = named[i]
+        if plain[i] or not biased[i] or name in used:
+            continue
+        used.add(name)
+        file = f"{name.replace(' ', '-')}.wav"
+        end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * synth.RATE))
+        write_wav(out_dir / file, u.audio[:end])
+        manifest.append({"file": file, "text": u.text, "name": name, "whole": u.whole})
+        if len(manifest) == count:
+            break
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def table(report: dict[str, Any]) -> str:
@@ -184,6 +214,8 @@ def main() -> None:
     p.add_argument("--quantize", default="int8")
     p.add_argument("--name-free", type=int, default=150, help="name-free commands (held out)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--export-audio", type=Path, help="write the names tests' WAVs here")
+    p.add_argument("--default-boost", type=float, default=3.0)
     args = p.parse_args()
     domain = Domain.load()
     with args.data.open("rb") as f:
@@ -201,6 +233,10 @@ def main() -> None:
         tuple(args.boosts),
         args.quantize,
     )
+    if args.export_audio:
+        export_names_audio(named, rows, args.default_boost, args.export_audio)
+    for row in rows:
+        del row["_right"]
     report = {
         "name": "commands-en-names",
         "command": "python -m training.names_eval --data " + str(args.data),
