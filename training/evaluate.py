@@ -101,9 +101,9 @@ def score(utts: list[Utterance], records: list[dict[str, Any]]) -> dict[str, Any
     return out
 
 
-def evaluate(model_dir: Path, utts: list[Utterance], wav_dir: Path, quantize: str) -> dict:
-    wav_dir.mkdir(parents=True, exist_ok=True)
-    paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
+def load_lean(model_dir: Path, quantize: str) -> tuple[Any, Any]:
+    """The checkpoint through the server's loader (lean runtime, one thread) and the server's
+    default end-of-turn policy."""
     settings = build_settings(
         cli_values={
             "model": str(model_dir),
@@ -115,7 +115,13 @@ def evaluate(model_dir: Path, utts: list[Utterance], wav_dir: Path, quantize: st
         }
     )
     model = load_configured(settings)
-    policy = turn_policy(settings, model.num_vad_heads)
+    return model, turn_policy(settings, model.num_vad_heads)
+
+
+def evaluate(model_dir: Path, utts: list[Utterance], wav_dir: Path, quantize: str) -> dict:
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
+    model, policy = load_lean(model_dir, quantize)
     start = time.time()
     records = asyncio.run(transcribe_files(model, [read_wav(p) for p in paths], policy, 8))
     result = score(utts, records)

@@ -26,15 +26,12 @@ from typing import Any
 import numpy as np
 
 from wyoming_kyutai.audio import read_wav
-from wyoming_kyutai.endpointing import turn_policy
-from wyoming_kyutai.model_loading import load_configured
 from wyoming_kyutai.names import TextIds, build_trie
-from wyoming_kyutai.settings import build_settings
 from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
 from .corpus import Domain, number_words
-from .evaluate import cpu_name, edit_distance, words_of, write_wav
+from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_wav
 
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 TEMPLATES = ("turn on the {name}", "turn off the {name}", "set the {name} to {number} percent")
@@ -94,17 +91,7 @@ def sweep(
     wav_dir.mkdir(parents=True, exist_ok=True)
     utts = [u for u, _ in named] + plain
     paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
-    settings = build_settings(
-        cli_values={
-            "model": str(model_dir),
-            "device": "cpu",
-            "quantize": quantize,
-            "runtime": "lean",
-            "threads": 1,
-        }
-    )
-    model = load_configured(settings)
-    policy = turn_policy(settings, model.num_vad_heads)
+    model, policy = load_lean(model_dir, quantize)
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     rows = []
     for boost in boosts:
