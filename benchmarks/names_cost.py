@@ -23,16 +23,19 @@ import numpy as np
 COUNTS = (0, 100, 1000)
 
 
-def made_up_names(count: int, seed: int = 0) -> list[str]:
+def made_up_trie(count: int, tokenizer: Any, special: Any, seed: int = 0) -> Any:
+    """A trie of ``count`` made-up two-word names the tokenizer can write (a random
+    checkpoint's tokenizer lacks some letters), or None for 0."""
     from training.corpus import pseudo_word
+    from wyoming_kyutai.names import NameTrie
 
+    if not count:
+        return None
     rng = random.Random(seed)
-    names: list[str] = []
-    while len(names) < count:
-        name = f"{pseudo_word(rng)} {pseudo_word(rng)}"
-        if name not in names:
-            names.append(name)
-    return names
+    trie = NameTrie(tokenizer, 3.0, special)
+    while len(trie) < count:
+        trie.add(f"{pseudo_word(rng)} {pseudo_word(rng)}")
+    return trie
 
 
 def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
@@ -40,13 +43,12 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
 
     from benchmarks.bench import speechlike
     from wyoming_kyutai.model_loading import load_model
-    from wyoming_kyutai.names import NameTrie, SlotNames, TextIds, build_trie
+    from wyoming_kyutai.names import NameTrie, SlotNames, TextIds
     from wyoming_kyutai.runtime.lm import bias_index
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
-    names = made_up_names(max(COUNTS))
-    tries = {n: build_trie(names[:n], model.tokenizer, 3.0, special) if n else None for n in COUNTS}
+    tries = {n: made_up_trie(n, model.tokenizer, special) for n in COUNTS}
     stepper = model.make_stepper(1)
     audio = speechlike(frames * 0.08, 24000, 5)[None]
     step_ms: dict[int, list[float]] = {n: [] for n in COUNTS}
