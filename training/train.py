@@ -79,6 +79,12 @@ def main() -> None:
     p.add_argument("--lm-steps", type=int, default=3500)
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="the LM's peak learning rate")
+    p.add_argument(
+        "--init-lm",
+        type=Path,
+        help="start the LM from this exported checkpoint (same data and seed: same tokenizer)",
+    )
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on a shared 2-core box
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,6 +146,12 @@ def main() -> None:
     lm_cfg = lm.lm_config(sp.get_piece_size(), 64)
     torch.manual_seed(args.seed)
     model = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_cfg), dtype=torch.float32)
+    if args.init_lm:
+        from safetensors.torch import load_file
+
+        missing, _ = model.load_state_dict(load_file(str(args.init_lm / export.MOSHI_NAME)), False)
+        assert all(k.startswith("depformer") for k in missing), missing
+        log(f"LM weights from {args.init_lm}")
     log(f"LM: {args.lm_steps} steps, {len(examples)} utterances, {hours:.1f} h")
 
     def snapshot(step: int) -> None:
@@ -162,6 +174,7 @@ def main() -> None:
         DELAY,
         args.seed,
         args.batch_frames,
+        lr=args.lr,
         log=log,
         snapshot=snapshot,
     )
