@@ -67,18 +67,66 @@ def contains(words: list[str], name: str) -> bool:
     return any(words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1))
 
 
-async def run_all(model: Any, paths: list[Path], policy: Any, trie: Any) -> list[dict[str, Any]]:
+async def run_all(model: Any, paths: list[Path], policy: Any, tries: Any) -> list[dict[str, Any]]:
+    """Every file through one engine, each biased toward its trie (``tries``: one for all, or
+    a list, one per file)."""
     from wyoming_kyutai.engine import Engine
 
     engine = Engine(model, slots=8)
     engine.start()
+    each = tries if isinstance(tries, list) else [tries] * len(paths)
     try:
         files = [read_wav(p) for p in paths]
-        return list(
-            await asyncio.gather(*(transcribe_audio(engine, f, policy, names=trie) for f in files))
+        jobs = (
+            transcribe_audio(engine, f, policy, names=t) for f, t in zip(files, each, strict=True)
         )
+        return list(await asyncio.gather(*jobs))
     finally:
         engine.stop()
+
+
+def known_words(
+    model: Any,
+    policy: Any,
+    plain: list[synth.Utterance],
+    paths: list[Path],
+    hyps: list[list[str]],
+    domain: Domain,
+    boosts: tuple[float, ...],
+) -> list[dict[str, Any]]:
+    """Biasing toward words the model can write but misheard: each name-free command whose
+    transcript (no biasing) misses one of its device or area words gets that word as its
+    name; every other command gets a device word it does not contain (false insertions)."""
+    vocab = sorted({w for x in domain.devices + domain.areas for w in x.split() if len(w) > 3})
+    missed, decoys = [], []
+    for i, (u, hyp) in enumerate(zip(plain, hyps, strict=True)):
+        ref = words_of(u.text)
+        gone = [w for w in ref if w in vocab and w not in hyp]
+        if gone:
+            missed.append((i, gone[0]))
+        else:
+            decoys.append((i, next(w for w in vocab[i % len(vocab) :] + vocab if w not in ref)))
+    rows = []
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    for boost in boosts:
+        if boost == 0:
+            continue
+        jobs = missed + decoys
+        tries = [build_trie([w], model.tokenizer, boost, special) for _, w in jobs]
+        out = asyncio.run(run_all(model, [paths[i] for i, _ in jobs], policy, tries))
+        got = [w in words_of(r["text"]) for (_, w), r in zip(jobs, out, strict=True)]
+        fixed, inserted = got[: len(missed)], got[len(missed) :]
+        rows.append(
+            {
+                "boost": boost,
+                "misheard": len(missed),
+                "fixed_percent": round(100 * sum(fixed) / max(1, len(fixed)), 1),
+                "decoys": len(decoys),
+                "inserted_percent": round(100 * sum(inserted) / max(1, len(inserted)), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def sweep(
@@ -89,7 +137,7 @@ def sweep(
     wav_dir: Path,
     boosts: tuple[float, ...],
     quantize: str,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     wav_dir.mkdir(parents=True, exist_ok=True)
     utts = [u for u, _ in named] + plain
     paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
@@ -138,8 +186,14 @@ def sweep(
         }
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         row["_right"] = right
+        row["_plain_hyps"] = plain_hyps
         rows.append(row)
-    return rows
+    known = known_words(
+        model, policy, plain, paths[len(named) :], rows[0]["_plain_hyps"], domain, boosts
+    )
+    for row in rows:
+        del row["_plain_hyps"]
+    return rows, known
 
 
 def export_names_audio(
@@ -191,6 +245,20 @@ def table(report: dict[str, Any]) -> str:
             f"{r['named_commands_wer_percent']} % | {r['false_insertions_percent']} % | "
             f"{r['name_free_wer_percent']} % |"
         )
+    lines += [
+        "",
+        "Words the model can write but misheard: each name-free command whose transcript (no "
+        "biasing) misses one of its device or area words, biased toward that word; every "
+        "other command biased toward a device word it does not contain.",
+        "",
+        "| boost | misheard words now right | decoy words inserted |",
+        "|---|---|---|",
+    ]
+    for r in report.get("known_words", []):
+        lines.append(
+            f"| {r['boost']:g} | {r['fixed_percent']} % (of {r['misheard']}) | "
+            f"{r['inserted_percent']} % (of {r['decoys']}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +282,7 @@ def main() -> None:
     pairs = name_sentences(domain, args.seed)
     spoken = speak([s for s, _ in pairs], args.seed, args.voice == "held-out")
     named = [(u, pairs[i // 2][1]) for i, u in enumerate(spoken)]
-    rows = sweep(
+    rows, known = sweep(
         args.model,
         named,
         plain,
@@ -241,6 +309,7 @@ def main() -> None:
         "named_utterances": len(named),
         "name_free_utterances": len(plain),
         "rows": rows,
+        "known_words": known,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

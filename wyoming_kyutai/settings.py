@@ -28,7 +28,7 @@ DRAIN_TIMEOUT = 2.0
 """Seconds to deliver a connection's last events before closing it (not a setting)."""
 
 
-NAME_BOOST = 3.0
+NAME_BOOST = 2.0
 """The default ``name_boost`` (a logit per token; benchmarks/results/commands-en-names.md)."""
 
 
