@@ -26,21 +26,26 @@ def _fire_steps(
 
 def test_fires_once_after_words_when_pause_is_high() -> None:
     script = [(False, 0.1)] * 3 + [(True, 0.1)] + [(False, 0.2), (False, 0.9), (False, 0.95)]
-    assert _fire_steps(EndOfTurnSettings(ignore_steps=0), script) == [5]
+    assert _fire_steps(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), script) == [5]
 
 
 def test_never_fires_before_any_word() -> None:
-    assert _fire_steps(EndOfTurnSettings(ignore_steps=0), [(False, 0.99)] * 20) == []
+    assert (
+        _fire_steps(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), [(False, 0.99)] * 20)
+        == []
+    )
 
 
 def test_ignores_the_first_steps() -> None:
     script = [(True, 0.0)] + [(False, 0.9)] * 20
-    assert _fire_steps(EndOfTurnSettings(ignore_steps=12), script) == [12]
+    assert _fire_steps(EndOfTurnSettings(ignore_steps=12, consecutive_steps=1), script) == [12]
 
 
 def test_min_words_and_threshold() -> None:
     script = [(True, 0.0), (False, 0.9), (True, 0.0), (False, 0.55), (False, 0.7)]
-    assert _fire_steps(EndOfTurnSettings(ignore_steps=0, min_words=2, threshold=0.6), script) == [4]
+    assert _fire_steps(
+        EndOfTurnSettings(ignore_steps=0, min_words=2, threshold=0.6, consecutive_steps=1), script
+    ) == [4]
 
 
 def test_a_new_word_resets_the_run_of_high_steps() -> None:
@@ -60,7 +65,12 @@ def test_a_new_word_resets_the_run_of_high_steps() -> None:
 def test_disabled_or_no_heads_never_fires() -> None:
     script = [(True, 0.0)] + [(False, 0.99)] * 20
     assert _fire_steps(EndOfTurnSettings(enabled=False, ignore_steps=0), script) == []
-    assert _fire_steps(EndOfTurnSettings(ignore_steps=0), [(w, None) for w, _ in script]) == []
+    assert (
+        _fire_steps(
+            EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), [(w, None) for w, _ in script]
+        )
+        == []
+    )
 
 
 # --- the whole policy: end of turn, re-arming, no speech, length limit -----------------------
@@ -78,7 +88,7 @@ def _ends(tracker: TurnTracker, script: Sequence[tuple[bool, float | None]]) -> 
 
 def test_tracker_rearms_for_files_only() -> None:
     words = [(True, 0.1), (False, 0.9), (False, 0.9)]
-    policy = TurnPolicy(EndOfTurnSettings(ignore_steps=0), no_speech_timeout=0)
+    policy = TurnPolicy(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), no_speech_timeout=0)
     assert _ends(TurnTracker(policy), words * 2) == [(1, END_OF_TURN)]
     assert _ends(TurnTracker(policy, rearm=True), words * 2) == [
         (1, END_OF_TURN),
@@ -88,11 +98,13 @@ def test_tracker_rearms_for_files_only() -> None:
 
 def test_no_speech_needs_end_of_turn_on_and_no_word() -> None:
     quiet = [(False, 0.0)] * 10
-    policy = TurnPolicy(EndOfTurnSettings(ignore_steps=0), no_speech_timeout=0.4)
+    policy = TurnPolicy(
+        EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), no_speech_timeout=0.4
+    )
     assert _ends(TurnTracker(policy), quiet) == [(4, NO_SPEECH)]  # 5 steps = 0.4 s
     off = TurnPolicy(EndOfTurnSettings(enabled=False), no_speech_timeout=0.4)
     assert _ends(TurnTracker(off), quiet) == []
-    never = TurnPolicy(EndOfTurnSettings(ignore_steps=0), no_speech_timeout=0)
+    never = TurnPolicy(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), no_speech_timeout=0)
     assert _ends(TurnTracker(never), quiet) == []
     assert _ends(TurnTracker(policy), [(True, 0.0)] + quiet) == []  # a word was heard
 

@@ -133,7 +133,7 @@ async def _settle() -> None:
 
 async def test_end_of_turn_sends_the_final_transcript_before_audio_stop() -> None:
     engine = ScriptedEngine()
-    handler, sent = _handler(engine, EndOfTurnSettings(ignore_steps=0))
+    handler, sent = _handler(engine, EndOfTurnSettings(ignore_steps=0, consecutive_steps=1))
     assert await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
     for _ in range(10):
         assert await handler.handle_event(_chunk(1))
@@ -189,7 +189,9 @@ async def test_chunk_before_start_and_format_change_are_errors() -> None:
 
 async def test_no_speech_ends_the_turn_with_an_empty_transcript() -> None:
     engine = ScriptedEngine(script=[(3, 0.0)] * 20)
-    handler, sent = _handler(engine, EndOfTurnSettings(ignore_steps=0), no_speech=0.4)
+    handler, sent = _handler(
+        engine, EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), no_speech=0.4
+    )
     await handler.handle_event(AudioStart(rate=16000, width=2, channels=1).event())
     for _ in range(8):
         await handler.handle_event(_chunk(1))

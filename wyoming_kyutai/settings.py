@@ -156,7 +156,11 @@ class Settings:
         12, "80 ms steps at the start that never end a turn", group="turn", min=0
     )
     end_of_turn_consecutive_steps: int = _s(
-        1, "steps in a row above the threshold to end", group="turn", min=1
+        2,
+        "80 ms steps in a row above the threshold to end (one step alone also fires in a "
+        "pause between words: benchmarks/results/commands-en-end-of-turn.md)",
+        group="turn",
+        min=1,
     )
     no_speech_timeout: float = _s(
         8.0,
