@@ -17,6 +17,9 @@ class FakeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(PIECES[i] for i in ids).replace("▁", " ").strip()
 
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("decoding never encodes")
+
 
 # step: token. 0 = end of padding (a word is about to start), 3 = padding
 SCRIPT = [3, 3, 0, 4, 3, 0, 5, 0, 6, 3, 0, 7, 8, 3, 3, 0, 9, 10, 3, 3, 3, 3]

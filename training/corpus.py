@@ -97,7 +97,7 @@ def open_name(domain: Domain, rng: random.Random) -> str:
     """A household's name for a device the model never heard: "the brenmo", "the sheekal
     tuno" or "the brenmo lamp"; never a biasing name's word."""
     banned = {w for name in domain.biasing_names for w in name.split()}
-    words = []
+    words: list[str] = []
     while len(words) < 1 + (rng.random() < 0.3):
         word = pseudo_word(rng)
         if word not in banned:
