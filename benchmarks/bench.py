@@ -1092,7 +1092,15 @@ PHASES: dict[str, Any] = {
     "weights": lambda c, q, t, s: weights_trial(Path(c), q, t, s),
     "names": lambda c: names_cost(Path(c)),
     "quality": lambda c, q, d, n: quality(Path(c), q, d, n),
+    "names_sweep": lambda c: _names_sweep(Path(c)),
 }
+
+
+def _names_sweep(ckpt: Path) -> dict[str, Any]:
+    from training.names_eval import bench_sweep
+
+    return bench_sweep(ckpt)
+
 
 TRAINED = ROOT / "tests" / "checkpoints" / "commands-en"
 """The small checkpoint trained on synthetic speech (script/train-test-model)."""
@@ -1107,7 +1115,7 @@ def quality_runs(ckpt: Path) -> dict[str, Any]:
     runs = [phase("quality", t, q, "auto", 150) for q in ("none", "int8", "int4")]
     runs.append(phase("quality", t, "int8", "bfloat16", 150))
     runs.append(phase("quality", str(ckpt), "int8", "auto", 20))
-    return {"runs": runs}
+    return {"runs": runs, "names_sweep": phase("names_sweep", t)}
 
 
 def phase(name: str, *args: Any) -> dict[str, Any]:

@@ -538,6 +538,18 @@ def quality_table(result: dict[str, Any]) -> list[str]:
             f" % | {ahead['guessed_rows_kept_percent']} % | "
             f"{ahead['tail_passes_median']} / {ahead['tail_passes_max']} |"
         )
+    sweep = part.get("names_sweep")
+    if sweep:
+        from training.names_eval import sweep_tables
+
+        lines += [
+            "",
+            f"Biasing toward names ({sweep['checkpoint']}, int8): {sweep['named_utterances']} "
+            f"commands naming one of {sweep['names']} names never in its training text, "
+            f"{sweep['name_free_utterances']} held-out name-free commands, per `name_boost`.",
+            "",
+            *sweep_tables(sweep["rows"], sweep["known_words"]),
+        ]
     return lines + [""]
 
 

@@ -144,6 +144,7 @@ def sweep(
     model, policy = load_lean(model_dir, quantize)
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     rows = []
+    baseline: list[list[str]] | None = None
     for boost in boosts:
         trie = build_trie(domain.biasing_names, model.tokenizer, boost, special)
         start = time.time()
@@ -186,13 +187,11 @@ def sweep(
         }
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         row["_right"] = right
-        row["_plain_hyps"] = plain_hyps
         rows.append(row)
-    known = known_words(
-        model, policy, plain, paths[len(named) :], rows[0]["_plain_hyps"], domain, boosts
-    )
-    for row in rows:
-        del row["_plain_hyps"]
+        if boost == 0:
+            baseline = plain_hyps
+    assert baseline is not None, "the sweep needs boost 0 (no biasing) for the known words"
+    known = known_words(model, policy, plain, paths[len(named) :], baseline, domain, boosts)
     return rows, known
 
 
@@ -226,7 +225,7 @@ def export_names_audio(
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [
+    head = [
         f"# Biasing toward names: boost sweep ({report['checkpoint']}, {report['quantize']})",
         "",
         f"{report['named_utterances']} commands naming one of {report['names']} names never in "
@@ -234,11 +233,18 @@ def table(report: dict[str, Any]) -> str:
         f"{report['name_free_utterances']} held-out name-free commands. CPU: "
         f"{report['machine']['cpu']}. Command: `{report['command']}`.",
         "",
+    ]
+    return "\n".join(head + sweep_tables(report["rows"], report.get("known_words", []))) + "\n"
+
+
+def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> list[str]:
+    """The sweep's two tables (markdown lines): unseen names, and misheard known words."""
+    lines = [
         "| boost | names right | word by word | whole | WER, named commands | "
         "false name insertions (name-free) | WER, name-free |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
+    for r in rows:
         lines.append(
             f"| {r['boost']:g} | {r['names_right_percent']} % | "
             f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
@@ -254,12 +260,39 @@ def table(report: dict[str, Any]) -> str:
         "| boost | misheard words now right | decoy words inserted |",
         "|---|---|---|",
     ]
-    for r in report.get("known_words", []):
+    for r in known:
         lines.append(
             f"| {r['boost']:g} | {r['fixed_percent']} % (of {r['misheard']}) | "
             f"{r['inserted_percent']} % (of {r['decoys']}) |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, Any]:
+    """The sweep on a held-out set of its own (``training.data.held_out``, ``count``
+    sentences, each spoken two ways) and the biasing names spoken by training voices: what
+    ``script/bench`` runs, needing only espeak-ng."""
+    import tempfile
+
+    from .data import held_out
+
+    domain = Domain.load()
+    plain = held_out(count)
+    pairs = name_sentences(domain, seed)
+    spoken = speak([s for s, _ in pairs], seed, held_out_voice=False)
+    named = [(u, pairs[i // 2][1]) for i, u in enumerate(spoken)]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, known = sweep(model_dir, named, plain, domain, Path(tmp), BOOSTS, "int8")
+    for row in rows:
+        del row["_right"]
+    return {
+        "checkpoint": model_dir.name,
+        "names": len(domain.biasing_names),
+        "named_utterances": len(named),
+        "name_free_utterances": len(plain),
+        "rows": rows,
+        "known_words": known,
+    }
 
 
 def main() -> None:
