@@ -12,7 +12,6 @@ get_mimi`` with this config.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -21,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from moshi.models import loaders
+
+from wyoming_kyutai.random_checkpoint import small_mimi_config
 
 FRAME = 1920  # samples per 80 ms frame at 24 kHz
 SUB = 2  # mel sub-frames per frame
@@ -30,18 +30,7 @@ N_MELS = 32
 
 def mimi_config() -> dict[str, Any]:
     """Mimi's architecture at a small size: 8 filters, latent 64, RVQ 32 x 64 codes in 32-d."""
-    cfg: dict[str, Any] = copy.deepcopy(loaders._mimi_config)
-    cfg["seanet"].update(dimension=64, n_filters=8)
-    cfg["quantizer"].update(dimension=32, bins=64, input_dimension=64, output_dimension=64)
-    cfg["transformer"].update(
-        d_model=64,
-        num_heads=4,
-        num_layers=1,
-        dim_feedforward=128,
-        input_dimension=64,
-        output_dimensions=[64],
-    )
-    return cfg
+    return small_mimi_config(64, 8, 4)
 
 
 def _mel_bank(

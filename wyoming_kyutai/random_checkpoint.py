@@ -82,17 +82,20 @@ def lm_config(**overrides: Any) -> dict[str, Any]:
     return base
 
 
-def _tiny_mimi_config() -> dict[str, Any]:
+def small_mimi_config(dim: int, n_filters: int, num_heads: int) -> dict[str, Any]:
+    """Mimi's architecture at a small size: latent ``dim``, SEANet ``n_filters``, one
+    transformer layer of ``num_heads`` heads (feed-forward 2 × ``dim``), a split RVQ of 32
+    codebooks of 64 codes in ``dim / 2`` dimensions."""
     cfg: dict[str, Any] = copy.deepcopy(loaders._mimi_config)
-    cfg["seanet"].update(dimension=32, n_filters=4)
-    cfg["quantizer"].update(dimension=16, bins=64, input_dimension=32, output_dimension=32)
+    cfg["seanet"].update(dimension=dim, n_filters=n_filters)
+    cfg["quantizer"].update(dimension=dim // 2, bins=64, input_dimension=dim, output_dimension=dim)
     cfg["transformer"].update(
-        d_model=32,
-        num_heads=2,
+        d_model=dim,
+        num_heads=num_heads,
         num_layers=1,
-        dim_feedforward=64,
-        input_dimension=32,
-        output_dimensions=[32],
+        dim_feedforward=2 * dim,
+        input_dimension=dim,
+        output_dimensions=[dim],
     )
     return cfg
 
@@ -112,7 +115,7 @@ PRESETS: dict[str, Preset] = {
         stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
         tokenizer_name="tokenizer_en_fr_audio_8000.model",
         vocab_size=64,
-        mimi=_tiny_mimi_config(),
+        mimi=small_mimi_config(32, 4, 2),
         dtype=torch.float32,
     ),
     "stt-1b-en_fr": Preset(
