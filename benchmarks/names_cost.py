@@ -78,7 +78,9 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
             rows = [slots.rows(0, [])]
             bias = bias_index(rows, [0], [1])
             assert bias is not None
-            return int(logits.index_put(bias[:2], bias[2], accumulate=True).argmax(-1))
+            return int(
+                logits.index_put((bias.rows, bias.tokens), bias.values, accumulate=True).argmax(-1)
+            )
 
         def plain() -> int:
             return int(logits.argmax(-1))

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
 from .names import NameTrie, SlotNames  # noqa: E402
+from .runtime.lm import Bias, bias_index  # noqa: E402
 from .runtime.memory import check_memory  # noqa: E402
 from .scheduler import Kept  # noqa: E402
 
@@ -40,7 +41,7 @@ class MoshiStepper:
         self._mimi = mimi
         self._device = device
         self._names = SlotNames(slots)
-        self._bias: torch.Tensor | None = None  # added to the next step's text logits
+        self._bias: Bias | None = None  # added to the next step's text logits
         self._gen = LMGen(
             lm,
             temp=0.0,
@@ -60,9 +61,13 @@ class MoshiStepper:
 
     def _add_bias(self, text_logits: torch.Tensor) -> None:
         """LMGen's hook, called with the step's text logits [slots, 1, 1, card] before its
-        argmax: the names' boosts of this step (``names.py``), in place."""
+        argmax: the names' boosts of this step (``names.py``), in place (the hook runs
+        outside CUDA graphs, so the boosts' sizes may vary)."""
         if self._bias is not None:
-            text_logits += self._bias.to(text_logits.dtype)
+            slots, tokens, values = self._bias
+            zero = torch.zeros_like(slots)
+            index = (slots, zero, zero, tokens)
+            text_logits.index_put_(index, values.to(text_logits.dtype), accumulate=True)
 
     def _check_gpu_memory(self, slots: int) -> None:
         """Measure one slot's streaming state on the GPU and refuse ``slots`` of them (one
@@ -141,14 +146,11 @@ class MoshiStepper:
             self._names.keep(slot, k.tokens)
         return kept
 
-    def _names_bias(self, slots: Sequence[int]) -> torch.Tensor | None:
-        """The step's boosts as one [slots, 1, 1, card] tensor (one shape for every call, as
-        CUDA graphs want; the hook runs outside them), or None when no slot has names."""
+    def _names_bias(self, slots: Sequence[int]) -> Bias | None:
+        """The step's boosts as (slot, token, value) triples on the model's device, or None
+        when no slot has names or none boosts anything at this step."""
         if not self._names.any(slots):
             return None
-        card = int(self._gen.lm_model.text_card)
-        bias = torch.zeros(self.num_slots, 1, 1, card)
-        for slot in slots:
-            (ids, value), *_ = self._names.rows(slot, [])
-            bias[slot, 0, 0, list(ids)] = value
-        return bias.to(self._device, non_blocking=True)
+        boosts = [self._names.rows(slot, []) for slot in slots]
+        bias = bias_index(boosts, slots, [1] * len(slots))  # row = slot: one row each
+        return None if bias is None else Bias(*(t.to(self._device) for t in bias))

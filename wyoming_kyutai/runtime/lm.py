@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -28,6 +28,16 @@ from .weights import WeightFile
 
 Boost = tuple[Sequence[int], float]
 """Text tokens whose logits get a value added before a row's argmax (names biasing)."""
+
+
+class Bias(NamedTuple):
+    """Boosts as index tensors: ``values[i]`` is added to the logit of ``tokens[i]`` in row
+    ``rows[i]`` (int64, int64, float32; one entry per boosted token)."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    values: torch.Tensor
+
 
 _NORM_EPS = {"rms_norm_f32": 1e-8, "rms_norm": 1e-5}
 
@@ -365,7 +375,7 @@ class LanguageModel:
         text: torch.Tensor,
         positions: Sequence[int],
         plan: AttentionPlan,
-        bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        bias: Bias | None = None,
     ) -> LmStep:
         """The outputs of the rows of ``plan`` given their audio ``codes`` [n, n_q] and text
         inputs ``text`` [n] (``bias``: rows, tokens and values added to the logits before the
@@ -375,7 +385,11 @@ class LanguageModel:
             x = layer.forward(x, index, plan, self._cache)
         out = _rms_norm(x, self._out_norm, self.config.norm_eps)
         logits = self._text_head(out)
-        scores = logits if bias is None else logits.index_put(bias[:2], bias[2], accumulate=True)
+        scores = (
+            logits
+            if bias is None
+            else logits.index_put((bias.rows, bias.tokens), bias.values, accumulate=True)
+        )
         tokens = scores.argmax(dim=-1)
         return LmStep(tokens=tokens, pauses=self._pauses(out), text_logits=logits)
 
@@ -430,8 +444,9 @@ class LanguageModel:
 
 def bias_index(
     boosts: Sequence[Sequence[Boost]], firsts: Sequence[int], counts: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The (row, token, value) triples of the pass's boosts (the rows it runs), or None."""
+) -> Bias | None:
+    """The boosts of a pass's rows as index tensors (None: nothing boosted): slot i's rows
+    are ``firsts[i]`` onwards, its first ``counts[i]`` boosts are used."""
     rows: list[int] = []
     tokens: list[int] = []
     values: list[float] = []
@@ -442,7 +457,7 @@ def bias_index(
             values += [value] * len(ids)
     if not rows:
         return None
-    return torch.tensor(rows), torch.tensor(tokens), torch.tensor(values, dtype=torch.float32)
+    return Bias(torch.tensor(rows), torch.tensor(tokens), torch.tensor(values, dtype=torch.float32))
 
 
 def _confirmed(tokens: torch.Tensor, guesses: torch.Tensor) -> int:
