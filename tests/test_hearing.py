@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from wyoming.asr import Transcribe
 
+from tests.engine_streams import stream_tokens
 from tests.reference import reference_tokens
 from tests.wyoming_io import Client, final_text, running_app
 from training.evaluate import edit_distance, words_of
@@ -84,16 +85,7 @@ async def test_float32_lean_runtime_is_token_identical_to_moshis_loop(
         for item in MANIFEST[:2] + MANIFEST[-1:]:
             audio = PcmConverter(PcmFormat(16000, 2, 1)).convert(_pcm(item["file"]))
             expected = reference_tokens(commands_moshi, audio)
-            stream = await eng.open_stream(wait=30)
-            try:
-                for i in range(0, len(audio), 1000):
-                    stream.push(audio[i : i + 1000])
-                stream.finish()
-                tokens = []
-                while (result := await stream.get()) is not None:
-                    tokens.append(result.token)
-            finally:
-                stream.close()
+            tokens = await stream_tokens(eng, audio)
             assert tokens == expected, item["file"]
             assert np.mean(np.array(expected) > 3) > 0.05  # it writes words, not only padding
     finally:

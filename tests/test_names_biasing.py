@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.engine_streams import stream_tokens
 from wyoming_kyutai.audio import PcmConverter, PcmFormat, read_wav
 from wyoming_kyutai.engine import Engine
 from wyoming_kyutai.loaded_model import LoadedModel
@@ -41,28 +42,14 @@ def _audio(path: Path) -> np.ndarray:
     return PcmConverter(PcmFormat(16000, 2, 1)).convert(read_wav(path).data)
 
 
-async def _tokens(engine: Engine, audio: np.ndarray, names: NameTrie | None) -> list[int]:
-    stream = await engine.open_stream(wait=30, names=names)
-    try:
-        for i in range(0, len(audio), 1920 * 3):
-            stream.push(audio[i : i + 1920 * 3])
-            await asyncio.sleep(0)
-        stream.finish()
-        tokens = []
-        while (result := await stream.get()) is not None:
-            tokens.append(result.token)
-        return tokens
-    finally:
-        stream.close()
-
-
 async def _run(
     model: LoadedModel, jobs: list[tuple[np.ndarray, NameTrie | None]]
 ) -> list[list[int]]:
     engine = Engine(model, slots=2)
     engine.start()
     try:
-        return list(await asyncio.gather(*(_tokens(engine, a, n) for a, n in jobs)))
+        jobs_ = (stream_tokens(engine, a, 1920 * 3, n) for a, n in jobs)
+        return list(await asyncio.gather(*jobs_))
     finally:
         engine.stop()
 

@@ -15,6 +15,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.audio_gen import speechlike
+from tests.engine_streams import stream_tokens
 from tests.reference import reference_tokens
 from wyoming_kyutai.engine import Engine
 from wyoming_kyutai.loaded_model import LoadedModel
@@ -52,21 +53,11 @@ def _load(directory: Path, runtime: str) -> LoadedModel:
     )
 
 
-async def _engine_tokens(model: LoadedModel, audio: np.ndarray, chunk: int = 1000) -> list[int]:
+async def _engine_tokens(model: LoadedModel, audio: np.ndarray) -> list[int]:
     eng = Engine(model, slots=1)
     eng.start()
     try:
-        stream = await eng.open_stream(wait=30)
-        try:
-            for i in range(0, len(audio), chunk):
-                stream.push(audio[i : i + chunk])
-            stream.finish()
-            tokens = []
-            while (result := await stream.get()) is not None:
-                tokens.append(result.token)
-            return tokens
-        finally:
-            stream.close()
+        return await stream_tokens(eng, audio)
     finally:
         eng.stop()
 
