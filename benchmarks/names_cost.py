@@ -70,7 +70,7 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
         trie = tries[n]
         assert trie is not None
         slots = SlotNames(1)
-        slots.set(0, trie)
+        slots.reset([0], [trie])
         slots.keep(0, [special.end_of_padding])  # a word boundary: every first piece boosted
         boosted = len(trie.boosted(NameTrie.START * 2 + 1)[0])
 

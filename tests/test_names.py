@@ -89,7 +89,7 @@ def test_names_start_only_at_word_boundaries(sp) -> None:
 def test_slot_rows_follow_the_guesses_and_keep_follows_the_output(sp) -> None:
     trie = build_trie(["ecobee"], sp, 1.5)
     names = SlotNames(2)
-    names.set(1, trie)
+    names.reset([1], [trie])
     pieces = sp.encode("ecobee")
     rows = names.rows(1, [EOP, pieces[0], pieces[1]])
     assert rows[0] == ((), 0.0)  # nothing written yet: no boundary
@@ -99,7 +99,7 @@ def test_slot_rows_follow_the_guesses_and_keep_follows_the_output(sp) -> None:
     assert names.rows(1, [])[0][0] == (pieces[1],)
     assert names.rows(0, [EOP, pieces[0]]) == [((), 0.0)] * 3  # slot 0 has no names
     assert not names.any([0]) and names.any([0, 1])
-    names.set(1, None)
+    names.reset([1])
     assert not names.any([1])
 
 

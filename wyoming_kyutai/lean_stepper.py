@@ -67,8 +67,7 @@ class LeanStepper:
     def reset(self, slots: Sequence[int], names: Sequence[NameTrie | None] = ()) -> None:
         self._mimi.reset(slots)
         self._lm.reset(slots)
-        for i, slot in enumerate(slots):
-            self._names.set(slot, names[i] if names else None)
+        self._names.reset(slots, names)
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:

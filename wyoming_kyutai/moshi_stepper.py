@@ -100,8 +100,7 @@ class MoshiStepper:
         mask = self._mask(slots)
         self._mimi.reset_streaming(mask)
         self._gen.reset_streaming(mask)
-        for i, slot in enumerate(slots):
-            self._names.set(slot, names[i] if names else None)
+        self._names.reset(slots, names)
 
     @torch.no_grad()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:

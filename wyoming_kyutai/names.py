@@ -218,10 +218,12 @@ class SlotNames:
         self._tries: list[NameTrie | None] = [None] * slots
         self._states = [NameTrie.START] * slots
 
-    def set(self, slot: int, trie: NameTrie | None) -> None:
-        """Start ``slot``'s match over with ``trie`` (on a stream's reset)."""
-        self._tries[slot] = trie
-        self._states[slot] = NameTrie.START
+    def reset(self, slots: Sequence[int], tries: Sequence[NameTrie | None] = ()) -> None:
+        """Start these slots' matches over (a stream's reset), ``slots[i]`` with ``tries[i]``
+        (none given: no biasing)."""
+        for i, slot in enumerate(slots):
+            self._tries[slot] = tries[i] if tries else None
+            self._states[slot] = NameTrie.START
 
     def any(self, slots: Iterable[int]) -> bool:
         """Whether any of ``slots`` is biased (else a pass needs no boosts at all)."""
