@@ -45,21 +45,6 @@ class _Counting:
         return kept
 
 
-class _Wrapped:
-    """The model, whose stepper counts its passes."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.stepper: _Counting | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def make_stepper(self, slots: int) -> _Counting:
-        self.stepper = _Counting(self._model.make_stepper(slots))
-        return self.stepper
-
-
 async def _one(engine: Any, counting: _Counting, audio24: np.ndarray, policy: Any) -> dict:
     from wyoming_kyutai.endpointing import END_OF_TURN
     from wyoming_kyutai.utterance import UtteranceDecoder
@@ -104,16 +89,19 @@ def quality(
     from wyoming_kyutai.settings import build_settings
 
     utts = held_out(count, seed)
-    model = _Wrapped(
-        load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
-    )
+    model = load_model(str(ckpt), device="cpu", dtype=dtype, quantize=quantize, runtime="lean")
     policy = turn_policy(build_settings(), model.num_vad_heads)
-    engine = Engine(model, slots=1)  # type: ignore[arg-type]
+    made: list[_Counting] = []
+
+    def counting_stepper(slots: int) -> Any:
+        made.append(_Counting(model.make_stepper(slots)))
+        return made[-1]
+
+    engine = Engine(model, slots=1, make_stepper=counting_stepper)
     engine.start()
     try:
-        assert model.stepper is not None
-        counting = model.stepper
-        counting.log.clear()
+        counting = made[0]
+        counting.log.clear()  # not the warm-up's passes
         records = [asyncio.run(_one(engine, counting, to_24k(u.audio), policy)) for u in utts]
     finally:
         engine.stop()
