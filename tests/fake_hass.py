@@ -54,7 +54,9 @@ class FakeEntity:
         }
 
     def state(self) -> dict[str, Any]:
-        attributes = {} if self.friendly_name is None else {"friendly_name": self.friendly_name}
+        # HA names every state: the friendly name, else the registry's
+        friendly = self.friendly_name or self.name or self.original_name
+        attributes = {} if friendly is None else {"friendly_name": friendly}
         return {"entity_id": self.entity_id, "state": "on", "attributes": attributes}
 
 
@@ -91,6 +93,7 @@ class FakeHomeAssistant:
     async def rename(self, entity_id: str, name: str, *, event: bool = True) -> None:
         """Rename an entity as the UI does; with ``event`` announce it like HA does."""
         self.entities[entity_id].name = name
+        self.entities[entity_id].friendly_name = None  # the state follows the registry
         if event:
             await self.fire(
                 "entity_registry_updated",

@@ -27,6 +27,8 @@ def household(fake: FakeHomeAssistant) -> None:
     fake.add(FakeEntity("climate.hall", name="Ecobee", aliases=["Thermostat", None]))
     fake.add(FakeEntity("light.desk", original_name="Nanoleaf", aliases=["Desk lamp"]))
     fake.add(FakeEntity("light.legacy", in_registry=False, friendly_name="Hue Go"))
+    # named after its device: the registry has only "Light"; Assist matches the whole name
+    fake.add(FakeEntity("light.ceiling", original_name="Light", friendly_name="Ceiling Light"))
     fake.add(FakeEntity("switch.hidden", name="Secret switch", exposed=False))
     fake.add(FakeEntity("light.off", name="Disabled lamp", disabled_by="user"))
     fake.add(FakeEntity("light.dup", name="ecobee"))  # same name, other case: once
@@ -41,6 +43,7 @@ EXPECTED = (
     "Nanoleaf",
     "Desk lamp",
     "Hue Go",
+    "Ceiling Light",
     "Living room",
     "Lounge",
     "Kitchen",
@@ -90,19 +93,23 @@ async def test_names_load_within_a_second(
     assert names.names() == EXPECTED
     assert "Secret switch" not in names.names() and "Disabled lamp" not in names.names()
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert "Home Assistant: 10 names loaded (5 exposed entities, 2 areas, 1 floors)" in info
+    assert "Home Assistant: 11 names loaded (6 exposed entities, 2 areas, 1 floors)" in info
     assert "get_states" in fake.commands  # the legacy entity's name is its state's
 
 
-async def test_states_are_read_only_when_a_name_needs_them(stopped: list) -> None:
+async def test_a_device_rename_renames_the_entity_named_after_it(stopped: list) -> None:
     async with running_fake(TOKEN) as fake:
-        fake.add(FakeEntity("light.a", name="Lamp"))
-        names = client(stopped, fake.url)
+        fake.add(FakeEntity("light.c", original_name="Light", friendly_name="Ceiling Light"))
+        names = client(stopped, fake.url, refresh_interval=60.0, debounce=0.01)
         await names.start()
         async with asyncio.timeout(1.0):
             await names.wait_for_version(0)
-        assert names.names() == ("Lamp",)
-        assert "get_states" not in fake.commands
+        assert names.names() == ("Ceiling Light",)  # not the registry's bare "Light"
+        fake.entities["light.c"].friendly_name = "Porch Light"  # the device renamed in the UI
+        await fake.fire("device_registry_updated", {"action": "update", "device_id": "d1"})
+        async with asyncio.timeout(1.0):
+            await names.wait_for_version(1)
+        assert names.names() == ("Porch Light",)
 
 
 async def test_an_old_home_assistant_without_floors(stopped: list) -> None:
@@ -152,7 +159,7 @@ async def test_an_unchanged_refresh_keeps_the_version(
         await names.wait_for_version(0)
     await wait_until(lambda: fake.commands.count("config/area_registry/list") >= 3)
     assert names.version == 1
-    assert any("names read again, 10, unchanged" in r.getMessage() for r in caplog.records)
+    assert any("names read again, 11, unchanged" in r.getMessage() for r in caplog.records)
 
 
 async def test_bad_token_is_one_warning_and_never_logged(
@@ -238,7 +245,7 @@ async def test_malformed_reply_is_one_warning(
     fake.areas = []
     async with asyncio.timeout(3.0):
         await names.wait_for_version(0)
-    assert names.names() == EXPECTED[:5] + EXPECTED[-2:]
+    assert names.names() == EXPECTED[:6] + EXPECTED[-2:]
 
 
 async def test_a_silent_server_is_a_timeout(
@@ -284,10 +291,23 @@ def test_collect_names_shapes() -> None:
         "light.c": {},
         "light.d": {"conversation": True},
     }
-    entries = {"light.a": {"name": None, "original_name": "  Lava   lamp ", "aliases": [None, ""]}}
-    states: dict = {"light.d": {"attributes": {}}}
+    entries = {
+        "light.a": {"name": None, "original_name": "  Lava   lamp ", "aliases": [None, ""]},
+        "light.e": {"name": "Reading", "original_name": "Light"},
+    }
+    states: dict = {
+        "light.d": {"attributes": {}},
+        "light.e": {"attributes": {"friendly_name": "Desk Reading"}},
+    }
+    exposed["light.e"] = {"conversation": True}
     areas = [{"name": "Hall", "aliases": ["hall", "Entrance"]}, "junk"]
-    assert collect_names(exposed, entries, states, areas, []) == ("Lava lamp", "Hall", "Entrance")
+    assert collect_names(exposed, entries, states, areas, []) == (
+        "Lava lamp",
+        "Desk Reading",  # the friendly name first, then the user's own registry name
+        "Reading",
+        "Hall",
+        "Entrance",
+    )
 
 
 @pytest.mark.parametrize(
@@ -338,7 +358,7 @@ async def test_app_reads_names_from_home_assistant(
         async with asyncio.timeout(5.0):
             await app.home_assistant.wait_for_version(0)
         assert app.home_assistant.names() == EXPECTED
-        assert "Home Assistant: 10 names loaded" in caplog.text
+        assert "Home Assistant: 11 names loaded" in caplog.text
     assert not app.home_assistant.running
     assert TOKEN not in caplog.text
 

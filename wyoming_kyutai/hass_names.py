@@ -44,9 +44,14 @@ RECONNECT_MAX = 60.0
 """...up to this many."""
 REQUEST_TIMEOUT = 15.0
 """Seconds for connecting, authenticating, and each command's answer."""
-REGISTRY_EVENTS = ("entity_registry_updated", "area_registry_updated", "floor_registry_updated")
+REGISTRY_EVENTS = (
+    "entity_registry_updated",
+    "device_registry_updated",
+    "area_registry_updated",
+    "floor_registry_updated",
+)
 """Events after which the names are read again (exposing or renaming a registry entity
-updates the entity registry)."""
+updates the entity registry; renaming a device renames the entities named after it)."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest websocket message accepted (``get_states`` of a big installation is large)."""
 
@@ -105,8 +110,13 @@ def collect_names(
     floors: Iterable[Any],
 ) -> tuple[str, ...]:
     """The names from Home Assistant's replies, deduplicated case-insensitively, in order:
-    exposed entities (registry name, else original name, else the state's friendly name,
-    then aliases; disabled ones skipped), areas, floors (each name, then aliases)."""
+    exposed entities (disabled ones skipped), areas, floors (each name, then aliases).
+
+    An entity's name is its state's friendly name, which is what Assist matches and what
+    people read in the UI (for an entity named after its device, "Kitchen ceiling Light",
+    where the registry only has "Light"), and the name a user set in the registry; without
+    a friendly name, the registry's name or the integration's original one.
+    """
     found: list[str] = []
     for entity_id, assistants in exposed.items():
         if not (isinstance(assistants, Mapping) and assistants.get("conversation") is True):
@@ -118,8 +128,11 @@ def collect_names(
         state = states.get(entity_id)
         attributes = state.get("attributes") if isinstance(state, Mapping) else None
         friendly = attributes.get("friendly_name") if isinstance(attributes, Mapping) else None
-        name = entry.get("name") or entry.get("original_name") or friendly
-        found += _texts([name]) + _texts(entry.get("aliases"))
+        if friendly:
+            own = [friendly, entry.get("name")]
+        else:
+            own = [entry.get("name") or entry.get("original_name")]
+        found += _texts(own) + _texts(entry.get("aliases"))
     for item in [*areas, *floors]:
         if isinstance(item, Mapping):
             found += _texts([item.get("name")]) + _texts(item.get("aliases"))
@@ -350,7 +363,7 @@ class HomeAssistantNames:
                 await session.call("config/entity_registry/get_entries", entity_ids=wanted), dict
             )
         states: dict[str, Any] = {}
-        if any(not _registry_name(entries.get(e)) for e in wanted):
+        if wanted:  # friendly names: what Assist matches
             states_list = _checked(await session.call("get_states"), list)
             states = {str(s.get("entity_id")): s for s in states_list if isinstance(s, dict)}
         areas = _checked(await session.call("config/area_registry/list"), list)
@@ -418,6 +431,3 @@ def _checked(value: Any, kind: type) -> Any:
 def _mapping(result: Any, key: str) -> dict[str, Any]:
     return _checked(_checked(result, dict).get(key), dict)
 
-
-def _registry_name(entry: Any) -> Any:
-    return isinstance(entry, dict) and (entry.get("name") or entry.get("original_name"))
