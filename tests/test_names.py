@@ -8,7 +8,14 @@ import pytest
 import sentencepiece as spm
 
 from wyoming_kyutai.name_book import NameBook, read_names_file
-from wyoming_kyutai.names import NameTrie, SlotNames, build_trie, name_words, spellings
+from wyoming_kyutai.names import (
+    FOLLOW_ON,
+    NameTrie,
+    SlotNames,
+    build_trie,
+    name_words,
+    spellings,
+)
 
 CHECKPOINT = Path(__file__).parent / "checkpoints" / "commands-en"
 PAD, EOP = 3, 0
@@ -57,8 +64,38 @@ def test_every_piece_of_a_spoken_name_is_boosted_padding_and_gaps_included(sp) -
     assert tokens[at : at + len(go)] == go
     for i, piece in enumerate(go):
         assert piece in boosted[at + i], "the gap between the name's words broke the match"
-    # padding steps boost nothing (a name is not started or continued by padding)
-    assert all(not boosted[i] for i, t in enumerate(tokens) if t == PAD and tokens[i - 1] == PAD)
+    # padding boosts nothing (a name is not started by padding), except in the gap between
+    # the name's words, where end-of-padding leads on to the next word
+    gap = range(tokens.index(hue[-1]) + 2, at - 1)
+    for i, t in enumerate(tokens):
+        if t == PAD and tokens[i - 1] == PAD:
+            assert boosted[i] == ((EOP,) if i in gap else ()), i
+
+
+def test_a_finished_name_word_boosts_its_end_not_more_pieces(sp) -> None:
+    trie = build_trie(["ecobee"], sp, 2.0)
+    assert trie is not None
+    state = NameTrie.START
+    for t in [EOP, *sp.encode("ecobee")]:
+        state = trie.advance(state, t)
+    tokens, value = trie.boosted(state)
+    assert tokens == (EOP, PAD)  # "ecobee", then the word ends
+    assert value == 2.0 * FOLLOW_ON  # a match under way: more than a name's first piece
+    assert trie.advance(state, PAD) == NameTrie.START  # the whole name was written
+
+
+def test_any_split_of_a_name_into_pieces_continues_the_match(sp) -> None:
+    trie = build_trie(["nanoleaf"], sp, 2.0)
+    assert trie is not None
+    own = sp.encode("nanoleaf")
+    letters = [sp.piece_to_id("▁n")] + [sp.piece_to_id(c) for c in "anoleaf"]
+    assert own != letters and all(t > 3 for t in letters)
+    for tokens in (own, letters):
+        state = trie.advance(NameTrie.START, EOP)
+        for t in tokens:
+            assert t in trie.boosted(state)[0]
+            state = trie.advance(state, t)
+        assert PAD in trie.boosted(state)[0]  # the name is complete
 
 
 def test_a_word_that_leaves_the_name_ends_the_match(sp) -> None:
@@ -94,9 +131,10 @@ def test_slot_rows_follow_the_guesses_and_keep_follows_the_output(sp) -> None:
     rows = names.rows(1, [EOP, pieces[0], pieces[1]])
     assert rows[0] == ((), 0.0)  # nothing written yet: no boundary
     assert pieces[0] in rows[1][0] and rows[1][1] == 1.5
-    assert rows[2][0] == (pieces[1],) and rows[3][0] == (pieces[2],)
+    assert pieces[1] in rows[2][0] and pieces[2] in rows[3][0] and rows[2][1] == 1.5 * FOLLOW_ON
+    assert pieces[2] not in rows[2][0]  # "c" continues "e", "o" does not
     names.keep(1, [EOP, pieces[0]])
-    assert names.rows(1, [])[0][0] == (pieces[1],)
+    assert names.rows(1, [])[0] == rows[2]
     assert names.rows(0, [EOP, pieces[0]]) == [((), 0.0)] * 3  # slot 0 has no names
     assert not names.any([0]) and names.any([0, 1])
     names.reset([1])

@@ -12,7 +12,6 @@ import numpy as np
 from . import synth
 from .corpus import Domain, sentences, with_open_names
 
-
 VERSION = 2  # of the synthesis recipe; part of the cache file's name
 
 

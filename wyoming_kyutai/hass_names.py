@@ -430,4 +430,3 @@ def _checked(value: Any, kind: type) -> Any:
 
 def _mapping(result: Any, key: str) -> dict[str, Any]:
     return _checked(_checked(result, dict).get(key), dict)
-

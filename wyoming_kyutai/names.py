@@ -6,16 +6,13 @@ household uses ("nanoleaf", "hue go") are rare or absent in the model's training
 writes something close instead. Shallow fusion fixes that where it is decided: before the
 argmax, the logits of the tokens that would continue a name get a fixed ``boost``.
 
-:class:`NameTrie` holds every name's pieces (all its words, in order; each word encoded alone,
-as the model writes it, in the case variants the tokenizer can write). A slot's match state is
-a trie node plus whether the last non-padding token was the end-of-padding token (a word
-boundary). Padding never changes the state, so the gaps between a name's words do not break
-a match; a piece that does not continue the match starts over (from the root, if it starts a
-name itself). What gets a boost at a step:
-
-- at a word boundary: the first pieces of every name, and the first piece of the matched
-  name's next word;
-- inside a word: the pieces that continue the matched name's current word.
+:class:`NameTrie` holds every name's spellings letter by letter (all its words, in order, in
+the case variants the tokenizer can write), so any piece that spells the next letters
+continues a match, however the model splits the word. A slot's match state is a trie node
+plus what the model wrote last (a piece, the end-of-padding token, padding). Padding between
+a name's words does not break a match; a piece that does not continue it starts over (from
+the root, if it starts a name itself). The boosted tokens at each state are in
+:class:`NameTrie`'s docstring.
 
 Nothing here knows torch: the steppers ask :class:`SlotNames` which tokens each row boosts
 and tell it which tokens a slot kept.
@@ -80,17 +77,76 @@ KYUTAI_TEXT = TextIds()
 """Kyutai's STT models' special tokens."""
 
 
+class _PieceTrie:
+    """A tokenizer's pieces by their characters, to find every piece that spells the next
+    letters of a name: a model may write a word in other pieces than the tokenizer's own
+    encoding of it ("mi" + "ele" for "m" + "ie" + "le"), and each way is a way to write it."""
+
+    def __init__(self, tokenizer: NameTokenizer, skip: set[int]) -> None:
+        self.children: list[dict[str, int]] = [{}]
+        self.token: list[int | None] = [None]
+        for token in range(tokenizer.get_piece_size()):
+            if token in skip:
+                continue
+            node = 0
+            for char in tokenizer.id_to_piece(token):
+                nxt = self.children[node].get(char)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children.append({})
+                    self.token.append(None)
+                    self.children[node][char] = nxt
+                node = nxt
+            self.token[node] = token
+
+
 @dataclass
 class PieceCache:
-    """Words already encoded, and which tokens start a word: shared by the tries built for
-    one tokenizer, so rebuilding a trie does not encode its names again."""
+    """Words already encoded, which tokens start a word, and the pieces by their characters:
+    shared by the tries built for one tokenizer, so rebuilding a trie does not encode its
+    names again."""
 
     pieces: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     word_start: dict[int, bool] = field(default_factory=dict)
+    vocab: _PieceTrie | None = None
+    piece_text: dict[int, str] = field(default_factory=dict)
+
+
+FOLLOW_ON = 2.0
+"""How many times the boost a match under way gets (the next letters of a name whose first
+piece the model already wrote, its end, its next word) over a name's first piece. Whether a
+name is heard at all is decided at its first piece, where a boost also inserts names nobody
+said; once the model has started a name, the name's own spelling is the likely way on, but
+a model that never saw the name leaves it after a few letters ("robom" for "robot") at a
+boost that is safe for first pieces (benchmarks/results/commands-en-names.md)."""
+
+INSIDE, BOUNDARY, WAIT = 0, 1, 2
+"""A match state's phase: just wrote a piece; just wrote the end-of-padding token; padding
+since the last piece."""
 
 
 class NameTrie:
-    """Every name's token sequence in one trie, with the boost its tokens get."""
+    """Every name's spellings in one character trie (words joined by the tokenizer's word
+    mark, "▁hue▁go"), with the boost its tokens get.
+
+    A slot's match state is one int, ``node * 3 + phase``. What gets a boost at a step:
+
+    - after a piece (``INSIDE``): every piece that spells the next letters of the current
+      word; where a name's word is complete, padding and end-of-padding too (the word ends
+      there: "ecobee", not "ecobeeli");
+    - after end-of-padding (``BOUNDARY``): where a name's word was just completed, the
+      first piece of its next word; elsewhere (or where a whole name was just written
+      too), the first piece of every name. First pieces are the tokenizer's own encoding:
+      boosting every prefix ("▁g", "▁gu", "▁guest") would only boost the model's own
+      guess of a word's start along with the name's;
+    - on padding after a name's word that another word follows (``WAIT``): end-of-padding,
+      so the gap between "hue" and "go" leads on to "go".
+
+    A name's first piece gets ``boost``; everything that follows a match under way gets
+    ``boost * follow_on``.
+    """
+
+    START = 0 * 3 + WAIT
 
     def __init__(
         self,
@@ -98,17 +154,18 @@ class NameTrie:
         boost: float,
         special: TextIds = KYUTAI_TEXT,
         cache: PieceCache | None = None,
+        follow_on: float = FOLLOW_ON,
     ) -> None:
         self.boost = boost
+        self.follow_on = follow_on
         self.special = special
         self._tokenizer = tokenizer
-        cache = cache or PieceCache()
-        self._pieces = cache.pieces
-        self._word_start = cache.word_start
-        self._children: list[dict[int, int]] = [{}]
+        self._cache = cache or PieceCache()
+        self._children: list[dict[str, int]] = [{}]
+        self._ends: set[int] = set()  # nodes where a spelling ends
+        self._firsts: dict[int, set[int]] = {}  # node -> first pieces of the words after it
         self._names = 0
-        self._start: list[tuple[int, ...]] | None = None
-        self._inside: list[tuple[int, ...]] | None = None
+        self._boosts: dict[int, Boost] = {}
 
     def __len__(self) -> int:
         """Names added (each with all its spellings)."""
@@ -120,79 +177,123 @@ class NameTrie:
         words = name_words(name)
         added = False
         for spelling in spellings(words) if words else []:
-            tokens: list[int] = []
-            for word in spelling:
-                pieces = self._encode(word)
-                if pieces is None:
-                    break
-                tokens += pieces
-            else:
-                self._insert(tokens)
+            encoded = [self._encode(word) for word in spelling]
+            if all(pieces is not None for pieces in encoded):
+                node = 0
+                for word, pieces in zip(spelling, encoded, strict=True):
+                    assert pieces is not None
+                    self._firsts.setdefault(node, set()).add(pieces[0])
+                    node = self._insert(node, WORD_START + word)
+                self._ends.add(node)
+                self._boosts.clear()  # rebuilt on next use
                 added = True
         self._names += added
         return added
 
     def _encode(self, word: str) -> tuple[int, ...] | None:
-        if word not in self._pieces:
+        pieces = self._cache.pieces
+        if word not in pieces:
             ids = tuple(int(t) for t in self._tokenizer.encode(word))
             special = {self.special.padding, self.special.end_of_padding}
             ok = bool(ids) and all(t > 3 and t not in special for t in ids)
             ok = ok and self._starts_word(ids[0]) and not any(map(self._starts_word, ids[1:]))
-            self._pieces[word] = ids if ok else None
-        return self._pieces[word]
+            pieces[word] = ids if ok else None
+        return pieces[word]
+
+    def _text(self, token: int) -> str:
+        texts = self._cache.piece_text
+        if token not in texts:
+            texts[token] = self._tokenizer.id_to_piece(token)
+        return texts[token]
 
     def _starts_word(self, token: int) -> bool:
-        if token not in self._word_start:
-            self._word_start[token] = self._tokenizer.id_to_piece(token).startswith(WORD_START)
-        return self._word_start[token]
+        starts = self._cache.word_start
+        if token not in starts:
+            starts[token] = self._text(token).startswith(WORD_START)
+        return starts[token]
 
-    def _insert(self, tokens: Sequence[int]) -> None:
-        node = 0
-        for token in tokens:
-            nxt = self._children[node].get(token)
+    def _insert(self, node: int, text: str) -> int:
+        for char in text:
+            nxt = self._children[node].get(char)
             if nxt is None:
                 nxt = len(self._children)
                 self._children.append({})
-                self._children[node][token] = nxt
+                self._children[node][char] = nxt
             node = nxt
-        self._start = self._inside = None  # the boost lists are rebuilt on next use
+        return node
 
-    def _lists(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-        """Per node, the tokens boosted at a word boundary and inside a word."""
-        if self._start is None or self._inside is None:
-            roots = tuple(sorted(t for t in self._children[0] if self._starts_word(t)))
-            self._start, self._inside = [], []
-            for children in self._children:
-                starts = [t for t in children if self._starts_word(t)]
-                # most nodes share the roots' tuple: only a name's word ends add to it
-                self._start.append(tuple(sorted({*roots, *starts})) if starts else roots)
-                self._inside.append(tuple(sorted(t for t in children if not self._starts_word(t))))
-        return self._start, self._inside
+    def _follow(self, node: int, text: str) -> int | None:
+        for char in text:
+            nxt = self._children[node].get(char)
+            if nxt is None:
+                return None
+            node = nxt
+        return node
 
-    # A match state is one int: node * 2 + (1 at a word boundary).
-    START = 0
+    def _spelled_from(self, node: int) -> set[int]:
+        """The tokens whose pieces spell the next letters of the word at ``node``, however
+        the model splits it (not a new word)."""
+        if self._cache.vocab is None:
+            skip = {self.special.padding, self.special.end_of_padding, *range(4)}
+            self._cache.vocab = _PieceTrie(self._tokenizer, skip)
+        vocab = self._cache.vocab
+        found: set[int] = set()
+        todo = [(0, node)]
+        while todo:
+            v, n = todo.pop()
+            token = vocab.token[v]
+            if token is not None and v:
+                found.add(token)
+            nexts = self._children[n]
+            todo += [
+                (vv, nexts[c])
+                for c, vv in vocab.children[v].items()
+                if c in nexts and c != WORD_START
+            ]
+        return found
+
+    def _word_done(self, node: int) -> bool:
+        return node != 0 and (node in self._ends or WORD_START in self._children[node])
 
     def boosted(self, state: int) -> Boost:
         """The tokens boosted at the step after ``state``."""
-        start, inside = self._lists()
-        node, boundary = divmod(state, 2)
-        tokens = start[node] if boundary else inside[node]
-        return (tokens, self.boost) if tokens else NO_BOOST
+        if state not in self._boosts:
+            node, phase = divmod(state, 3)
+            tokens: set[int] = set()
+            follows = node != 0  # a match is under way (else: a name may start)
+            if phase == INSIDE:
+                tokens = self._spelled_from(node)
+                if self._word_done(node):
+                    tokens |= {self.special.padding, self.special.end_of_padding}
+            elif phase == BOUNDARY:
+                # the matched name's next word; a name's first word where none is pending
+                # or a whole name was just written (not "hue hue" for "hue go")
+                tokens = set(self._firsts.get(node, ())) if node else set()
+                if not tokens or node in self._ends:
+                    tokens |= self._firsts.get(0, set())
+                    follows = False
+            elif node and WORD_START in self._children[node]:
+                tokens = {self.special.end_of_padding}
+            value = self.boost * (self.follow_on if follows else 1.0)
+            self._boosts[state] = (tuple(sorted(tokens)), value) if tokens else NO_BOOST
+        return self._boosts[state]
 
     def advance(self, state: int, token: int) -> int:
         """The state after the model wrote ``token``."""
+        node, phase = divmod(state, 3)
         if token == self.special.padding:
-            return state
-        node, boundary = divmod(state, 2)
+            if phase != INSIDE:
+                return state
+            return node * 3 + WAIT if self._children[node] else self.START
         if token == self.special.end_of_padding:
-            return node * 2 + 1
-        nxt = self._children[node].get(token)
-        if nxt is not None and self._starts_word(token) == bool(boundary):
-            return nxt * 2 if self._children[nxt] else self.START
-        if boundary and token in self._children[0]:
-            nxt = self._children[0][token]
-            return nxt * 2 if self._children[nxt] else self.START
-        return self.START
+            return (node if WORD_START in self._children[node] else 0) * 3 + BOUNDARY
+        text = self._text(token)
+        if text.startswith(WORD_START):  # a new word: the name's next one, or a name's first
+            nxt = self._follow(node, text) if node else None
+            nxt = self._follow(0, text) if nxt is None else nxt
+        else:  # the current word goes on
+            nxt = self._follow(node, text) if node and phase != BOUNDARY else None
+        return self.START if nxt is None else nxt * 3 + INSIDE
 
 
 def build_trie(
@@ -201,11 +302,12 @@ def build_trie(
     boost: float,
     special: TextIds = KYUTAI_TEXT,
     cache: PieceCache | None = None,
+    follow_on: float = FOLLOW_ON,
 ) -> NameTrie | None:
     """A trie of ``names`` (None when none can be written, or ``boost`` is 0: no biasing)."""
     if boost <= 0:
         return None
-    trie = NameTrie(tokenizer, boost, special, cache)
+    trie = NameTrie(tokenizer, boost, special, cache, follow_on)
     for name in names:
         trie.add(name)
     return trie if len(trie) else None
