@@ -43,7 +43,7 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
 
     from benchmarks.bench import speechlike
     from wyoming_kyutai.model_loading import load_model
-    from wyoming_kyutai.names import NameTrie, SlotNames, TextIds
+    from wyoming_kyutai.names import SlotNames, TextIds
     from wyoming_kyutai.runtime.lm import bias_index
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
@@ -72,7 +72,7 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
         slots = SlotNames(1)
         slots.reset([0], [trie])
         slots.keep(0, [special.end_of_padding])  # a word boundary: every first piece boosted
-        boosted = len(trie.boosted(NameTrie.START * 2 + 1)[0])
+        boosted = len(slots.rows(0, [])[0][0])
 
         def biased(slots: SlotNames = slots) -> int:
             rows = [slots.rows(0, [])]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from wyoming_kyutai.audio import read_wav
-from wyoming_kyutai.names import TextIds, build_trie
+from wyoming_kyutai.names import FOLLOW_ON, TextIds, build_trie
 from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
@@ -137,7 +137,10 @@ def sweep(
     wav_dir: Path,
     boosts: tuple[float, ...],
     quantize: str,
+    follow_ons: tuple[float, ...] = (FOLLOW_ON,),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sweep over ``boosts`` (and ``follow_ons``, names.FOLLOW_ON), and the known words'
+    rows at the default follow-on."""
     wav_dir.mkdir(parents=True, exist_ok=True)
     utts = [u for u, _ in named] + plain
     paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
@@ -145,8 +148,11 @@ def sweep(
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     rows = []
     baseline: list[list[str]] | None = None
-    for boost in boosts:
-        trie = build_trie(domain.biasing_names, model.tokenizer, boost, special)
+    grid = [(b, f) for f in follow_ons for b in boosts if b or f == follow_ons[0]]
+    for boost, follow_on in grid:
+        trie = build_trie(
+            domain.biasing_names, model.tokenizer, boost, special, follow_on=follow_on
+        )
         start = time.time()
         records = asyncio.run(run_all(model, paths, policy, trie))
         hyps = [words_of(r["text"]) for r in records]
@@ -163,6 +169,7 @@ def sweep(
         named_words = sum(len(words_of(u.text)) for u, _ in named)
         row = {
             "boost": boost,
+            "follow_on": follow_on,
             "names_right_percent": round(100 * sum(right) / len(right), 1),
             "names_right_word_by_word_percent": round(
                 100
@@ -240,13 +247,14 @@ def table(report: dict[str, Any]) -> str:
 def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> list[str]:
     """The sweep's two tables (markdown lines): unseen names, and misheard known words."""
     lines = [
-        "| boost | names right | word by word | whole | WER, named commands | "
+        "| boost | follow-on | names right | word by word | whole | WER, named commands | "
         "false name insertions (name-free) | WER, name-free |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        follow_on = "" if not r["boost"] else f"{r.get('follow_on', 1.0):g}"
         lines.append(
-            f"| {r['boost']:g} | {r['names_right_percent']} % | "
+            f"| {r['boost']:g} | {follow_on} | {r['names_right_percent']} % | "
             f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
             f"{r['named_commands_wer_percent']} % | {r['false_insertions_percent']} % | "
             f"{r['name_free_wer_percent']} % |"
@@ -255,7 +263,7 @@ def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> lis
         "",
         "Words the model can write but misheard: each name-free command whose transcript (no "
         "biasing) misses one of its device or area words, biased toward that word; every "
-        "other command biased toward a device word it does not contain.",
+        f"other command biased toward a device word it does not contain (follow-on {FOLLOW_ON:g}).",
         "",
         "| boost | misheard words now right | decoy words inserted |",
         "|---|---|---|",
@@ -301,6 +309,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="the training run's data*.pkl")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-names.json"))
     p.add_argument("--boosts", type=float, nargs="+", default=list(BOOSTS))
+    p.add_argument("--follow-ons", type=float, nargs="+", default=[FOLLOW_ON])
     p.add_argument("--quantize", default="int8")
     p.add_argument("--name-free", type=int, default=150, help="name-free commands (held out)")
     p.add_argument("--seed", type=int, default=7)
@@ -323,6 +332,7 @@ def main() -> None:
         args.data.parent / "names-wavs",
         tuple(args.boosts),
         args.quantize,
+        tuple(args.follow_ons),
     )
     if args.export_audio:
         export_names_audio(named, rows, args.default_boost, args.export_audio)
