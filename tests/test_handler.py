@@ -244,6 +244,41 @@ async def test_transcribe_names_and_terms_bias_that_utterance_on_top_of_the_serv
     assert "transcript_names" in sent[-1].data["text"]
 
 
+async def test_a_clients_names_are_encoded_off_the_event_loop() -> None:
+    """A new list of names is encoded in a worker thread: the event loop serves every other
+    connection meanwhile."""
+    import threading
+
+    import sentencepiece as spm
+    from wyoming.asr import Transcribe
+
+    from tests.test_names import CHECKPOINT
+    from wyoming_kyutai.name_book import NameBook
+
+    sp = spm.SentencePieceProcessor(model_file=str(next(CHECKPOINT.glob("*.model"))))
+    threads: set[threading.Thread] = set()
+
+    class Watched:
+        def encode(self, text: str) -> list[int]:
+            threads.add(threading.current_thread())
+            return sp.encode(text)
+
+        def id_to_piece(self, token: int) -> str:
+            return sp.id_to_piece(token)
+
+        def get_piece_size(self) -> int:
+            return sp.get_piece_size()
+
+    engine = ScriptedEngine()
+    handler, _sent = _handler(engine, EndOfTurnSettings(enabled=False))
+    handler.settings = HandlerSettings(names=NameBook(Watched(), 2.0))
+    asks = Transcribe(language="en", transcript_names=["Ecobee", "Hue Go"])
+    for event in (asks.event(), AudioStart(rate=16000, width=2, channels=1).event()):
+        assert await handler.handle_event(event)
+    assert engine.names[0] is not None
+    assert threads and threading.current_thread() not in threads
+
+
 async def test_without_names_the_engine_gets_none() -> None:
     from wyoming.asr import Transcribe
 

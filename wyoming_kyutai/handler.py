@@ -231,7 +231,8 @@ class SttHandler:
         except AudioFormatError as err:
             raise ProtocolError("unsupported-audio-format", str(err)) from None
         try:
-            stream = await self.engine.open_stream(self.settings.slot_wait, self._names())
+            names = await self._names()
+            stream = await self.engine.open_stream(self.settings.slot_wait, names)
         except EngineBusy:
             raise ProtocolError(
                 "busy", "all transcription slots are busy; try again shortly"
@@ -245,10 +246,12 @@ class SttHandler:
         await self.send(TranscriptStart(language=language).event())
         utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
 
-    def _names(self) -> NameTrie | None:
-        """The trie of the utterance's names: the server's, plus the client's own."""
+    async def _names(self) -> NameTrie | None:
+        """The trie of the utterance's names: the server's, plus the client's own (built in
+        a worker thread: a new list of a thousand long names takes a good part of a second
+        to encode, and the event loop serves every other connection meanwhile)."""
         book = self.settings.names
-        trie = None if book is None else book.trie(self.client_names)
+        trie = None if book is None else await asyncio.to_thread(book.trie, self.client_names)
         _LOGGER.debug("Utterance biased toward %d names", 0 if trie is None else len(trie))
         return trie
 

@@ -3,14 +3,15 @@ client's own (``Transcribe.transcript_names`` / ``transcript_terms``), merged in
 
 The server-wide trie is built once and rebuilt only when a source changes (Home Assistant
 bumps its ``version``); an utterance that brings its own names gets the server-wide names
-plus its own, cached for the next utterance that brings the same ones. Building runs on the
-event loop at ``audio-start``; it is a dictionary walk over pieces already encoded, so
-1,000 names cost about a millisecond once encoded.
+plus its own, cached for the next utterance that brings the same ones. The handler asks for
+an utterance's trie at ``audio-start`` from a worker thread (encoding a new list of names
+is the slow part), so a book is safe to use from several threads at once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -66,14 +67,20 @@ class NameBook:
         self._shared_names: tuple[str, ...] = ()
         self._cache = PieceCache()
         self._client: OrderedDict[tuple[str, ...], NameTrie | None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def names(self) -> tuple[str, ...]:
         """The server-wide names (configured, then each source's), without duplicates."""
-        self._refresh()
-        return self._shared_names
+        with self._lock:
+            self._refresh()
+            return self._shared_names
 
     def trie(self, extra: Sequence[str] = ()) -> NameTrie | None:
         """The trie of the server-wide names plus ``extra`` (None: nothing to bias toward)."""
+        with self._lock:
+            return self._trie(extra)
+
+    def _trie(self, extra: Sequence[str]) -> NameTrie | None:
         self._refresh()
         if not extra:
             return self._shared
