@@ -12,13 +12,6 @@ import numpy as np
 from . import synth
 from .corpus import Domain, sentences, with_open_names
 
-VERSION = 2  # of the synthesis recipe; part of the cache file's name
-
-
-def name(n_train: int, n_test: int, n_voices: int, seed: int) -> str:
-    """The cache file's stem for these settings (the Mimi cache is named after it too)."""
-    return f"data{VERSION}-{n_train}-{n_test}-{n_voices}-{seed}"
-
 
 def build(
     work: Path,
@@ -29,35 +22,34 @@ def build(
     open_names: float = 0.0,
     log=print,
 ) -> tuple[list[synth.Utterance], list[synth.Utterance]]:
-    """Training utterances (60 % word by word, 40 % whole, each with a voice drawn from
-    ``n_voices`` espeak-ng settings and through ``synth.augment``; ``open_names`` of them
-    name a made-up device, ``corpus.open_name``) and the held-out set (not augmented).
+    """Training utterances (60 % word by word, 40 % whole; ``open_names`` of them name a
+    made-up device, ``corpus.open_name``) and the held-out set.
 
     The held-out set speaks ``n_test`` unseen sentence combinations with the held-out voice
     and speed band, each sentence twice: word by word and whole.
     """
     tag = f"-open{round(100 * open_names)}" if open_names else ""
-    path = work / f"{name(n_train, n_test, n_voices, seed)}{tag}.pkl"
+    path = work / f"data-{n_train}-{n_test}-{n_voices}-{seed}{tag}.pkl"
     if path.exists():
         with path.open("rb") as f:
             return pickle.load(f)
     start = time.time()
     domain = Domain.load()
+    words = domain.words()
     train_voices = synth.voices(n_voices, held_out=False, seed=seed)
     test_voices = synth.voices(8, held_out=True, seed=seed + 1)
+    cache = synth.ClipCache()
+    cache.fill(words, train_voices + test_voices)
+    log(f"  {len(cache.clips)} word clips in {time.time() - start:.0f} s")
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
+    train = []
     texts = sentences(domain, n_train, held_out=False, seed=seed)
     texts = with_open_names(domain, texts, open_names, seed + 2)
-    plan = [(text, rng.choice(train_voices), rng.random() < 0.4) for text in texts]
-    cache = synth.ClipCache()
-    cache.fill({(w, v) for text, v, _ in plan for w in text.split()})
-    cache.fill({(w, v) for v in test_voices for w in domain.words()})
-    log(f"  {len(cache.clips)} word clips in {time.time() - start:.0f} s")
-    train = []
-    for i, (text, voice, is_whole) in enumerate(plan):
-        make = synth.whole if is_whole else synth.word_by_word
-        train.append(make(text, voice, cache, rng, nprng, augmented=True))
+    for i, text in enumerate(texts):
+        voice = rng.choice(train_voices)
+        make = synth.whole if rng.random() < 0.4 else synth.word_by_word
+        train.append(make(text, voice, cache, rng, nprng))
         if i % 2000 == 0:
             log(f"  {i} training utterances ({time.time() - start:.0f} s)")
     test = []

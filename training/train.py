@@ -73,10 +73,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("build/train-test-model"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--utterances", type=int, default=12000)
-    p.add_argument("--voices", type=int, default=1000)
+    p.add_argument("--voices", type=int, default=96)
     p.add_argument("--held-out", type=int, default=150)
     p.add_argument("--encoder-steps", type=int, default=500)
-    p.add_argument("--lm-steps", type=int, default=4000)
+    p.add_argument("--lm-steps", type=int, default=3500)
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
     p.add_argument("--lr", type=float, default=1.5e-3, help="the LM's peak learning rate")
@@ -102,8 +102,7 @@ def main() -> None:
 
     mimi_cfg = front_end.mimi_config()
     tag = f"-open{round(100 * args.open_names)}" if args.open_names else ""
-    stem = data.name(args.utterances, args.held_out, args.voices, args.seed)
-    mimi_path = args.work / f"mimi-{stem}{tag}-{args.encoder_steps}.pt"
+    mimi_path = args.work / f"mimi-{args.seed}-{args.encoder_steps}-{args.utterances}{tag}.pt"
     if mimi_path.exists():
         mimi, codes = torch.load(mimi_path, weights_only=False)
         log("Mimi front end: cached")
