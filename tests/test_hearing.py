@@ -39,11 +39,12 @@ ALLOWED_WORD_ERRORS: dict[str, int] = {
 }
 """Word errors each file may have: what this checkpoint gives today (14 of 34 words wrong).
 
-The checkpoint hears its training voices well (WER about 10 % on training utterances) but
-not a new one: on the 300 held-out utterances (a voice, speed band and sentence combinations
-it never trained on) its WER is about 47 % spoken word by word and 50 % whole, 21 % / 23 %
-of sentences exactly right (benchmarks/results/commands-en-quality.json). So a file here
-may be missed, by at most the errors measured; a change that makes it hear worse fails."""
+The checkpoint knows its training utterances (WER about 10 %) but hears new speech poorly:
+on the 300 held-out utterances (a voice, speed band and sentence combinations it never
+trained on) its WER is about 47 % spoken word by word and 50 % whole, 21 % / 23 % of
+sentences exactly right (benchmarks/results/commands-en-quality.json), and unseen sentences
+spoken by its training voices fare little better (44 % / 52 %). So a file here may be
+missed, by at most the errors measured; a change that makes it hear worse fails."""
 
 
 def _pcm(name: str) -> bytes:

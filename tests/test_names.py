@@ -80,7 +80,7 @@ def test_a_finished_name_word_boosts_its_end_not_more_pieces(sp) -> None:
         state = trie.advance(state, t)
     tokens, value = trie.boosted(state)
     assert tokens == (EOP, PAD)  # "ecobee", then the word ends
-    assert value == 2.0 * FOLLOW_ON  # a match under way: more than a name's first piece
+    assert value == 2.0 * FOLLOW_ON  # a match under way
     assert trie.advance(state, PAD) == NameTrie.START  # the whole name was written
 
 

@@ -342,7 +342,9 @@ def main() -> None:
         "name": "commands-en-names",
         "command": "python -m training.names_eval --data "
         + str(args.data)
-        + f" --voice {args.voice}",
+        + f" --voice {args.voice}"
+        + " --follow-ons "
+        + " ".join(f"{f:g}" for f in args.follow_ons),
         "voice": args.voice,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "checkpoint": str(args.model),
