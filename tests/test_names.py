@@ -98,6 +98,15 @@ def test_any_split_of_a_name_into_pieces_continues_the_match(sp) -> None:
         assert PAD in trie.boosted(state)[0]  # the name is complete
 
 
+def test_a_token_the_tokenizer_lacks_ends_the_match(sp) -> None:
+    """A model's text vocabulary may be larger than its tokenizer's (a random model writes
+    any id): such a token is no piece of a name, never an error in the engine's thread."""
+    trie = build_trie(["ecobee"], sp, 2.0)
+    assert trie is not None
+    state = trie.advance(trie.advance(NameTrie.START, EOP), sp.encode("ecobee")[0])
+    assert trie.advance(state, sp.get_piece_size() + 5) == NameTrie.START
+
+
 def test_a_word_that_leaves_the_name_ends_the_match(sp) -> None:
     trie = build_trie(["hue go"], sp, 2.0)
     assert trie is not None

@@ -201,9 +201,12 @@ class NameTrie:
         return pieces[word]
 
     def _text(self, token: int) -> str:
+        """The token's piece; "" for an id the tokenizer lacks (a model's text vocabulary
+        may be larger than its tokenizer's, and a random one writes any id)."""
         texts = self._cache.piece_text
         if token not in texts:
-            texts[token] = self._tokenizer.id_to_piece(token)
+            known = 0 <= token < self._tokenizer.get_piece_size()
+            texts[token] = self._tokenizer.id_to_piece(token) if known else ""
         return texts[token]
 
     def _starts_word(self, token: int) -> bool:
@@ -288,6 +291,8 @@ class NameTrie:
         if token == self.special.end_of_padding:
             return (node if WORD_START in self._children[node] else 0) * 3 + BOUNDARY
         text = self._text(token)
+        if not text:
+            return self.START
         if text.startswith(WORD_START):  # a new word: the name's next one, or a name's first
             nxt = self._follow(node, text) if node else None
             nxt = self._follow(0, text) if nxt is None else nxt
