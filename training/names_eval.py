@@ -252,7 +252,7 @@ def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> lis
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        follow_on = "" if not r["boost"] else f"{r.get('follow_on', 1.0):g}"
+        follow_on = f"{r['follow_on']:g}" if r["boost"] and "follow_on" in r else ""
         lines.append(
             f"| {r['boost']:g} | {follow_on} | {r['names_right_percent']} % | "
             f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
