@@ -156,7 +156,12 @@ class Example:
 
 
 def make_batch(
-    examples: list[Example], lm: Any, delay: float, drop_text: float, rng: random.Random
+    examples: list[Example],
+    lm: Any,
+    delay: float,
+    drop_text: float,
+    rng: random.Random,
+    drop_codebooks: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     steps = max(len(e.codes) for e in examples) + 1
     b = len(examples)
@@ -167,6 +172,8 @@ def make_batch(
     for i, e in enumerate(examples):
         n = len(e.codes) + 1
         audio[i, :, 1:n] = e.codes.T
+        if drop_codebooks and rng.random() < drop_codebooks:  # the coarse levels alone
+            audio[i, rng.randint(1, lm.n_q - 1) :, 1:n] = lm.card
         tgt = text_targets(e.pieces, [s for s, _ in e.spans], n, delay)
         target[i, :n] = tgt
         text_in[i, 1:n] = tgt[:-1]
@@ -186,6 +193,7 @@ def train(
     batch_frames: int = 3000,
     lr: float = 1.5e-3,
     drop_text: float = 0.25,
+    drop_codebooks: float = 0.0,
     log: Any = print,
     snapshot: Any = None,
     snapshot_every: int = 100,
@@ -211,7 +219,9 @@ def train(
         per = max(1, batch_frames // length)
         lo = max(0, min(at - per // 2, len(order) - per))
         batch = [examples[i] for i in order[lo : lo + per]]
-        audio, text_in, target, pauses = make_batch(batch, lm, delay, drop_text, rng)
+        audio, text_in, target, pauses = make_batch(
+            batch, lm, delay, drop_text, rng, drop_codebooks
+        )
         logits, extra = forward(lm, audio, text_in)
         text_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         pause_loss = F.cross_entropy(extra.flatten(0, 2), pauses.flatten())

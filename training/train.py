@@ -80,6 +80,13 @@ def main() -> None:
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
     p.add_argument("--lr", type=float, default=1.5e-3, help="the LM's peak learning rate")
+    p.add_argument("--drop-text", type=float, default=0.25, help="share of text inputs dropped")
+    p.add_argument(
+        "--drop-codebooks",
+        type=float,
+        default=0.0,
+        help="share of utterances whose audio above a random RVQ level is blanked",
+    )
     p.add_argument(
         "--init-lm",
         type=Path,
@@ -175,6 +182,8 @@ def main() -> None:
         args.seed,
         args.batch_frames,
         lr=args.lr,
+        drop_text=args.drop_text,
+        drop_codebooks=args.drop_codebooks,
         log=log,
         snapshot=snapshot,
     )
