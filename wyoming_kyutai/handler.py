@@ -251,7 +251,12 @@ class SttHandler:
         a worker thread: a new list of a thousand long names takes a good part of a second
         to encode, and the event loop serves every other connection meanwhile)."""
         book = self.settings.names
-        trie = None if book is None else await asyncio.to_thread(book.trie, self.client_names)
+        if book is None:
+            trie = None
+        elif book.built(self.client_names):
+            trie = book.trie(self.client_names)
+        else:
+            trie = await asyncio.to_thread(book.trie, self.client_names)
         _LOGGER.debug("Utterance biased toward %d names", 0 if trie is None else len(trie))
         return trie
 

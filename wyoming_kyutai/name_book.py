@@ -75,6 +75,13 @@ class NameBook:
             self._refresh()
             return self._shared_names
 
+    def built(self, extra: Sequence[str] = ()) -> bool:
+        """Whether ``trie(extra)`` is ready, with nothing to encode or build (the handler
+        then takes it on the event loop, without a thread)."""
+        with self._lock:
+            fresh = tuple(source.version for source in self._sources) == self._versions
+            return fresh and (not extra or tuple(extra) in self._client)
+
     def trie(self, extra: Sequence[str] = ()) -> NameTrie | None:
         """The trie of the server-wide names plus ``extra`` (None: nothing to bias toward)."""
         with self._lock:
