@@ -136,7 +136,7 @@ def evaluate(model_dir: Path, utts: list[Utterance], wav_dir: Path, quantize: st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=Path("tests/checkpoints/commands-en"))
-    p.add_argument("--data", type=Path, required=True, help="the training run's data*.pkl")
+    p.add_argument("--data", type=Path, required=True, help="the training run's data-*.pkl")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-quality.json"))
     p.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
     p.add_argument("--limit", type=int, default=0)

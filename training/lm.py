@@ -30,6 +30,7 @@ from wyoming_kyutai.random_checkpoint import lm_config as kyutai_lm_config
 EOP, PAD = 0, 3
 FRAME_S = 0.08
 HORIZONS = (0.5, 1.0, 2.0, 3.0)
+DROP_TEXT = 0.25  # share of previous-text inputs dropped to padding in training
 LETTERS = "abcdefghijklmnopqrstuvwxyz'"
 
 
@@ -192,7 +193,7 @@ def train(
     seed: int,
     batch_frames: int = 3000,
     lr: float = 1.5e-3,
-    drop_text: float = 0.25,
+    drop_text: float = DROP_TEXT,
     drop_codebooks: float = 0.0,
     log: Any = print,
     snapshot: Any = None,

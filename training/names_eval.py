@@ -8,7 +8,7 @@ boost inserts where nobody said one. Reported per boost: exact-name accuracy (th
 words, in order, in the transcript), false insertions (a biasing name in a name-free
 command's transcript) and the name-free commands' WER.
 
-``python -m training.names_eval --data build/train-test-model/data*.pkl`` writes
+``python -m training.names_eval --data build/train-test-model/data-*.pkl`` writes
 ``benchmarks/results/commands-en-names.json`` and ``.md``.
 """
 
@@ -148,6 +148,7 @@ def sweep(
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     rows = []
     baseline: list[list[str]] | None = None
+    # boost 0 (no biasing) has no follow-on: measured once
     grid = [(b, f) for f in follow_ons for b in boosts if b or f == follow_ons[0]]
     for boost, follow_on in grid:
         trie = build_trie(
@@ -306,7 +307,7 @@ def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, An
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=Path("tests/checkpoints/commands-en"))
-    p.add_argument("--data", type=Path, required=True, help="the training run's data*.pkl")
+    p.add_argument("--data", type=Path, required=True, help="the training run's data-*.pkl")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-names.json"))
     p.add_argument("--boosts", type=float, nargs="+", default=list(BOOSTS))
     p.add_argument("--follow-ons", type=float, nargs="+", default=[FOLLOW_ON])

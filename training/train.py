@@ -80,7 +80,9 @@ def main() -> None:
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
     p.add_argument("--lr", type=float, default=1.5e-3, help="the LM's peak learning rate")
-    p.add_argument("--drop-text", type=float, default=0.25, help="share of text inputs dropped")
+    p.add_argument(
+        "--drop-text", type=float, default=lm.DROP_TEXT, help="share of text inputs dropped"
+    )
     p.add_argument(
         "--drop-codebooks",
         type=float,

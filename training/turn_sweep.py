@@ -1,6 +1,6 @@
 """The end-of-turn policy on the trained checkpoint: threshold × consecutive steps.
 
-Every held-out utterance of a training run (``--data``: its ``data*.pkl``; the WAVs written by
+Every held-out utterance of a training run (``--data``: its ``data-*.pkl``; the WAVs written by
 ``training.evaluate`` into ``heldout-wavs``) runs through the transcribe path once per policy
 (head 2, the server's other end-of-turn defaults); reported per policy: utterances whose turn
 ended before their last word, and the delay from the last word to the end of turn.

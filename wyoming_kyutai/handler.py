@@ -247,9 +247,10 @@ class SttHandler:
         utt.task = asyncio.create_task(self._consume(utt), name="kyutai results")
 
     async def _names(self) -> NameTrie | None:
-        """The trie of the utterance's names: the server's, plus the client's own (built in
-        a worker thread: a new list of a thousand long names takes a good part of a second
-        to encode, and the event loop serves every other connection meanwhile)."""
+        """The trie of the utterance's names: the server's, plus the client's own. One that
+        must be built first is built in a worker thread: a client may send a new list of a
+        thousand long names with each utterance, and the event loop serves every other
+        connection meanwhile."""
         book = self.settings.names
         if book is None:
             trie = None

@@ -3,9 +3,10 @@ client's own (``Transcribe.transcript_names`` / ``transcript_terms``), merged in
 
 The server-wide trie is built once and rebuilt only when a source changes (Home Assistant
 bumps its ``version``); an utterance that brings its own names gets the server-wide names
-plus its own, cached for the next utterance that brings the same ones. The handler asks for
-an utterance's trie at ``audio-start`` from a worker thread (encoding a new list of names
-is the slow part), so a book is safe to use from several threads at once.
+plus its own, cached for the next utterance that brings the same ones. At ``audio-start``
+the handler takes a trie that is ``built`` on the event loop and has any other built in a
+worker thread (encoding a new list of names is the slow part), so a book is safe to use
+from several threads at once.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class NameBook:
         """Whether ``trie(extra)`` is ready, with nothing to encode or build (the handler
         then takes it on the event loop, without a thread)."""
         with self._lock:
-            fresh = tuple(source.version for source in self._sources) == self._versions
+            fresh = self._source_versions() == self._versions
             return fresh and (not extra or tuple(extra) in self._client)
 
     def trie(self, extra: Sequence[str] = ()) -> NameTrie | None:
@@ -99,8 +100,11 @@ class NameBook:
         self._client.move_to_end(key)
         return self._client[key]
 
+    def _source_versions(self) -> tuple[int, ...]:
+        return tuple(source.version for source in self._sources)
+
     def _refresh(self) -> None:
-        versions = tuple(source.version for source in self._sources)
+        versions = self._source_versions()
         if versions == self._versions:
             return
         merged = [*self._static]

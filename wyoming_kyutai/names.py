@@ -77,6 +77,18 @@ KYUTAI_TEXT = TextIds()
 """Kyutai's STT models' special tokens."""
 
 
+def _insert(children: list[dict[str, int]], node: int, text: str) -> int:
+    """The node reached from ``node`` along ``text`` in a character trie, created as needed."""
+    for char in text:
+        nxt = children[node].get(char)
+        if nxt is None:
+            nxt = len(children)
+            children.append({})
+            children[node][char] = nxt
+        node = nxt
+    return node
+
+
 class _PieceTrie:
     """A tokenizer's pieces by their characters, to find every piece that spells the next
     letters of a name: a model may write a word in other pieces than the tokenizer's own
@@ -84,20 +96,10 @@ class _PieceTrie:
 
     def __init__(self, tokenizer: NameTokenizer, skip: set[int]) -> None:
         self.children: list[dict[str, int]] = [{}]
-        self.token: list[int | None] = [None]
+        self.token: dict[int, int] = {}  # node -> the token whose piece ends there
         for token in range(tokenizer.get_piece_size()):
-            if token in skip:
-                continue
-            node = 0
-            for char in tokenizer.id_to_piece(token):
-                nxt = self.children[node].get(char)
-                if nxt is None:
-                    nxt = len(self.children)
-                    self.children.append({})
-                    self.token.append(None)
-                    self.children[node][char] = nxt
-                node = nxt
-            self.token[node] = token
+            if token not in skip:
+                self.token[_insert(self.children, 0, tokenizer.id_to_piece(token))] = token
 
 
 @dataclass
@@ -166,6 +168,8 @@ class NameTrie:
         self._firsts: dict[int, set[int]] = {}  # node -> first pieces of the words after it
         self._names = 0
         self._boosts: dict[int, Boost] = {}
+        # never a piece of a name: Kyutai's ids 0-3 and the model's own special tokens
+        self._reserved = {*range(4), special.padding, special.end_of_padding}
 
     def __len__(self) -> int:
         """Names added (each with all its spellings)."""
@@ -183,7 +187,7 @@ class NameTrie:
                 for word, pieces in zip(spelling, encoded, strict=True):
                     assert pieces is not None
                     self._firsts.setdefault(node, set()).add(pieces[0])
-                    node = self._insert(node, WORD_START + word)
+                    node = _insert(self._children, node, WORD_START + word)
                 self._ends.add(node)
                 self._boosts.clear()  # rebuilt on next use
                 added = True
@@ -194,8 +198,7 @@ class NameTrie:
         pieces = self._cache.pieces
         if word not in pieces:
             ids = tuple(int(t) for t in self._tokenizer.encode(word))
-            special = {self.special.padding, self.special.end_of_padding}
-            ok = bool(ids) and all(t > 3 and t not in special for t in ids)
+            ok = bool(ids) and not self._reserved.intersection(ids)
             ok = ok and self._starts_word(ids[0]) and not any(map(self._starts_word, ids[1:]))
             pieces[word] = ids if ok else None
         return pieces[word]
@@ -215,16 +218,6 @@ class NameTrie:
             starts[token] = self._text(token).startswith(WORD_START)
         return starts[token]
 
-    def _insert(self, node: int, text: str) -> int:
-        for char in text:
-            nxt = self._children[node].get(char)
-            if nxt is None:
-                nxt = len(self._children)
-                self._children.append({})
-                self._children[node][char] = nxt
-            node = nxt
-        return node
-
     def _follow(self, node: int, text: str) -> int | None:
         for char in text:
             nxt = self._children[node].get(char)
@@ -237,16 +230,14 @@ class NameTrie:
         """The tokens whose pieces spell the next letters of the word at ``node``, however
         the model splits it (not a new word)."""
         if self._cache.vocab is None:
-            skip = {self.special.padding, self.special.end_of_padding, *range(4)}
-            self._cache.vocab = _PieceTrie(self._tokenizer, skip)
+            self._cache.vocab = _PieceTrie(self._tokenizer, self._reserved)
         vocab = self._cache.vocab
         found: set[int] = set()
         todo = [(0, node)]
         while todo:
             v, n = todo.pop()
-            token = vocab.token[v]
-            if token is not None and v:
-                found.add(token)
+            if v and v in vocab.token:
+                found.add(vocab.token[v])
             nexts = self._children[n]
             todo += [
                 (vv, nexts[c])
