@@ -229,4 +229,6 @@ def test_soak_script_short_run(tiny_dir: Path, tmp_path: Path) -> None:
     assert result["cycles"] == 60 and result["errors"] == 0
     assert result["free_slots_after"] == result["slots"]
     assert result["fd_growth"] <= 5
-    assert result["rss_growth_mb"] < 50
+    # memory reaches its working size over the first cycles (each batch size the engine
+    # meets); a leak grows on through the second half
+    assert result["rss_growth_second_half_mb"] < 50, result
