@@ -30,21 +30,20 @@ AUDIO_DIR = ROOT / "audio" / "commands"
 MANIFEST = json.loads((AUDIO_DIR / "manifest.json").read_text())
 
 ALLOWED_WORD_ERRORS: dict[str, int] = {
-    "words-0.wav": 3,  # "close the lock in the bathroom" -> "close the gack light the guest"
-    "words-1.wav": 1,  # "turn off the washing machine ..." -> "turn off the kettle machine ..."
+    "words-0.wav": 2,  # "close the lock in the bathroom" -> "close the vacuum the bathroom"
+    "words-1.wav": 0,  # "turn off the washing machine in the porch"
     "words-2.wav": 1,  # "cancel the timer" -> "turn the timer"
-    "whole-0.wav": 5,  # "close the lock in the bathroom" -> "switch the liator maker"
-    "whole-1.wav": 3,  # "turn off the washing machine ..." -> "turn off the air coffee ..."
-    "whole-2.wav": 1,  # "cancel the timer" -> "cancel the"
+    "whole-0.wav": 3,  # "close the lock in the bathroom" -> "close the desk fan in the study"
+    "whole-1.wav": 2,  # "turn off the washing machine ..." -> "turn off the chrishwasher ..."
+    "whole-2.wav": 3,  # "cancel the timer" -> "turn on"
 }
-"""Word errors each file may have: what this checkpoint gives today (14 of 34 words wrong).
+"""Word errors each file may have: what this checkpoint gives today (11 of 34 words wrong).
 
-The checkpoint knows its training utterances (WER about 10 %) but hears new speech poorly:
-on the 300 held-out utterances (a voice, speed band and sentence combinations it never
-trained on) its WER is about 47 % spoken word by word and 50 % whole, 21 % / 23 % of
-sentences exactly right (benchmarks/results/commands-en-quality.json), and unseen sentences
-spoken by its training voices fare little better (44 % / 52 %). So a file here may be
-missed, by at most the errors measured; a change that makes it hear worse fails."""
+The checkpoint knows its training utterances but hears new speech poorly: on the 300
+held-out utterances (a voice, speed band and sentence combinations it never trained on) its
+WER is about 38 % spoken word by word and 37 % whole, 29 % / 37 % of sentences exactly right
+(benchmarks/results/commands-en-quality.json). So a file here may be missed, by at most the
+errors measured; a change that makes it hear worse fails."""
 
 
 def _pcm(name: str) -> bytes:

@@ -2,13 +2,13 @@
 
 The WAVs under ``tests/audio/names`` are held-out commands (a voice, speed band and sentence
 combinations the checkpoint never trained on) in which, without biasing, it mishears a word
-it can write ("what is the temperature in the attic" → "... in the office"). Each source
+it can write ("lock the printer" → "lock the radiator"). Each source
 of names must make that word come out: the client's ``transcript_names``, the ``names``
 setting, and Home Assistant's areas and exposed entities (a fake Home Assistant speaking its
 websocket API), all at the default ``name_boost``.
 
 The biasing names of ``domain.yaml`` (words it never saw in text) cannot be used here: this
-checkpoint does not spell unseen words (0 % right at any boost:
+checkpoint spells few unseen words (none right at a boost that leaves other commands alone:
 benchmarks/results/commands-en-names.md).
 """
 
@@ -30,6 +30,10 @@ ROOT = Path(__file__).parent
 MODEL_DIR = ROOT / "checkpoints" / "commands-en"
 AUDIO_DIR = ROOT / "audio" / "names"
 MANIFEST = {item["name"]: item for item in json.loads((AUDIO_DIR / "manifest.json").read_text())}
+AREA = next(item for item in MANIFEST.values() if "area" in item)
+"""A command whose misheard word names an area (``"area"``: the whole area name)."""
+DEVICE = next(item for item in MANIFEST.values() if "device" in item)
+"""A command whose misheard word names a device (``"device"``: the whole device name)."""
 NAME_FREE = ROOT / "audio" / "commands" / "words-1.wav"  # "turn off the washing machine ..."
 
 
@@ -54,15 +58,16 @@ async def test_a_clients_names_fix_the_word_it_mishears() -> None:
         try:
             pcm = read_wav(NAME_FREE).data
             plain = final_text(await client.utterance(pcm))
-            await client.send(Transcribe(language="en", transcript_names=["Attic"]).event())
+            await client.send(Transcribe(language="en", transcript_names=[AREA["area"]]).event())
             assert final_text(await client.utterance(pcm)) == plain
         finally:
             await client.close()
 
 
 async def test_names_from_the_setting_are_heard() -> None:
-    async with running_app(MODEL_DIR, slots=2, names=["Attic", "Guest room"]) as app:
-        for name in ("attic", "guest"):
+    names = [AREA["area"].capitalize(), DEVICE["device"].capitalize()]
+    async with running_app(MODEL_DIR, slots=2, names=names) as app:
+        for name in (AREA["name"], DEVICE["name"]):
             heard = await _hear(app.server.address, name)
             assert name in heard, (MANIFEST[name], heard)
 
@@ -70,13 +75,14 @@ async def test_names_from_the_setting_are_heard() -> None:
 async def test_names_from_home_assistant_are_heard(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SUPERVISOR_TOKEN", raising=False)
     async with running_fake() as fake:
-        fake.add_area("Guest room")
-        fake.add(FakeEntity("fan.desk", name="Desk fan", aliases=["Desk lamp"]))
+        fake.add_area(AREA["area"].capitalize())
+        entity_id = "switch." + DEVICE["device"].replace(" ", "_")
+        fake.add(FakeEntity(entity_id, name="Thing", aliases=[DEVICE["device"].capitalize()]))
         url = f"http://127.0.0.1:{fake.port}"
         async with running_app(MODEL_DIR, slots=2, hass_url=url, hass_token=fake.token) as app:
             assert app.home_assistant is not None
             async with asyncio.timeout(5.0):
                 await app.home_assistant.wait_for_version(0)
-            for name in ("desk", "guest"):
+            for name in (AREA["name"], DEVICE["name"]):
                 heard = await _hear(app.server.address, name)
                 assert name in heard, (MANIFEST[name], heard)

@@ -29,7 +29,7 @@ import numpy as np
 from wyoming_kyutai.audio import read_wav
 from wyoming_kyutai.endpointing import turn_policy
 from wyoming_kyutai.model_loading import load_configured
-from wyoming_kyutai.settings import build_settings
+from wyoming_kyutai.settings import DEFAULTS, build_settings
 from wyoming_kyutai.transcribe import transcribe_files
 
 from .synth import RATE, Utterance
@@ -157,7 +157,9 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "threads": 1},
         "held_out": "unseen sentence combinations, voice en-us-nyc (no training utterance), "
         "speeds 152-168 wpm (between the training bands), each spoken word by word and whole",
-        "end_of_turn_settings": "server defaults (head 2, threshold 0.5, 12 ignored steps)",
+        "end_of_turn_settings": "server defaults (head {end_of_turn_head}, threshold "
+        "{end_of_turn_threshold}, {end_of_turn_consecutive_steps} steps in a row, "
+        "{end_of_turn_ignore_steps} ignored steps)".format(**DEFAULTS),
         "runs": {},
     }
     for q in args.quantize:

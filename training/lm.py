@@ -31,6 +31,7 @@ EOP, PAD = 0, 3
 FRAME_S = 0.08
 HORIZONS = (0.5, 1.0, 2.0, 3.0)
 DROP_TEXT = 0.25  # share of previous-text inputs dropped to padding in training
+DROP_CODEBOOKS = 0.5  # share of utterances heard from their coarse RVQ levels alone
 LETTERS = "abcdefghijklmnopqrstuvwxyz'"
 
 
@@ -162,7 +163,7 @@ def make_batch(
     delay: float,
     drop_text: float,
     rng: random.Random,
-    drop_codebooks: float = 0.0,
+    drop_codebooks: float = DROP_CODEBOOKS,
 ) -> tuple[torch.Tensor, ...]:
     steps = max(len(e.codes) for e in examples) + 1
     b = len(examples)
@@ -194,7 +195,7 @@ def train(
     batch_frames: int = 3000,
     lr: float = 1.5e-3,
     drop_text: float = DROP_TEXT,
-    drop_codebooks: float = 0.0,
+    drop_codebooks: float = DROP_CODEBOOKS,
     log: Any = print,
     snapshot: Any = None,
     snapshot_every: int = 100,

@@ -27,6 +27,7 @@ import numpy as np
 
 from wyoming_kyutai.audio import read_wav
 from wyoming_kyutai.names import FOLLOW_ON, TextIds, build_trie
+from wyoming_kyutai.settings import NAME_BOOST
 from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
@@ -106,7 +107,18 @@ def known_words(
             missed.append((i, gone[0]))
         else:
             decoys.append((i, next(w for w in vocab[i % len(vocab) :] + vocab if w not in ref)))
-    rows = []
+    # boost 0: a decoy word the model writes unbiased (a template-happy model does)
+    unbiased = [w in hyps[i] for i, w in decoys]
+    rows: list[dict[str, Any]] = [
+        {
+            "boost": 0.0,
+            "misheard": len(missed),
+            "fixed_percent": 0.0,
+            "decoys": len(decoys),
+            "inserted_percent": round(100 * sum(unbiased) / max(1, len(unbiased)), 1),
+            "_fixed": [],
+        }
+    ]
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     for boost in boosts:
         if boost == 0:
@@ -126,6 +138,7 @@ def known_words(
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        rows[-1]["_fixed"] = [(i, w) for (i, w), ok in zip(missed, fixed, strict=True) if ok]
     return rows
 
 
@@ -205,15 +218,17 @@ def sweep(
 
 def export_names_audio(
     named: list[tuple[synth.Utterance, str]],
-    rows: list[dict[str, Any]],
+    right: dict[float, list[bool]],
     boost: float,
     out_dir: Path,
     count: int = 3,
 ) -> None:
     """Commands whose name the model misses without biasing and gets with ``boost``, one per
-    name (word by word first), as the names tests' WAVs with a manifest."""
-    plain = next(r for r in rows if r["boost"] == 0)["_right"]
-    biased = next(r for r in rows if r["boost"] == boost)["_right"]
+    name (word by word first), as the names tests' WAVs with a manifest (none where the
+    model gets no unseen name)."""
+    plain, biased = right[0.0], right[boost]
+    if not any(b and not p for p, b in zip(plain, biased, strict=True)):
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -227,6 +242,47 @@ def export_names_audio(
         end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * synth.RATE))
         write_wav(out_dir / file, u.audio[:end])
         manifest.append({"file": file, "text": u.text, "name": name, "whole": u.whole})
+        if len(manifest) == count:
+            break
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def export_known_audio(
+    plain: list[synth.Utterance],
+    fixed_at: dict[float, list[tuple[int, str]]],
+    boost: float,
+    domain: Domain,
+    out_dir: Path,
+    count: int = 5,
+) -> None:
+    """Name-free commands in which the model mishears a device or area word it can write
+    and gets it with that word as a name at ``boost``: the names tests' WAVs, one per word,
+    word by word first, with the area or device the word belongs to (so a test
+    can give it as Home Assistant would: an area, an entity)."""
+    fixed = fixed_at[boost]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: list[dict[str, Any]] = []
+    for i, word in sorted(fixed, key=lambda iw: (plain[iw[0]].whole, iw[0])):
+        u = plain[i]
+        if any(m["name"] == word for m in manifest):
+            continue
+        kind, phrase = next(
+            (
+                (k, x)
+                for k, xs in (("area", domain.areas), ("device", domain.devices))
+                for x in xs
+                if word in x.split() and contains(words_of(u.text), x)
+            ),
+            ("", ""),
+        )
+        if not kind:  # the word is in the command, but not as part of an area or device
+            continue
+        file = f"{word}.wav"
+        end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * synth.RATE))
+        write_wav(out_dir / file, u.audio[:end])
+        manifest.append(
+            {"file": file, "text": u.text, "name": word, "whole": u.whole, kind: phrase}
+        )
         if len(manifest) == count:
             break
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -294,6 +350,8 @@ def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, An
         rows, known = sweep(model_dir, named, plain, domain, Path(tmp), BOOSTS, "int8")
     for row in rows:
         del row["_right"]
+    for row in known:
+        del row["_fixed"]
     return {
         "checkpoint": model_dir.name,
         "names": len(domain.biasing_names),
@@ -316,7 +374,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--voice", choices=["training", "held-out"], default="training")
     p.add_argument("--export-audio", type=Path, help="write the names tests' WAVs here")
-    p.add_argument("--default-boost", type=float, default=3.0)
+    p.add_argument("--default-boost", type=float, default=NAME_BOOST)
     args = p.parse_args()
     domain = Domain.load()
     with args.data.open("rb") as f:
@@ -335,10 +393,10 @@ def main() -> None:
         args.quantize,
         tuple(args.follow_ons),
     )
-    if args.export_audio:
-        export_names_audio(named, rows, args.default_boost, args.export_audio)
+    right = {r["boost"]: r.pop("_right") for r in rows if r["follow_on"] == FOLLOW_ON}
+    fixed_at = {r["boost"]: r.pop("_fixed") for r in known}
     for row in rows:
-        del row["_right"]
+        row.pop("_right", None)
     report = {
         "name": "commands-en-names",
         "command": "python -m training.names_eval --data "
@@ -361,6 +419,9 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(report))
     print(table(report))
+    if args.export_audio:
+        export_names_audio(named, right, args.default_boost, args.export_audio / "unseen")
+        export_known_audio(plain, fixed_at, args.default_boost, domain, args.export_audio)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument(
         "--drop-codebooks",
         type=float,
-        default=0.0,
+        default=lm.DROP_CODEBOOKS,
         help="share of utterances whose audio above a random RVQ level is blanked",
     )
     p.add_argument(

@@ -149,16 +149,21 @@ class Settings:
         2, "VAD head index used for end of turn", group="turn", min=0, max=15
     )
     end_of_turn_threshold: float = _s(
-        0.5, "pause probability that ends a turn", group="turn", min=0, max=1
+        0.7,
+        "pause probability that ends a turn (lower also fires in a pause between words: "
+        "benchmarks/results/commands-en-end-of-turn.md)",
+        group="turn",
+        min=0,
+        max=1,
     )
     end_of_turn_min_words: int = _s(1, "words heard before a turn may end", group="turn", min=0)
     end_of_turn_ignore_steps: int = _s(
         12, "80 ms steps at the start that never end a turn", group="turn", min=0
     )
     end_of_turn_consecutive_steps: int = _s(
-        2,
-        "80 ms steps in a row above the threshold to end (one step alone also fires in a "
-        "pause between words: benchmarks/results/commands-en-end-of-turn.md)",
+        3,
+        "80 ms steps in a row above the threshold to end (fewer also fire in a pause "
+        "between words: benchmarks/results/commands-en-end-of-turn.md)",
         group="turn",
         min=1,
     )
