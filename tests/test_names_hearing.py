@@ -2,7 +2,7 @@
 
 The WAVs under ``tests/audio/names`` are held-out commands (a voice, speed band and sentence
 combinations the checkpoint never trained on) in which, without biasing, it mishears a word
-it can write ("lock the printer" → "lock the radiator"). Each source
+it can write ("close the gate in the garage" → "close the re in the garage"). Each source
 of names must make that word come out: the client's ``transcript_names``, the ``names``
 setting, and Home Assistant's areas and exposed entities (a fake Home Assistant speaking its
 websocket API), all at the default ``name_boost``.

@@ -30,7 +30,7 @@ from wyoming_kyutai.random_checkpoint import lm_config as kyutai_lm_config
 EOP, PAD = 0, 3
 FRAME_S = 0.08
 HORIZONS = (0.5, 1.0, 2.0, 3.0)
-DROP_TEXT = 0.25  # share of previous-text inputs dropped to padding in training
+DROP_TEXT = 0.5  # share of previous-text inputs dropped to padding in training
 DROP_CODEBOOKS = 0.5  # share of utterances heard from their coarse RVQ levels alone
 LETTERS = "abcdefghijklmnopqrstuvwxyz'"
 
