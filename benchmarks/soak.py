@@ -107,12 +107,10 @@ async def soak(model_dir: str, cycles: int, concurrency: int, slots: int) -> dic
     warmup = min(30, cycles // 4)
     await asyncio.gather(*(run_one(i) for i in range(warmup)))
     await asyncio.sleep(0.5)
-    gc.collect()
     rss_before, fds_before = rss_mb(), open_fds()
     started = time.monotonic()
     half = (warmup + cycles) // 2
     await asyncio.gather(*(run_one(i) for i in range(warmup, half)))
-    gc.collect()
     rss_half = rss_mb()
     await asyncio.gather(*(run_one(i) for i in range(half, cycles)))
     elapsed = time.monotonic() - started
@@ -121,7 +119,7 @@ async def soak(model_dir: str, cycles: int, concurrency: int, slots: int) -> dic
         time.monotonic() < deadline
     ):
         await asyncio.sleep(0.05)
-    gc.collect()
+    rss_after, fds_after = rss_mb(), open_fds()
     result = {
         "cycles": cycles,
         "concurrency": concurrency,
@@ -130,12 +128,12 @@ async def soak(model_dir: str, cycles: int, concurrency: int, slots: int) -> dic
         "errors": sum(v for k, v in outcomes.items() if k not in ("ok", "abrupt")),
         "seconds": round(elapsed, 2),
         "rss_before_mb": round(rss_before, 1),
-        "rss_after_mb": round(rss_mb(), 1),
-        "rss_growth_mb": round(rss_mb() - rss_before, 1),
-        "rss_growth_second_half_mb": round(rss_mb() - rss_half, 1),
+        "rss_after_mb": round(rss_after, 1),
+        "rss_growth_mb": round(rss_after - rss_before, 1),
+        "rss_growth_second_half_mb": round(rss_after - rss_half, 1),
         "fds_before": fds_before,
-        "fds_after": open_fds(),
-        "fd_growth": open_fds() - fds_before,
+        "fds_after": fds_after,
+        "fd_growth": fds_after - fds_before,
         "free_slots_after": app.engine.free_slots,
         "open_connections_after": len(app.server.connections),
     }

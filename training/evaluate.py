@@ -57,6 +57,12 @@ def write_wav(path: Path, audio: np.ndarray) -> Path:
     return path
 
 
+def write_test_clip(path: Path, u: Utterance) -> None:
+    """``u`` cut 1 s after its last word, as the tests' WAVs are."""
+    end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * RATE))
+    write_wav(path, u.audio[:end])
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -179,8 +185,7 @@ def export_test_audio(test: list[Utterance], out_dir: Path, per_delivery: int) -
         picked = [u for u in test if u.whole == whole][:per_delivery]
         for i, u in enumerate(picked):
             name = f"{'whole' if whole else 'words'}-{i}.wav"
-            end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * RATE))
-            write_wav(out_dir / name, u.audio[:end])
+            write_test_clip(out_dir / name, u)
             manifest.append(
                 {
                     "file": name,

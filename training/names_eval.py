@@ -32,7 +32,7 @@ from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
 from .corpus import Domain, number_words
-from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_wav
+from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_test_clip, write_wav
 
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 TEMPLATES = ("turn on the {name}", "turn off the {name}", "set the {name} to {number} percent")
@@ -239,8 +239,7 @@ def export_names_audio(
             continue
         used.add(name)
         file = f"{name.replace(' ', '-')}.wav"
-        end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * synth.RATE))
-        write_wav(out_dir / file, u.audio[:end])
+        write_test_clip(out_dir / file, u)
         manifest.append({"file": file, "text": u.text, "name": name, "whole": u.whole})
         if len(manifest) == count:
             break
@@ -278,8 +277,7 @@ def export_known_audio(
         if not kind:  # the word is in the command, but not as part of an area or device
             continue
         file = f"{word}.wav"
-        end = int(min(len(u.audio), (u.words[-1][2] + 1.0) * synth.RATE))
-        write_wav(out_dir / file, u.audio[:end])
+        write_test_clip(out_dir / file, u)
         manifest.append(
             {"file": file, "text": u.text, "name": word, "whole": u.whole, kind: phrase}
         )
@@ -393,7 +391,9 @@ def main() -> None:
         args.quantize,
         tuple(args.follow_ons),
     )
-    right = {r["boost"]: r.pop("_right") for r in rows if r["follow_on"] == FOLLOW_ON}
+    # the unseen names' export reads the first follow-on's rows (boost 0 is measured there)
+    first = args.follow_ons[0]
+    right = {r["boost"]: r.pop("_right") for r in rows if r["follow_on"] == first}
     fixed_at = {r["boost"]: r.pop("_fixed") for r in known}
     for row in rows:
         row.pop("_right", None)
