@@ -12,6 +12,8 @@ import numpy as np
 from . import synth
 from .corpus import Domain, sentences, with_open_names
 
+VERSION = 2  # of what a cached file holds; 2: whole sentences timed by espeak-ng's events
+
 
 def build(
     work: Path,
@@ -29,7 +31,7 @@ def build(
     and speed band, each sentence twice: word by word and whole.
     """
     tag = f"-open{round(100 * open_names)}" if open_names else ""
-    path = work / f"data-{n_train}-{n_test}-{n_voices}-{seed}{tag}.pkl"
+    path = work / f"data-v{VERSION}-{n_train}-{n_test}-{n_voices}-{seed}{tag}.pkl"
     if path.exists():
         with path.open("rb") as f:
             return pickle.load(f)

@@ -4,8 +4,8 @@ espeak-ng speaks at 22,050 Hz; everything is resampled to 16 kHz (what Home Assi
 sends) with the server's own resampler and rounded to 16-bit, so training audio goes
 through the same 16 kHz -> 24 kHz path as a user's. Word-by-word utterances put each
 word clip at a known sample, so word start times are exact; whole sentences keep
-espeak-ng's own prosody, and their word times are the word clips' durations scaled to the
-sentence (approximate, within a frame or two).
+espeak-ng's own prosody, and their word start times come from espeak-ng's word events
+(``espeak_words``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from wyoming_kyutai.audio import StreamingResampler
+
+from . import espeak_words
 
 RATE = 16000
 
@@ -70,6 +72,12 @@ def voices(count: int, held_out: bool, seed: int) -> list[Voice]:
 
 def espeak(text: str, voice: Voice) -> np.ndarray:
     """``text`` spoken by espeak-ng, float32 at 16 kHz, silence trimmed."""
+    x = _espeak_untrimmed(text, voice)
+    first, end = trim_bounds(x)
+    return x[first:end].copy()
+
+
+def _espeak_untrimmed(text: str, voice: Voice) -> np.ndarray:
     wav = subprocess.run(
         ["espeak-ng", *voice.args(), "--stdout", text], check=True, capture_output=True
     ).stdout
@@ -77,18 +85,18 @@ def espeak(text: str, voice: Voice) -> np.ndarray:
         rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     x = pcm.astype(np.float32) / 32768.0
-    x = StreamingResampler(rate, RATE).process(np.concatenate([x, np.zeros(64, np.float32)]))
-    return trim(x)
+    return StreamingResampler(rate, RATE).process(np.concatenate([x, np.zeros(64, np.float32)]))
 
 
-def trim(x: np.ndarray, win: int = 80, rel_db: float = -40.0) -> np.ndarray:
-    """``x`` without the leading and trailing stretches 40 dB below its loudest 5 ms."""
+def trim_bounds(x: np.ndarray, win: int = 80, rel_db: float = -40.0) -> tuple[int, int]:
+    """First and end sample of ``x`` without its leading and trailing stretches 40 dB below
+    its loudest 5 ms."""
     n = len(x) // win
     if n == 0:
-        return x
+        return 0, len(x)
     energy = (x[: n * win].reshape(n, win) ** 2).mean(axis=1)
     loud = np.nonzero(energy > energy.max() * 10 ** (rel_db / 10))[0]
-    return x[loud[0] * win : (loud[-1] + 1) * win].copy()
+    return int(loud[0] * win), int((loud[-1] + 1) * win)
 
 
 class ClipCache:
@@ -156,15 +164,33 @@ def word_by_word(
 def whole(
     text: str, voice: Voice, cache: ClipCache, rng: random.Random, nprng: np.random.Generator
 ) -> Utterance:
-    """The sentence spoken in one go; word times are its word clips' durations, scaled."""
-    speech = espeak(text, voice)
-    durations = [len(cache.get(w, voice)) for w in text.split()]
-    scale = len(speech) / sum(durations)
-    words = []
-    t = 0.0
-    for w, d in zip(text.split(), durations, strict=True):
-        words.append((w, t, t + d * scale / RATE))
-        t += d * scale / RATE
+    """The sentence spoken in one go; word start times from espeak-ng's own word events
+    (``espeak_words``), each word ending where the next starts, the last at the speech's end."""
+    raw = _espeak_untrimmed(text, voice)
+    first, end = trim_bounds(raw)
+    speech = raw[first:end].copy()
+    starts = _word_starts(text, voice, cache)
+    starts = [min(max(0.0, s - first / RATE), len(speech) / RATE) for s in starts]
+    ends = [*starts[1:], len(speech) / RATE]
     lead, trail = rng.uniform(0.1, 1.0), rng.uniform(1.3, 2.5)
     audio = _finish(speech, lead, trail, rng, nprng)
-    return Utterance(text, audio, [(w, s + lead, e + lead) for w, s, e in words], whole=True)
+    words = [(w, s + lead, e + lead) for w, s, e in zip(text.split(), starts, ends, strict=True)]
+    return Utterance(text, audio, words, whole=True)
+
+
+_speaker: espeak_words.Speaker | None = None
+
+
+def _word_starts(text: str, voice: Voice, cache: ClipCache) -> list[float]:
+    """Seconds from the start of espeak-ng's (untrimmed) synthesis to each word's start.
+
+    The library's audio is not used: its noise sources keep state from one sentence to the
+    next, so only the command line's audio is the same in every run; its word timing is."""
+    global _speaker
+    if _speaker is None:
+        _speaker = espeak_words.Speaker()
+    name = voice.voice + ("+" + voice.variant if voice.variant else "")
+    pcm, events = _speaker.say(text, name, voice.pitch, voice.speed)
+    durations = [float(len(cache.get(w, voice))) for w in text.split()]
+    samples = espeak_words.word_starts(text, events, durations, len(pcm))
+    return [s / _speaker.rate for s in samples]
