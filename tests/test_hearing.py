@@ -30,18 +30,20 @@ AUDIO_DIR = ROOT / "audio" / "commands"
 MANIFEST = json.loads((AUDIO_DIR / "manifest.json").read_text())
 
 ALLOWED_WORD_ERRORS: dict[str, int] = {
-    "words-0.wav": 1,  # "close the lock in the bathroom" -> "close the back in the bathroom"
-    "whole-0.wav": 1,  # "close the lock in the bathroom" -> "close the door in the bathroom"
-    "whole-1.wav": 4,  # "turn off the washing machine in the porch" -> "unlock the wohing ..."
-    "whole-2.wav": 1,  # "cancel the timer" -> "cancel the"
+    "words-0.wav": 2,  # "close the lock in the bathroom" -> "close the blck in the bedroom"
+    "words-1.wav": 1,  # "turn off the washing machine ..." -> "toggle off the washing machine ..."
+    "whole-0.wav": 3,  # "close the lock in the bathroom" -> "close thewacu in the bedroom"
+    "whole-1.wav": 1,  # "... the washing machine in the porch" -> "... the washing mree in ..."
 }
 """Word errors each file may have: what this checkpoint gives today (7 of 34 words wrong;
-the other files come back exactly).
+the two "cancel the timer" files come back exactly).
 
 On the 300 held-out utterances (a voice, speed band and sentence combinations it never
-trained on) its WER is about 16 % spoken word by word and 24 % whole, 53 % / 51 % of
-sentences exactly right (benchmarks/results/commands-en-quality.json). So a file here may be
-missed, by at most the errors measured; a change that makes it hear worse fails."""
+trained on) its WER is about 8 % spoken word by word and 14 % whole, 74 % / 65 % of
+sentences exactly right (benchmarks/results/commands-en-quality.json). These six files
+come from an earlier synthesis of that held-out set and include its hardest sentence
+("lock" and "bathroom"), so a file here may be missed, by at most the errors measured; a
+change that makes it hear worse fails."""
 
 
 def _pcm(name: str) -> bytes:

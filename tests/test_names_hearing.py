@@ -2,13 +2,14 @@
 
 The WAVs under ``tests/audio/names`` are held-out commands (a voice, speed band and sentence
 combinations the checkpoint never trained on) in which, without biasing, it mishears a word
-it can write ("close the gate in the garage" → "close the re in the garage"). Each source
+it can write ("close the lock in the bathroom": "lock" comes out as another word). Each source
 of names must make that word come out: the client's ``transcript_names``, the ``names``
 setting, and Home Assistant's areas and exposed entities (a fake Home Assistant speaking its
 websocket API), all at the default ``name_boost``.
 
 The biasing names of ``domain.yaml`` (words it never saw in text) cannot be used here: this
-checkpoint spells few unseen words (none right at a boost that leaves other commands alone:
+checkpoint spells few unseen words (none right at the default boost, 9 % at boost 4 with
+follow-on 2, which adds 4 points of WER to name-free commands:
 benchmarks/results/commands-en-names.md).
 """
 

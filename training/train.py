@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--utterances", type=int, default=12000)
     p.add_argument("--voices", type=int, default=96)
     p.add_argument("--held-out", type=int, default=150)
-    p.add_argument("--encoder-steps", type=int, default=2000)
+    p.add_argument("--encoder-steps", type=int, default=4000)
     p.add_argument("--lm-steps", type=int, default=3500)
     p.add_argument("--batch-frames", type=int, default=2000)
     p.add_argument("--open-names", type=float, default=0.3, help="share naming made-up devices")
