@@ -53,9 +53,13 @@ class Voice:
     pitch: int
     speed: int
 
+    @property
+    def name(self) -> str:
+        """espeak-ng's ``-v`` value: the voice and its variant (``en-gb+m3``)."""
+        return self.voice + ("+" + self.variant if self.variant else "")
+
     def args(self) -> list[str]:
-        name = self.voice + ("+" + self.variant if self.variant else "")
-        return ["-v", name, "-p", str(self.pitch), "-s", str(self.speed)]
+        return ["-v", self.name, "-p", str(self.pitch), "-s", str(self.speed)]
 
 
 def voices(count: int, held_out: bool, seed: int) -> list[Voice]:
@@ -189,8 +193,7 @@ def _word_starts(text: str, voice: Voice, cache: ClipCache) -> list[float]:
     global _speaker
     if _speaker is None:
         _speaker = espeak_words.Speaker()
-    name = voice.voice + ("+" + voice.variant if voice.variant else "")
-    pcm, events = _speaker.say(text, name, voice.pitch, voice.speed)
+    pcm, events = _speaker.say(text, voice.name, voice.pitch, voice.speed)
     durations = [float(len(cache.get(w, voice))) for w in text.split()]
     samples = espeak_words.word_starts(text, events, durations, len(pcm))
     return [s / _speaker.rate for s in samples]
