@@ -1,9 +1,9 @@
 """espeak-ng's own word timing for a whole sentence, through its C library (libespeak-ng).
 
 The command line gives audio only, so a sentence's word start times had to be guessed from
-the isolated words' durations, which puts short unstressed words ("the", "a") a frame or
-two late. The library reports a word event at the sample where espeak-ng starts each word,
-so whole-sentence training targets can be as exact as word-by-word ones.
+the isolated words' durations, which puts words after a short unstressed one ("the", "a") a
+frame or more late. The library reports a word event at the sample where espeak-ng starts
+each word, so whole-sentence training targets can be as exact as word-by-word ones.
 
 espeak-ng joins some unstressed words to the next one and reports one event for the pair
 (the event sits at the start of the first of them); ``word_starts`` splits such a group by
