@@ -56,6 +56,12 @@ def encode_latents(mimi, utts: list[Utterance], batch: int = 32) -> list[torch.T
 
 
 @torch.no_grad()
+def quantized(mimi, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each latent [frames, 64] through Mimi's RVQ: codes [frames, n_q] as int16."""
+    return [mimi.quantizer.encode(x.T[None])[0].T.contiguous().to(torch.int16) for x in latents]
+
+
+@torch.no_grad()
 def streaming_codes(mimi, audio24: np.ndarray) -> torch.Tensor:
     """Codes [frames, n_q] from moshi's streaming encoder, one 80 ms frame at a time."""
     x = torch.from_numpy(front_end._pad(audio24))
@@ -94,6 +100,12 @@ def main() -> None:
         type=Path,
         help="start the LM from this exported checkpoint (same data and seed: same tokenizer)",
     )
+    p.add_argument(
+        "--front-end",
+        type=Path,
+        help="take the Mimi front end from this cached mimi-*.pt instead of training one "
+        "(an experiment on the LM's data: its speech is encoded with that encoder and codebooks)",
+    )
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on a shared 2-core box
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,7 +124,11 @@ def main() -> None:
     mimi_cfg = front_end.mimi_config()
     tag = f"-open{round(100 * args.open_names)}" if args.open_names else ""
     mimi_path = args.work / f"mimi-{args.seed}-{args.encoder_steps}-{args.utterances}{tag}.pt"
-    if mimi_path.exists():
+    if args.front_end:
+        mimi, _ = torch.load(args.front_end, weights_only=False)
+        log(f"Mimi front end from {args.front_end}; latents of every training utterance")
+        codes = quantized(mimi, encode_latents(mimi, train))
+    elif mimi_path.exists():
         mimi, codes = torch.load(mimi_path, weights_only=False)
         log("Mimi front end: cached")
     else:
@@ -131,10 +147,7 @@ def main() -> None:
         ]
         log(f"k-means on {len(sub)} of {len(flat)} latents")
         front_end.fit_quantizer(mimi, sub, args.seed)
-        with torch.no_grad():
-            codes = [
-                mimi.quantizer.encode(x.T[None])[0].T.contiguous().to(torch.int16) for x in latents
-            ]
+        codes = quantized(mimi, latents)
         torch.save((mimi, codes), mimi_path)
     agree = []
     for u, c in list(zip(train, codes, strict=True))[:12]:
