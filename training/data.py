@@ -69,18 +69,25 @@ def build(
     return train, test
 
 
-def held_out(n_test: int, seed: int = 0) -> list[synth.Utterance]:
-    """A held-out set on its own (the benchmark's; ``build`` makes the training run's): the
-    same unseen sentence combinations, voice and speed band, each sentence spoken word by
-    word and whole, with its own random gaps and noise."""
-    domain = Domain.load()
-    rng = random.Random(seed + 3)
-    nprng = np.random.default_rng(seed + 3)
-    voices = synth.voices(8, held_out=True, seed=seed + 1)
+def spoken(texts: list[str], voices: list[synth.Voice], seed: int) -> list[synth.Utterance]:
+    """Each text spoken word by word and whole by one of ``voices`` (picked at random), with
+    its own random gaps and noise (deterministic for a seed)."""
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
     cache = synth.ClipCache()
     out = []
-    for text in sentences(domain, n_test, held_out=True, seed=seed + 1):
+    for text in texts:
         voice = rng.choice(voices)
         out.append(synth.word_by_word(text, voice, cache, rng, nprng))
         out.append(synth.whole(text, voice, cache, rng, nprng))
     return out
+
+
+def held_out(n_test: int, seed: int = 0, training_voices: bool = False) -> list[synth.Utterance]:
+    """A held-out set on its own (the benchmark's; ``build`` makes the training run's): the
+    same unseen sentence combinations, each spoken word by word and whole, with its own
+    random gaps and noise; by the held-out voice and speed band, or with
+    ``training_voices`` by voices the model trained on (a seen accent, to tell how much of
+    the error is the new voice and how much the new sentences)."""
+    texts = sentences(Domain.load(), n_test, held_out=True, seed=seed + 1)
+    voices = synth.voices(8, held_out=not training_voices, seed=seed + 1)
+    return spoken(texts, voices, seed + 3)

@@ -6,7 +6,9 @@ through ``wyoming_kyutai.transcribe``'s engine path with the server's default en
 settings, once per quantize mode. Reported: WER and sentence accuracy per delivery, and the
 end of turn: the delay from the end of the last word to the first end of turn (median, p90),
 and how often a turn ends before the last word has ended (word-by-word utterances, whose
-word times are exact; whole sentences' times are estimates).
+word times are exact; whole sentences' come from espeak-ng's word events). Then the same
+sentences spoken by training voices, in the first quantize mode: the gap between the two
+is what the new voice costs, the rest what the new sentence combinations cost.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from wyoming_kyutai.model_loading import load_configured
 from wyoming_kyutai.settings import DEFAULTS, build_settings
 from wyoming_kyutai.transcribe import transcribe_files
 
+from . import synth
+from .data import spoken
 from .synth import RATE, Utterance
 
 
@@ -172,6 +176,15 @@ def main() -> None:
         result = evaluate(args.model, test, args.data.parent / "heldout-wavs", q)
         report["runs"][q] = result
         print(q, json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
+    # the same sentences by voices the model trained on: the new voice's share of the error
+    seen = spoken(
+        [u.text for u in test if not u.whole], synth.voices(8, held_out=False, seed=1), seed=5
+    )
+    result = evaluate(args.model, seen, args.data.parent / "seen-voice-wavs", args.quantize[0])
+    result["voices"] = "8 training voice settings (a seen accent and speed band)"
+    result["quantize"] = args.quantize[0]
+    report["seen_voices"] = result
+    print("seen voices", json.dumps({k: v for k, v in result.items() if k != "examples"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from wyoming_kyutai.audio import read_wav
 from wyoming_kyutai.names import FOLLOW_ON, TextIds, build_trie
 from wyoming_kyutai.settings import NAME_BOOST
@@ -32,6 +30,7 @@ from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
 from .corpus import Domain, number_words
+from .data import held_out, spoken
 from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_test_clip, write_wav
 
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -52,15 +51,7 @@ def speak(sentences: list[str], seed: int, held_out_voice: bool) -> list[synth.U
     """Each sentence word by word and whole, by the held-out voice or by training voices
     (the names are unseen text either way; a training voice keeps the model's trouble with a
     new voice out of the names' measure)."""
-    rng, nprng = random.Random(seed), np.random.default_rng(seed)
-    voices = synth.voices(8, held_out=held_out_voice, seed=seed + 1)
-    cache = synth.ClipCache()
-    out = []
-    for text in sentences:
-        voice = rng.choice(voices)
-        out.append(synth.word_by_word(text, voice, cache, rng, nprng))
-        out.append(synth.whole(text, voice, cache, rng, nprng))
-    return out
+    return spoken(sentences, synth.voices(8, held_out=held_out_voice, seed=seed + 1), seed)
 
 
 def contains(words: list[str], name: str) -> bool:
@@ -336,8 +327,6 @@ def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, An
     sentences, each spoken two ways) and the biasing names spoken by training voices: what
     ``script/bench`` runs, needing only espeak-ng."""
     import tempfile
-
-    from .data import held_out
 
     domain = Domain.load()
     plain = held_out(count)
