@@ -5,7 +5,9 @@ Every held-out utterance of a training run (``--data``: its ``data-*.pkl``; the 
 (head 2, the server's other end-of-turn defaults); reported per policy: utterances whose turn
 ended before their last word, and the delay from the last word to the end of turn.
 ``python -m training.turn_sweep --data ...`` writes
-``benchmarks/results/commands-en-end-of-turn.{json,md}``.
+``benchmarks/results/commands-en-end-of-turn.{json,md}``; without ``--data`` it sweeps the
+benchmark's held-out set (``training.data.held_out``: same sentences, other gaps and voice
+settings), a second sample to choose the default on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import pickle
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from wyoming_kyutai.endpointing import turn_policy
 from wyoming_kyutai.settings import build_settings
 from wyoming_kyutai.transcribe import transcribe_files
 
+from .data import held_out
 from .evaluate import cpu_name, load_lean, score, write_wav
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -31,12 +35,21 @@ CONSECUTIVE = (1, 2, 3)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=Path("tests/checkpoints/commands-en"))
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a training run's data-*.pkl (its held-out set); without it, the benchmark's "
+        "held-out set (training.data.held_out)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-end-of-turn"))
     args = p.parse_args()
-    with args.data.open("rb") as f:
-        _, test = pickle.load(f)
-    wav_dir = args.data.parent / "heldout-wavs"
+    if args.data:
+        with args.data.open("rb") as f:
+            _, test = pickle.load(f)
+        wav_dir = args.data.parent / "heldout-wavs"
+    else:
+        test = held_out(150)
+        wav_dir = Path(tempfile.mkdtemp())
     wav_dir.mkdir(parents=True, exist_ok=True)
     files = [read_wav(write_wav(wav_dir / f"{i:03d}.wav", u.audio)) for i, u in enumerate(test)]
     model, _ = load_lean(args.model, "int8")
@@ -57,7 +70,9 @@ def main() -> None:
             rows.append(row)
     report = {
         "name": "commands-en-end-of-turn",
-        "command": f"python -m training.turn_sweep --data {args.data}",
+        "command": "python -m training.turn_sweep"
+        + (f" --data {args.data}" if args.data else f" --out {args.out}"),
+        "held_out": f"{args.data}'s held-out set" if args.data else "the benchmark's",
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "machine": {"cpu": cpu_name(), "threads": 1},
         "checkpoint": str(args.model),
