@@ -25,7 +25,7 @@ def _fire_steps(
 
 
 def test_fires_once_after_words_when_pause_is_high() -> None:
-    script = [(False, 0.1)] * 3 + [(True, 0.1)] + [(False, 0.2), (False, 0.9), (False, 0.95)]
+    script = [(False, 0.1)] * 3 + [(True, 0.1)] + [(False, 0.2), (False, 0.95), (False, 0.97)]
     assert _fire_steps(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), script) == [5]
 
 
@@ -37,7 +37,7 @@ def test_never_fires_before_any_word() -> None:
 
 
 def test_ignores_the_first_steps() -> None:
-    script = [(True, 0.0)] + [(False, 0.9)] * 20
+    script = [(True, 0.0)] + [(False, 0.95)] * 20
     assert _fire_steps(EndOfTurnSettings(ignore_steps=12, consecutive_steps=1), script) == [12]
 
 
@@ -52,12 +52,12 @@ def test_a_new_word_resets_the_run_of_high_steps() -> None:
     s = EndOfTurnSettings(ignore_steps=0, consecutive_steps=3)
     script = [
         (True, 0),
-        (False, 0.9),
-        (False, 0.9),
-        (True, 0.9),
-        (False, 0.9),
-        (False, 0.9),
-        (False, 0.9),
+        (False, 0.95),
+        (False, 0.95),
+        (True, 0.95),
+        (False, 0.95),
+        (False, 0.95),
+        (False, 0.95),
     ]
     assert _fire_steps(s, script) == [6]
 
@@ -87,7 +87,7 @@ def _ends(tracker: TurnTracker, script: Sequence[tuple[bool, float | None]]) -> 
 
 
 def test_tracker_rearms_for_files_only() -> None:
-    words = [(True, 0.1), (False, 0.9), (False, 0.9)]
+    words = [(True, 0.1), (False, 0.95), (False, 0.95)]
     policy = TurnPolicy(EndOfTurnSettings(ignore_steps=0, consecutive_steps=1), no_speech_timeout=0)
     assert _ends(TurnTracker(policy), words * 2) == [(1, END_OF_TURN)]
     assert _ends(TurnTracker(policy, rearm=True), words * 2) == [

@@ -24,9 +24,9 @@ SCRIPT = [
     (7, 0.0),
     (8, 0.3),
     (3, 0.4),
-    (3, 0.9),
     (3, 0.95),
     (3, 0.97),
+    (3, 0.99),
 ]
 
 
@@ -139,7 +139,7 @@ async def test_end_of_turn_sends_the_final_transcript_before_audio_stop() -> Non
         assert await handler.handle_event(_chunk(1))
         await _settle()
     types = [e.type for e in sent]
-    # fired at step 7 (pause 0.9 after words): flush, voice-stopped, transcript, stop
+    # fired at step 7 (pause 0.95 after words): flush, voice-stopped, transcript, stop
     assert types[-3:] == ["voice-stopped", "transcript", "transcript-stop"]
     assert sent[-2].data["text"] == "turn on the kitchen"
     assert "".join(e.data["text"] for e in sent if e.type == "transcript-chunk") == (

@@ -149,7 +149,7 @@ class Settings:
         2, "VAD head index used for end of turn", group="turn", min=0, max=15
     )
     end_of_turn_threshold: float = _s(
-        0.7,
+        0.9,
         "pause probability that ends a turn (lower also fires in a pause between words: "
         "benchmarks/results/commands-en-end-of-turn.md)",
         group="turn",
