@@ -82,12 +82,9 @@ def spoken(texts: list[str], voices: list[synth.Voice], seed: int) -> list[synth
     return out
 
 
-def held_out(n_test: int, seed: int = 0, training_voices: bool = False) -> list[synth.Utterance]:
+def held_out(n_test: int, seed: int = 0) -> list[synth.Utterance]:
     """A held-out set on its own (the benchmark's; ``build`` makes the training run's): the
-    same unseen sentence combinations, each spoken word by word and whole, with its own
-    random gaps and noise; by the held-out voice and speed band, or with
-    ``training_voices`` by voices the model trained on (a seen accent, to tell how much of
-    the error is the new voice and how much the new sentences)."""
+    same unseen sentence combinations, voice and speed band, each sentence spoken word by
+    word and whole, with its own random gaps and noise."""
     texts = sentences(Domain.load(), n_test, held_out=True, seed=seed + 1)
-    voices = synth.voices(8, held_out=not training_voices, seed=seed + 1)
-    return spoken(texts, voices, seed + 3)
+    return spoken(texts, synth.voices(8, held_out=True, seed=seed + 1), seed + 3)
