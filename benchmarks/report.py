@@ -548,7 +548,7 @@ def quality_table(result: dict[str, Any]) -> list[str]:
             f"commands naming one of {sweep['names']} names never in its training text, "
             f"{sweep['name_free_utterances']} held-out name-free commands, per `name_boost`.",
             "",
-            *sweep_tables(sweep["rows"], sweep["known_words"]),
+            *sweep_tables(sweep["rows"], sweep["known_words"], sweep.get("checked", [])),
         ]
     return lines + [""]
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from wyoming_kyutai.engine import Engine
+from wyoming_kyutai.engine_types import Rewrite
 
 
 async def stream_tokens(
@@ -21,9 +22,12 @@ async def stream_tokens(
             stream.push(audio[i : i + chunk])
             await asyncio.sleep(0)
         stream.finish()
-        tokens = []
+        tokens: list[int] = []
         while (result := await stream.get()) is not None:
-            tokens.append(result.token)
+            if isinstance(result, Rewrite):  # the check of whole names: the last steps anew
+                tokens[len(tokens) - len(result.tokens) :] = result.tokens
+            else:
+                tokens.append(result.token)
         return tokens
     finally:
         stream.close()

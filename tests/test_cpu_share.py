@@ -15,6 +15,7 @@ from tests.audio_gen import speechlike
 from tests.steppers import Observed
 from wyoming_kyutai.cpu_share import RAISE_AFTER_SAMPLES, SAMPLE_SECONDS, CpuSampler, ThreadGovernor
 from wyoming_kyutai.engine import Engine, same_bits_on_one_thread
+from wyoming_kyutai.engine_types import StepResult
 from wyoming_kyutai.model_loading import load_model
 
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -144,6 +145,7 @@ async def test_the_engine_falls_back_to_one_thread_under_load_and_keeps_the_word
             await asyncio.sleep(0.1)
         stream.finish()
         while (result := await stream.get()) is not None:
+            assert isinstance(result, StepResult)  # no names: no rewrite
             tokens.append(result.token)
         stream.close()
         return tokens

@@ -62,3 +62,23 @@ def test_special_and_out_of_vocabulary_tokens_add_nothing() -> None:
     dec, deltas = _run([3, 0, 1, 2, 99, 3])
     assert dec.text == "" and "".join(deltas) == ""
     assert dec.word_timings() == []
+
+
+def test_a_rewrite_replaces_the_last_steps_words_and_times() -> None:
+    """The check of whole names rewrites a stream's last steps after its last result: the
+    text and word times are the new ones, on the steps the results had (a step index may
+    skip shed frames); what was already given out as deltas stays given."""
+    dec = TranscriptDecoder(FakeTokenizer(), step_seconds=0.08, delay_seconds=0.0)
+    steps = [0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14]  # frames 6-8 were shed
+    script = [0, 4, 3, 0, 5, 0, 6, 3, 0, 7, 3, 3]  # "turn on the kit"
+    for step, token in zip(steps, script, strict=True):
+        dec.push(step, token)
+    before = dec.delta()
+    assert before == "turn on the kit"
+    dec.rewrite([0, 9, 10, 3])  # the last 4 steps: "light" + "s"
+    assert dec.text == "turn on the lights"
+    words = dec.word_timings()
+    assert [w.word for w in words] == ["turn", "on", "the", "lights"]
+    assert words[-1].start == 12 * 0.08  # step 12, the rewrite's first piece
+    assert words[2].end == 11 * 0.08  # "the" ends where the new word's end-of-padding is
+    assert dec.final_delta() == ""  # "turn on the kit" was given out: no delta reaches back

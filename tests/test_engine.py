@@ -16,7 +16,7 @@ from tests.reference import reference_tokens
 from tests.steppers import Observed
 from wyoming_kyutai.audio import FRAME_SAMPLES
 from wyoming_kyutai.engine import Engine, EngineStream
-from wyoming_kyutai.engine_types import EngineBusy, StreamFailed
+from wyoming_kyutai.engine_types import EngineBusy, StepResult, StreamFailed
 from wyoming_kyutai.loaded_model import LeanModel, LoadedModel
 from wyoming_kyutai.model_loading import load_model
 
@@ -41,6 +41,7 @@ async def _stream(
     engine.finish()
     tokens = []
     while (result := await engine.get()) is not None:
+        assert isinstance(result, StepResult)  # no names: no rewrite
         tokens.append(result.token)
     return tokens
 
@@ -56,6 +57,7 @@ async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
 async def _collect(stream: EngineStream) -> list[int]:
     tokens = []
     while (result := await stream.get()) is not None:
+        assert isinstance(result, StepResult)  # no names: no rewrite
         tokens.append(result.token)
     return tokens
 
@@ -447,6 +449,7 @@ async def test_a_fault_mid_stream_fails_the_streams_in_that_step_and_the_slot_re
             got = []
             with pytest.raises(StreamFailed):
                 while (result := await stream.get()) is not None:
+                    assert isinstance(result, StepResult)  # no names: no rewrite
                     got.append(result.token)
             assert got == expected[: len(got)] and len(got) >= 1
             stream.close()
@@ -478,6 +481,7 @@ async def test_a_stream_the_cpu_cannot_keep_up_with_stays_within_max_lag(
         stream.finish()
         results = []
         while (result := await stream.get()) is not None:
+            assert isinstance(result, StepResult)  # no names: no rewrite
             results.append(result)
         took = time.monotonic() - spoken_by - 3.0  # ...so a speaker ended 3 s later
         stream.close()

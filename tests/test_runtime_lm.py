@@ -338,3 +338,41 @@ def test_int8_with_qnnpack(tiny: Checkpoint) -> None:
         _int8_checks(tiny)
     finally:
         torch.backends.quantized.engine = previous
+
+
+def test_a_fork_steps_on_exactly_as_moshis_stream_did(tiny: Checkpoint) -> None:
+    """The check of whole names forks a stream at an earlier step into other slots: stepped
+    from there on its own outputs, a fork writes what moshi's loop wrote at those steps."""
+    codes = _codes(14, tiny.config["card"], seed=31)
+    ref = _moshi(tiny, codes)
+    model = _model(tiny, slots=3)
+    model.reset([0])
+    for frame in codes:
+        step_rows(model, frame[None], [0])
+    assert model.position(0) == len(codes)
+    at = 6
+    model.fork(0, [1, 2], at, ref.tokens[at - 1])
+    forked = [step_rows(model, codes[i][None].expand(2, -1), [1, 2]) for i in range(at, len(codes))]
+    for row in (0, 1):
+        assert [int(s.tokens[row]) for s in forked] == ref.tokens[at:]
+        ours = torch.stack([s.text_logits[row] for s in forked])
+        torch.testing.assert_close(ours, ref.logits[at:], rtol=0, atol=1e-5)
+    assert model.position(0) == len(codes)  # the stream forked from is untouched
+
+
+def test_a_stream_past_its_context_cannot_be_forked(small: Checkpoint) -> None:
+    """Its ring no longer holds its first steps (context 8): a fork would be wrong, so it
+    is refused, as are slots out of range and the slot forked from."""
+    model = _model(small, slots=2)
+    model.reset([0])
+    for frame in _codes(9, small.config["card"], seed=2):
+        step_rows(model, frame[None], [0])
+    with pytest.raises(ValueError, match="cannot fork"):
+        model.fork(0, [1], 4, 3)
+    model.reset([0])
+    step_rows(model, _codes(1, small.config["card"], seed=3), [0])
+    for into, at in (([0], 1), ([1], 2), ([1], 0)):
+        with pytest.raises(ValueError, match="cannot fork"):
+            model.fork(0, into, at, 3)
+    with pytest.raises(ValueError, match="slots must be"):
+        model.fork(0, [2], 1, 3)

@@ -20,12 +20,13 @@ import json
 import pickle
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from wyoming_kyutai.audio import read_wav
 from wyoming_kyutai.names import FOLLOW_ON, TextIds, build_trie
-from wyoming_kyutai.settings import NAME_BOOST
+from wyoming_kyutai.settings import NAME_BOOST, NAME_CHECK
 from wyoming_kyutai.transcribe import transcribe_audio
 
 from . import synth
@@ -34,6 +35,8 @@ from .data import held_out, spoken
 from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_test_clip, write_wav
 
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+CHECKS = (0.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+"""The ``name_check`` bonuses swept (name_check.py), at the default ``name_boost``."""
 TEMPLATES = ("turn on the {name}", "turn off the {name}", "set the {name} to {number} percent")
 
 
@@ -142,9 +145,11 @@ def sweep(
     boosts: tuple[float, ...],
     quantize: str,
     follow_ons: tuple[float, ...] = (FOLLOW_ON,),
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The sweep over ``boosts`` (and ``follow_ons``, names.FOLLOW_ON), and the known words'
-    rows at the default follow-on."""
+    checks: tuple[float, ...] = CHECKS,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sweep of shallow fusion over ``boosts`` (and ``follow_ons``, names.FOLLOW_ON; no
+    check of whole names), the known words' rows at the default follow-on, and the sweep of
+    the check of whole names over ``checks`` at the default boost."""
     wav_dir.mkdir(parents=True, exist_ok=True)
     utts = [u for u, _ in named] + plain
     paths = [write_wav(wav_dir / f"{i:03d}.wav", u.audio) for i, u in enumerate(utts)]
@@ -158,45 +163,8 @@ def sweep(
         trie = build_trie(
             domain.biasing_names, model.tokenizer, boost, special, follow_on=follow_on
         )
-        start = time.time()
-        records = asyncio.run(run_all(model, paths, policy, trie))
-        hyps = [words_of(r["text"]) for r in records]
-        named_hyps, plain_hyps = hyps[: len(named)], hyps[len(named) :]
-        right = [contains(h, name) for h, (_, name) in zip(named_hyps, named, strict=True)]
-        inserted = [any(contains(h, n) for n in domain.biasing_names) for h in plain_hyps]
-        errors = sum(
-            edit_distance(words_of(u.text), h) for u, h in zip(plain, plain_hyps, strict=True)
-        )
-        ref_words = sum(len(words_of(u.text)) for u in plain)
-        named_errors = sum(
-            edit_distance(words_of(u.text), h) for (u, _), h in zip(named, named_hyps, strict=True)
-        )
-        named_words = sum(len(words_of(u.text)) for u, _ in named)
-        row = {
-            "boost": boost,
-            "follow_on": follow_on,
-            "names_right_percent": round(100 * sum(right) / len(right), 1),
-            "names_right_word_by_word_percent": round(
-                100
-                * sum(r for r, (u, _) in zip(right, named, strict=True) if not u.whole)
-                / max(1, sum(not u.whole for u, _ in named)),
-                1,
-            ),
-            "names_right_whole_percent": round(
-                100
-                * sum(r for r, (u, _) in zip(right, named, strict=True) if u.whole)
-                / max(1, sum(u.whole for u, _ in named)),
-                1,
-            ),
-            "named_commands_wer_percent": round(100 * named_errors / named_words, 2),
-            "false_insertions_percent": round(100 * sum(inserted) / max(1, len(inserted)), 2),
-            "name_free_wer_percent": round(100 * errors / max(1, ref_words), 2),
-            "seconds": round(time.time() - start, 1),
-            "examples": [
-                {"ref": u.text, "hyp": " ".join(h)}
-                for (u, _), h in list(zip(named, named_hyps, strict=True))[:6]
-            ],
-        }
+        row, right, plain_hyps = _measure(model, policy, paths, trie, named, plain, domain)
+        row = {"boost": boost, "follow_on": follow_on, **row}
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         row["_right"] = right
         rows.append(row)
@@ -204,20 +172,71 @@ def sweep(
             baseline = plain_hyps
     assert baseline is not None, "the sweep needs boost 0 (no biasing) for the known words"
     known = known_words(model, policy, plain, paths[len(named) :], baseline, domain, boosts)
-    return rows, known
+    checked = []
+    for check in checks:
+        trie = build_trie(domain.biasing_names, model.tokenizer, NAME_BOOST, special, check=check)
+        row, right, _ = _measure(model, policy, paths, trie, named, plain, domain)
+        row = {"boost": NAME_BOOST, "check": check, **row}
+        print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+        row["_right"] = right
+        checked.append(row)
+    return rows, known, checked
+
+
+def _measure(
+    model: Any,
+    policy: Any,
+    paths: list[Path],
+    trie: Any,
+    named: list[tuple[synth.Utterance, str]],
+    plain: list[synth.Utterance],
+    domain: Domain,
+) -> tuple[dict[str, Any], list[bool], list[list[str]]]:
+    """Every file biased toward ``trie``: the sweep's row, whether each named command's name
+    came out, and the name-free commands' words."""
+    start = time.time()
+    records = asyncio.run(run_all(model, paths, policy, trie))
+    hyps = [words_of(r["text"]) for r in records]
+    named_hyps, plain_hyps = hyps[: len(named)], hyps[len(named) :]
+    right = [contains(h, name) for h, (_, name) in zip(named_hyps, named, strict=True)]
+    inserted = [any(contains(h, n) for n in domain.biasing_names) for h in plain_hyps]
+    errors = sum(edit_distance(words_of(u.text), h) for u, h in zip(plain, plain_hyps, strict=True))
+    ref_words = sum(len(words_of(u.text)) for u in plain)
+    named_errors = sum(
+        edit_distance(words_of(u.text), h) for (u, _), h in zip(named, named_hyps, strict=True)
+    )
+    named_words = sum(len(words_of(u.text)) for u, _ in named)
+
+    def share(whole: bool) -> float:
+        picked = [r for r, (u, _) in zip(right, named, strict=True) if u.whole == whole]
+        return round(100 * sum(picked) / max(1, len(picked)), 1)
+
+    row = {
+        "names_right_percent": round(100 * sum(right) / len(right), 1),
+        "names_right_word_by_word_percent": share(False),
+        "names_right_whole_percent": share(True),
+        "named_commands_wer_percent": round(100 * named_errors / named_words, 2),
+        "false_insertions_percent": round(100 * sum(inserted) / max(1, len(inserted)), 2),
+        "name_free_wer_percent": round(100 * errors / max(1, ref_words), 2),
+        "seconds": round(time.time() - start, 1),
+        "examples": [
+            {"ref": u.text, "hyp": " ".join(h)}
+            for (u, _), h in list(zip(named, named_hyps, strict=True))[:6]
+        ],
+    }
+    return row, right, plain_hyps
 
 
 def export_names_audio(
     named: list[tuple[synth.Utterance, str]],
-    right: dict[float, list[bool]],
-    boost: float,
+    plain: list[bool],
+    biased: list[bool],
     out_dir: Path,
     count: int = 3,
 ) -> None:
-    """Commands whose name the model misses without biasing and gets with ``boost``, one per
-    name (word by word first), as the names tests' WAVs with a manifest (none where the
-    model gets no unseen name)."""
-    plain, biased = right[0.0], right[boost]
+    """Commands whose name the model misses without biasing (``plain``) and gets with it
+    (``biased``: the server's defaults), one per name (word by word first), as the names
+    tests' WAVs with a manifest (none where the model gets no unseen name)."""
     if not any(b and not p for p, b in zip(plain, biased, strict=True)):
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +268,8 @@ def export_known_audio(
     and gets it with that word as a name at ``boost``: the names tests' WAVs, one per word,
     word by word first, with the area or device the word belongs to (so a test
     can give it as Home Assistant would: an area, an entity)."""
+    if boost not in fixed_at:  # the sweep did not run that boost
+        return
     fixed = fixed_at[boost]
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
@@ -287,11 +308,17 @@ def table(report: dict[str, Any]) -> str:
         f"{report['machine']['cpu']}. Command: `{report['command']}`.",
         "",
     ]
-    return "\n".join(head + sweep_tables(report["rows"], report.get("known_words", []))) + "\n"
+    tables = sweep_tables(report["rows"], report.get("known_words", []), report.get("checked", []))
+    return "\n".join(head + tables) + "\n"
 
 
-def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> list[str]:
-    """The sweep's two tables (markdown lines): unseen names, and misheard known words."""
+def sweep_tables(
+    rows: list[dict[str, Any]],
+    known: list[dict[str, Any]],
+    checked: Sequence[dict[str, Any]] = (),
+) -> list[str]:
+    """The sweep's tables (markdown lines): unseen names by shallow fusion, misheard known
+    words, and unseen names by the check of whole names."""
     lines = [
         "| boost | follow-on | names right | word by word | whole | WER, named commands | "
         "false name insertions (name-free) | WER, name-free |",
@@ -319,6 +346,25 @@ def sweep_tables(rows: list[dict[str, Any]], known: list[dict[str, Any]]) -> lis
             f"| {r['boost']:g} | {r['fixed_percent']} % (of {r['misheard']}) | "
             f"{r['inserted_percent']} % (of {r['decoys']}) |"
         )
+    if checked:
+        base = checked[0]["seconds"] or 1.0
+        lines += [
+            "",
+            f"The check of whole names at a stream's end (`name_check`, nats per step; "
+            f"name_check.py), at `name_boost` {checked[0]['boost']:g}: the same commands; "
+            "time: the whole set's, against no check.",
+            "",
+            "| name_check | names right | word by word | whole | WER, named commands | "
+            "false name insertions (name-free) | WER, name-free | time |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in checked:
+            lines.append(
+                f"| {r['check']:g} | {r['names_right_percent']} % | "
+                f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
+                f"{r['named_commands_wer_percent']} % | {r['false_insertions_percent']} % | "
+                f"{r['name_free_wer_percent']} % | {r['seconds'] / base:.2f}× |"
+            )
     return lines
 
 
@@ -334,8 +380,8 @@ def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, An
     spoken = speak([s for s, _ in pairs], seed, held_out_voice=False)
     named = [(u, pairs[i // 2][1]) for i, u in enumerate(spoken)]
     with tempfile.TemporaryDirectory() as tmp:
-        rows, known = sweep(model_dir, named, plain, domain, Path(tmp), BOOSTS, "int8")
-    for row in rows:
+        rows, known, checked = sweep(model_dir, named, plain, domain, Path(tmp), BOOSTS, "int8")
+    for row in rows + checked:
         del row["_right"]
     for row in known:
         del row["_fixed"]
@@ -346,6 +392,7 @@ def bench_sweep(model_dir: Path, count: int = 75, seed: int = 7) -> dict[str, An
         "name_free_utterances": len(plain),
         "rows": rows,
         "known_words": known,
+        "checked": checked,
     }
 
 
@@ -361,7 +408,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--voice", choices=["training", "held-out"], default="training")
     p.add_argument("--export-audio", type=Path, help="write the names tests' WAVs here")
+    p.add_argument("--checks", type=float, nargs="+", default=list(CHECKS))
     p.add_argument("--default-boost", type=float, default=NAME_BOOST)
+    p.add_argument("--default-check", type=float, default=NAME_CHECK)
     args = p.parse_args()
     domain = Domain.load()
     with args.data.open("rb") as f:
@@ -370,7 +419,7 @@ def main() -> None:
     pairs = name_sentences(domain, args.seed)
     spoken = speak([s for s, _ in pairs], args.seed, args.voice == "held-out")
     named = [(u, pairs[i // 2][1]) for i, u in enumerate(spoken)]
-    rows, known = sweep(
+    rows, known, checked = sweep(
         args.model,
         named,
         plain,
@@ -379,12 +428,15 @@ def main() -> None:
         tuple(args.boosts),
         args.quantize,
         tuple(args.follow_ons),
+        tuple(args.checks),
     )
-    # the unseen names' export reads the first follow-on's rows (boost 0 is measured there)
-    first = args.follow_ons[0]
-    right = {r["boost"]: r.pop("_right") for r in rows if r["follow_on"] == first}
+    # the unseen names' export: no biasing (boost 0) against the server's defaults
+    plain_right = next(r["_right"] for r in rows if r["boost"] == 0)
+    biased_right: list[bool] = next(
+        (r["_right"] for r in checked if r["check"] == args.default_check), []
+    )
     fixed_at = {r["boost"]: r.pop("_fixed") for r in known}
-    for row in rows:
+    for row in rows + checked:
         row.pop("_right", None)
     report = {
         "name": "commands-en-names",
@@ -392,7 +444,9 @@ def main() -> None:
         + str(args.data)
         + f" --voice {args.voice}"
         + " --follow-ons "
-        + " ".join(f"{f:g}" for f in args.follow_ons),
+        + " ".join(f"{f:g}" for f in args.follow_ons)
+        + " --checks "
+        + " ".join(f"{c:g}" for c in args.checks),
         "voice": args.voice,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "checkpoint": str(args.model),
@@ -403,13 +457,15 @@ def main() -> None:
         "name_free_utterances": len(plain),
         "rows": rows,
         "known_words": known,
+        "checked": checked,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(report))
     print(table(report))
     if args.export_audio:
-        export_names_audio(named, right, args.default_boost, args.export_audio / "unseen")
+        if biased_right:
+            export_names_audio(named, plain_right, biased_right, args.export_audio / "unseen")
         export_known_audio(plain, fixed_at, args.default_boost, domain, args.export_audio)
 
 

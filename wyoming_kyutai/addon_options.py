@@ -29,6 +29,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "server_ends_turns": "server_ends_turns",
     "names": "names",
     "name_boost": "name_boost",
+    "name_check": "name_check",
     "prefers_auto_gain": "prefers_auto_gain",
     "prefers_noise_reduction": "prefers_noise_reduction",
     "quantize": "quantize",

@@ -144,6 +144,7 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         settings.prefers_auto_gain,
         settings.prefers_noise_reduction,
     )
+    model.enable_name_check(settings.name_check)
     engine = Engine(
         model,
         slots=settings.slots,

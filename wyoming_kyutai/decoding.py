@@ -7,6 +7,7 @@ piece starting with "▁" begins a new word.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +63,7 @@ class TranscriptDecoder:
     words: list[_OpenWord] = field(default_factory=list)
     _emitted: str = ""
     _last_step: int = -1
+    _fed: list[tuple[int, int]] = field(default_factory=list)  # (step, token) as pushed
 
     @property
     def last_step(self) -> int:
@@ -80,6 +82,7 @@ class TranscriptDecoder:
 
     def push(self, step: int, token: int) -> bool:
         """Feed the token of ``step``; return True when it added text."""
+        self._fed.append((step, token))
         self._last_step = step
         if not self._is_piece(token):
             if token == self.end_of_padding_id and self.words and self.words[-1].end_step is None:
@@ -94,6 +97,18 @@ class TranscriptDecoder:
             self.words[-1].ids.append(token)
             self.words[-1].text = None
         return True
+
+    def rewrite(self, tokens: Sequence[int]) -> None:
+        """Replace the tokens of the last ``len(tokens)`` steps fed (the check of whole
+        names). Text already given out as deltas stays given: a delta after this is "" unless
+        the new text extends it; :attr:`text` and the word timings are the new ones."""
+        count = min(len(tokens), len(self._fed))
+        kept, replaced = self._fed[: len(self._fed) - count], self._fed[len(self._fed) - count :]
+        self.words, self._fed = [], []
+        for step, token in kept:
+            self.push(step, token)
+        for (step, _), token in zip(replaced, tokens[len(tokens) - count :], strict=True):
+            self.push(step, token)
 
     def _decoded(self) -> list[tuple[_OpenWord, str]]:
         """Each word with its text; words whose pieces decode to nothing are left out."""

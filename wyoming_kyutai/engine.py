@@ -24,7 +24,7 @@ import torch
 
 from .audio import FRAME_SAMPLES, MODEL_RATE
 from .cpu_share import CpuSampler, ThreadGovernor
-from .engine_types import EngineBusy, EngineClosed, StepResult, StreamFailed
+from .engine_types import EngineBusy, EngineClosed, Rewrite, StepResult, StreamFailed
 from .loaded_model import LoadedModel
 from .names import NameTrie
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
@@ -114,8 +114,9 @@ class EngineStream:
         frames.extend(Frame(silence, now, flush=True) for _ in range(self._engine.flush_frames))
         self._engine._enqueue(self._claim, frames, last=True)
 
-    async def get(self) -> StepResult | None:
-        """The next result; None once the stream has finished. Raises StreamFailed."""
+    async def get(self) -> StepResult | Rewrite | None:
+        """The next result (a Rewrite comes last, if any); None once the stream has
+        finished. Raises StreamFailed."""
         item = await self._queue.get()
         if item is _END:
             self._queue.put_nowait(_END)  # stay ended for later calls
@@ -123,7 +124,7 @@ class EngineStream:
         if isinstance(item, BaseException):
             self._queue.put_nowait(item)
             raise item
-        assert isinstance(item, StepResult)
+        assert isinstance(item, StepResult | Rewrite)
         return item
 
     def close(self) -> None:
@@ -391,7 +392,26 @@ class Engine:
         kept = run_pass(self.stepper, rows)
         with self._cond:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
-        self._deliver(outcome)
+        self._deliver(outcome, self._check_names(outcome.ended))
+
+    def _check_names(self, ended: Sequence[object]) -> dict[int, Rewrite]:
+        """The rewrites of the streams that just took their last step, where the check of
+        whole names (``name_check.py``) found a name; a failing check is logged and leaves
+        the transcript as it is."""
+        assert self.stepper is not None
+        rewrites: dict[int, Rewrite] = {}
+        for owner in ended:
+            stream = _stream(owner)
+            if stream.names is None or stream.closed:
+                continue
+            try:
+                rewrite = self.stepper.check_names(stream.slot_index)
+            except Exception as err:  # noqa: BLE001 - the transcript stands without it
+                _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
+                continue
+            if rewrite is not None:
+                rewrites[id(owner)] = rewrite
+        return rewrites
 
     def _report_shed(self, stream: EngineStream, frames: int) -> None:
         """One warning the first time a stream loses audio to the lag bound, debug after."""
@@ -408,10 +428,12 @@ class Engine:
         )
 
     @staticmethod
-    def _deliver(outcome: Outcome) -> None:
+    def _deliver(outcome: Outcome, rewrites: dict[int, Rewrite]) -> None:
         for owner, result in outcome.results:
             _stream(owner)._deliver(result)
         for owner in outcome.ended:
+            if id(owner) in rewrites:
+                _stream(owner)._deliver(rewrites[id(owner)])
             _stream(owner)._deliver(_END)
 
 

@@ -41,6 +41,14 @@ class StepResult:
     ``max_lag`` behind (the step index skips them)."""
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """New text tokens for a stream's last ``len(tokens)`` steps, after its last
+    :class:`StepResult`: the check of whole names (``name_check.py``) found a name there."""
+
+    tokens: tuple[int, ...]
+
+
 class Stream(Protocol):
     """One utterance's handle on an engine slot."""
 
@@ -48,7 +56,7 @@ class Stream(Protocol):
 
     def finish(self) -> None: ...
 
-    async def get(self) -> StepResult | None: ...
+    async def get(self) -> StepResult | Rewrite | None: ...
 
     def close(self) -> None: ...
 

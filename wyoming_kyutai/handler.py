@@ -33,6 +33,7 @@ from .engine_types import (
     EngineBusy,
     EngineClosed,
     ModelInfo,
+    Rewrite,
     Stream,
     StreamFailed,
     StreamingEngine,
@@ -311,6 +312,9 @@ class SttHandler:
         """Turn the engine's results into events, until the stream ends."""
         try:
             while (result := await utt.stream.get()) is not None:
+                if isinstance(result, Rewrite):
+                    utt.decoder.rewrite(result)
+                    continue
                 if not utt.finishing:
                     utt.lags.append(result.lag)
                 utt.shed_steps += result.shed

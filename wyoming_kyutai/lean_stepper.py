@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .engine_types import Rewrite
+from .name_check import History, check
 from .names import NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 from .runtime.memory import check_memory
@@ -26,17 +28,22 @@ class LeanStepper:
 
     looks_ahead = True
 
-    def __init__(self, mimi: MimiEncoder, lm: LanguageModel, slots: int) -> None:
+    def __init__(self, mimi: MimiEncoder, lm: LanguageModel, slots: int, probes: int = 0) -> None:
+        """``probes``: LM slots beyond the streams' for the check of whole names
+        (``name_check.py``; 0: no check)."""
         self.num_slots = slots
         self.frame_size = mimi.frame_size
         self.start_codes = torch.zeros(lm.config.n_q, dtype=torch.long)
         self._mimi = mimi
         self._lm = lm
         self._names = SlotNames(slots)
-        per_slot = lm.nbytes()["kv_per_slot"] + mimi.nbytes()["state_per_slot"]
-        check_memory(slots * per_slot, f"{slots} slots")
+        self._histories = [History() for _ in range(slots)]
+        self._probes = list(range(slots, slots + probes))
+        kv = lm.nbytes()["kv_per_slot"]
+        per_slot = kv + mimi.nbytes()["state_per_slot"]
+        check_memory(slots * per_slot + probes * kv, f"{slots} slots")
         mimi.allocate(slots)
-        lm.allocate(slots)
+        lm.allocate(slots + probes)
 
     def close(self) -> None:
         self._mimi.allocate(0)
@@ -68,6 +75,8 @@ class LeanStepper:
         self._mimi.reset(slots)
         self._lm.reset(slots)
         self._names.reset(slots, names)
+        for slot in slots:
+            self._histories[slot].clear()
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray, slots: Sequence[int]) -> torch.Tensor:
@@ -85,10 +94,23 @@ class LeanStepper:
         boosts = None
         if self._names.any(slots):
             boosts = [self._names.rows(s, g) for s, g in zip(slots, given, strict=True)]
+        steps = self._lm.step(codes, slots, given, boosts)
         kept = [
             Kept(o.tokens.tolist(), [tuple(p) for p in o.pauses.tolist()], o.ahead.tolist())
-            for o in self._lm.step(codes, slots, given, boosts)
+            for o in steps
         ]
-        for slot, k in zip(slots, kept, strict=True):
+        for slot, k, o, frames in zip(slots, kept, steps, codes, strict=True):
             self._names.keep(slot, k.tokens)
+            trie = self._names.trie(slot)
+            if self._probes and trie is not None and trie.check > 0:
+                self._histories[slot].add(
+                    frames[: len(k.tokens)], k.tokens, o.text_logits, trie.special.end_of_padding
+                )
         return kept
+
+    @torch.inference_mode()
+    def check_names(self, slot: int) -> Rewrite | None:
+        trie = self._names.trie(slot)
+        if not self._probes or trie is None or trie.check <= 0:
+            return None
+        return check(self._lm, slot, self._probes, self._histories[slot], trie, trie.check)

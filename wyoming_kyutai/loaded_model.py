@@ -58,6 +58,11 @@ class LoadedModel(ABC):
         """The runtime's name (``lean`` or ``moshi``), for logs and reports."""
 
     @abstractmethod
+    def enable_name_check(self, bonus: float) -> None:
+        """Make this model's steppers ready for the check of whole names
+        (``name_check.py``) where ``bonus`` turns it on (a runtime without one ignores it)."""
+
+    @abstractmethod
     def make_stepper(self, slots: int) -> Stepper:
         """A stepper with ``slots`` streams of state over this model (see ``stepper.py``)."""
 
@@ -72,6 +77,9 @@ class LeanModel(LoadedModel):
     """The LM's matrix products: ``int8``, ``int4`` (the text head int8) or ``float32``."""
     mimi_dtype: torch.dtype
     """The type of Mimi's matrix products (float32 or bfloat16)."""
+    name_probes: int = 0
+    """LM slots a stepper keeps for the check of whole names (``name_check.py``; 0: no
+    check)."""
 
     @property
     def runtime(self) -> str:
@@ -82,10 +90,17 @@ class LeanModel(LoadedModel):
         """The LM's matrix products run with int8 or 4-bit weights."""
         return self.lm_weights != "float32"
 
+    def enable_name_check(self, bonus: float) -> None:
+        """Probe slots in each stepper where ``bonus`` turns the check on, none where off
+        (each holds a stream's worth of KV cache)."""
+        from .name_check import PROBES
+
+        self.name_probes = PROBES if bonus > 0 else 0
+
     def make_stepper(self, slots: int) -> Stepper:
         from .lean_stepper import LeanStepper
 
-        return LeanStepper(self.mimi, self.lm, slots)
+        return LeanStepper(self.mimi, self.lm, slots, self.name_probes)
 
 
 @dataclass(kw_only=True)
@@ -100,6 +115,9 @@ class MoshiModel(LoadedModel):
     @property
     def runtime(self) -> str:
         return "moshi"
+
+    def enable_name_check(self, bonus: float) -> None:
+        """Nothing: moshi's loop cannot be forked (``MoshiStepper.check_names``)."""
 
     def make_stepper(self, slots: int) -> Stepper:
         from .moshi_stepper import MoshiStepper

@@ -145,8 +145,9 @@ def load_model(
 
 
 def load_configured(settings: Settings) -> LoadedModel:
-    """:func:`load_model` with the model settings of the server (and the transcribe command)."""
-    return load_model(
+    """:func:`load_model` with the model settings of the server (and the transcribe command),
+    ready for the check of whole names where ``name_check`` is on."""
+    model = load_model(
         settings.model,
         settings.data_dir,
         settings.offline,
@@ -156,6 +157,8 @@ def load_configured(settings: Settings) -> LoadedModel:
         settings.quantize,
         settings.runtime,
     )
+    model.enable_name_check(settings.name_check)
+    return model
 
 
 def _model_fields(files: CheckpointFiles) -> dict[str, Any]:

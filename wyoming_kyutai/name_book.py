@@ -57,9 +57,13 @@ class NameBook:
         names: Iterable[str] = (),
         sources: Sequence[NameSource] = (),
         special: TextIds = KYUTAI_TEXT,
+        check: float = 0.0,
     ) -> None:
+        """``boost``: shallow fusion's (``names.py``); ``check``: the bonus per step of the
+        check of whole names (``name_check.py``; 0: none)."""
         self._tokenizer = tokenizer
         self._boost = boost
+        self._check = check
         self._special = special
         self._static = tuple(names)
         self._sources = tuple(sources)
@@ -127,7 +131,9 @@ class NameBook:
         )
 
     def _build(self, names: Iterable[str]) -> NameTrie | None:
-        return build_trie(names, self._tokenizer, self._boost, self._special, self._cache)
+        return build_trie(
+            names, self._tokenizer, self._boost, self._special, self._cache, check=self._check
+        )
 
 
 def book_from_settings(
@@ -139,7 +145,9 @@ def book_from_settings(
     if settings.names_file:
         names += read_names_file(settings.names_file)
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
-    book = NameBook(model.tokenizer, settings.name_boost, names, sources, special)
+    book = NameBook(
+        model.tokenizer, settings.name_boost, names, sources, special, settings.name_check
+    )
     if names:
         trie = book.trie()
         _LOGGER.info(

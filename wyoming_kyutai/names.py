@@ -157,9 +157,13 @@ class NameTrie:
         special: TextIds = KYUTAI_TEXT,
         cache: PieceCache | None = None,
         follow_on: float = FOLLOW_ON,
+        check: float = 0.0,
     ) -> None:
         self.boost = boost
         self.follow_on = follow_on
+        self.check = check
+        """The bonus per step of the check of whole names at a stream's end (``name_check.py``;
+        0: no check)."""
         self.special = special
         self._tokenizer = tokenizer
         self._cache = cache or PieceCache()
@@ -272,6 +276,11 @@ class NameTrie:
             self._boosts[state] = (tuple(sorted(tokens)), value) if tokens else NO_BOOST
         return self._boosts[state]
 
+    def complete(self, state: int) -> bool:
+        """Whether the match at ``state`` has just spelled a whole name (its last piece)."""
+        node, phase = divmod(state, 3)
+        return phase == INSIDE and node in self._ends
+
     def advance(self, state: int, token: int) -> int:
         """The state after the model wrote ``token``."""
         node, phase = divmod(state, 3)
@@ -299,11 +308,13 @@ def build_trie(
     special: TextIds = KYUTAI_TEXT,
     cache: PieceCache | None = None,
     follow_on: float = FOLLOW_ON,
+    check: float = 0.0,
 ) -> NameTrie | None:
-    """A trie of ``names`` (None when none can be written, or ``boost`` is 0: no biasing)."""
+    """A trie of ``names`` (None when none can be written, or ``boost`` is 0: no biasing);
+    ``check``: the bonus per step of the check of whole names (0: none)."""
     if boost <= 0:
         return None
-    trie = NameTrie(tokenizer, boost, special, cache, follow_on)
+    trie = NameTrie(tokenizer, boost, special, cache, follow_on, check)
     for name in names:
         trie.add(name)
     return trie if len(trie) else None
@@ -311,6 +322,9 @@ def build_trie(
 
 class SlotNames:
     """Each slot's name trie (None: no biasing) and its match state."""
+
+    def trie(self, slot: int) -> NameTrie | None:
+        return self._tries[slot]
 
     def __init__(self, slots: int) -> None:
         self._tries: list[NameTrie | None] = [None] * slots

@@ -31,6 +31,9 @@ DRAIN_TIMEOUT = 2.0
 NAME_BOOST = 2.0
 """The default ``name_boost`` (a logit per token; benchmarks/results/commands-en-names.md)."""
 
+NAME_CHECK = 3.5
+"""The default ``name_check`` (nats per step; benchmarks/results/commands-en-names.md)."""
+
 
 def check_names_file(path: str) -> None:
     """ValueError (one line) unless ``path`` is a readable UTF-8 text file."""
@@ -203,6 +206,15 @@ class Settings:
         NAME_BOOST,
         "how hard recognition leans toward the names: added to the score of each text token "
         "that continues one (0: off; too high writes names nobody said)",
+        group="names",
+        min=0,
+        max=20,
+    )
+    name_check: float = _s(
+        NAME_CHECK,
+        "when a stream ends, try each name whole where a word started: a name replaces what "
+        "was written if the model finds it nearly as likely, this much per step it takes "
+        "(0: off; the lean runtime only; higher writes names nobody said)",
         group="names",
         min=0,
         max=20,

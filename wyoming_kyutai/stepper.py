@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .engine_types import Rewrite
 from .names import NameTrie
 from .scheduler import Kept, Rows
 
@@ -67,6 +68,11 @@ class Stepper(Protocol):
         1 <= v_i <= k_i rows, the ones whose guessed inputs the pass confirmed (the slot has
         advanced by v_i steps), and the pass's outputs of its other rows; a wrong guess costs
         only speed."""
+
+    def check_names(self, slot: int) -> Rewrite | None:
+        """Once ``slot``'s stream has taken its last step: the rewrite of its text the check
+        of whole names makes (``name_check.py``), or None (no names, no check, or no name
+        fits). The slot is to be reset after this."""
 
 
 def run_pass(stepper: Stepper, rows: Sequence[Rows]) -> list[Kept]:

@@ -22,6 +22,7 @@ from . import __version__
 from .audio import PcmConverter, WavAudio, WavError, read_wav
 from .checkpoint_files import CheckpointError
 from .endpointing import END_OF_TURN, TurnPolicy, turn_policy
+from .engine_types import Rewrite
 from .loaded_model import LoadedModel
 from .model_loading import load_configured
 from .model_thread import run_in_own_thread
@@ -66,6 +67,15 @@ async def transcribe_audio(
         ends: list[float] = []
         steps: list[dict[str, Any]] = []
         while (result := await stream.get()) is not None:
+            if isinstance(result, Rewrite):
+                utterance.rewrite(result)
+                steps[len(steps) - len(result.tokens) :] = [
+                    {"token": t, "pause": s["pause"]}
+                    for t, s in zip(
+                        result.tokens, steps[len(steps) - len(result.tokens) :], strict=True
+                    )
+                ]
+                continue
             update = utterance.feed(result)
             if update.ended_by == END_OF_TURN:
                 ends.append(round(utterance.audio_time(result.step), 3))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .decoding import TranscriptDecoder, Word
 from .endpointing import END_OF_TURN, TurnPolicy, TurnTracker
-from .engine_types import ModelInfo, StepResult
+from .engine_types import ModelInfo, Rewrite, StepResult
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class UtteranceDecoder:
         ended_by = self.turn.on_step(result.step, started_word, pause, self.audio_time(result.step))
         delta = self.decoder.delta() if new_text else ""
         return Update(delta, new_text, ended_by, pause)
+
+    def rewrite(self, rewrite: Rewrite) -> None:
+        """The check of whole names rewrote the stream's last steps (after its last result:
+        the turn has ended already)."""
+        self.decoder.rewrite(rewrite.tokens)
 
     def audio_time(self, step: int) -> float:
         """Seconds of the stream's audio heard once ``step`` has been processed."""

@@ -124,6 +124,11 @@ class KvCache:
         """Resident bytes of one slot's keys and values over all layers."""
         return self._memory[:, :, :1].numel() * self._memory.element_size()
 
+    def copy(self, slot: int, into: Sequence[int], entries: int) -> None:
+        """Copy the first ``entries`` ring entries of ``slot`` into slots ``into``."""
+        for dst in into:
+            self._memory[:, :, dst, :, :entries] = self._memory[:, :, slot, :, :entries]
+
     def plan(self, slots: Sequence[int], positions: Sequence[int], rope: Rope) -> AttentionPlan:
         """The plan of a step of ``slots`` at absolute ``positions`` (steps since their reset)."""
         rows = torch.tensor(slots, dtype=torch.long)

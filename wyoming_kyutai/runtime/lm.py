@@ -284,6 +284,29 @@ class LanguageModel:
             self._positions[slot] = 0
             self._text[slot] = self.config.text_card
 
+    def position(self, slot: int) -> int:
+        """Steps ``slot`` has taken since its reset."""
+        return self._positions[self._check_slots([slot])[0]]
+
+    @torch.no_grad()
+    def fork(self, slot: int, into: Sequence[int], position: int, text: int) -> None:
+        """Put slots ``into`` where ``slot`` was after ``position`` steps, with ``text`` (its
+        output at step ``position - 1``) as their next text input: a later step of theirs is
+        exactly the step ``slot`` took there, given that input. Only a slot that has not
+        wrapped its KV ring (at most ``context`` steps) still holds its early entries."""
+        into = self._check_slots(into)
+        if slot in into or not 0 < position <= self._positions[slot] <= self.config.context:
+            raise ValueError(
+                f"fork: slot {slot} is at step {self._positions[slot]} (ring of "
+                f"{self.config.context}); cannot fork it at {position} into {into}"
+            )
+        if not self._are_text([text]):
+            raise ValueError(f"fork: text must be a text token in [0, {self.config.text_card})")
+        self._cache.copy(slot, into, position)
+        for dst in into:
+            self._positions[dst] = position
+            self._text[dst] = text
+
     @torch.no_grad()
     def step(
         self,

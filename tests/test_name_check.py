@@ -1,0 +1,103 @@
+"""The check of whole names at a stream's end (name_check.py), on the trained checkpoint.
+
+The WAVs are the names tests' unseen-name commands (tests/audio/names/unseen): the
+checkpoint never saw these names in text, and writes something else for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.engine_streams import stream_tokens
+from wyoming_kyutai.audio import PcmConverter, read_wav
+from wyoming_kyutai.engine import Engine
+from wyoming_kyutai.lean_stepper import LeanStepper
+from wyoming_kyutai.loaded_model import LeanModel
+from wyoming_kyutai.model_loading import load_model
+from wyoming_kyutai.name_check import History, check
+from wyoming_kyutai.names import TextIds, build_trie
+
+ROOT = Path(__file__).parent
+MODEL_DIR = ROOT / "checkpoints" / "commands-en"
+UNSEEN = ROOT / "audio" / "names" / "unseen"
+CLIP = json.loads((UNSEEN / "manifest.json").read_text())[0]  # "turn on the ecobee"
+NAMES = ["Ecobee", "Hue Go", "Nanoleaf", "Shelly Plug", "Sonos Arc", "Netatmo"]
+
+
+@pytest.fixture(scope="module")
+def model() -> LeanModel:
+    loaded = load_model(str(MODEL_DIR), device="cpu", quantize="int8", runtime="lean")
+    assert isinstance(loaded, LeanModel)
+    return loaded
+
+
+def _audio(file: str) -> np.ndarray:
+    wav = read_wav(UNSEEN / file)
+    return PcmConverter(wav.format).convert(wav.data)
+
+
+def _text(model: LeanModel, tokens: list[int]) -> str:
+    return model.tokenizer.decode([t for t in tokens if t > 3 and t != model.text_padding_id])
+
+
+async def _tokens(model: LeanModel, check_bonus: float, audio: np.ndarray) -> list[int]:
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    trie = build_trie(NAMES, model.tokenizer, 2.0, special, check=check_bonus)
+    model.enable_name_check(check_bonus)
+    engine = Engine(model, slots=2)
+    engine.start()
+    try:
+        return await stream_tokens(engine, audio, names=trie)
+    finally:
+        engine.stop()
+
+
+async def test_the_check_rewrites_from_the_name_on_and_keeps_what_came_before(
+    model: LeanModel,
+) -> None:
+    """With the check, the stream's tokens are its own up to the name's start, then the
+    name, then the model's own given the name: as many steps as without it."""
+    audio = _audio(CLIP["file"])
+    plain = await _tokens(model, 0.0, audio)
+    checked = await _tokens(model, 3.5, audio)
+    assert len(checked) == len(plain)
+    first = next(i for i, (a, b) in enumerate(zip(plain, checked, strict=True)) if a != b)
+    assert first > 0 and checked[:first] == plain[:first]
+    assert CLIP["name"] not in _text(model, plain)
+    assert CLIP["name"] in _text(model, checked).lower(), _text(model, checked)
+
+
+async def test_a_failing_check_leaves_the_transcript_as_it_was(
+    model: LeanModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in the check is one error line; the stream ends with its own words."""
+    audio = _audio(CLIP["file"])
+    plain = await _tokens(model, 0.0, audio)
+
+    def broken(self: LeanStepper, slot: int) -> None:
+        raise RuntimeError("out of probes")
+
+    monkeypatch.setattr(LeanStepper, "check_names", broken)
+    with caplog.at_level(logging.ERROR):
+        assert await _tokens(model, 3.5, audio) == plain
+    assert "Name check failed (RuntimeError: out of probes)" in caplog.text
+
+
+def test_no_check_past_the_context_or_out_of_step(model: LeanModel) -> None:
+    """A stream longer than the model's context (its ring no longer holds its start), or a
+    history that is not the slot's, is left as it is; so is a check with no bonus."""
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    trie = build_trie(NAMES, model.tokenizer, 2.0, special, check=3.5)
+    assert trie is not None
+    lm = model.lm
+    lm.allocate(2)
+    lm.reset([0])
+    long = History(tokens=[model.text_padding_id] * (lm.config.context + 1))
+    assert check(lm, 0, [1], long, trie, 3.5) is None  # longer than the context
+    assert check(lm, 0, [1], History(tokens=[0, 5]), trie, 3.5) is None  # not where lm is
+    assert check(lm, 0, [1], History(), trie, 0.0) is None

@@ -1,0 +1,210 @@
+"""Checking names against the whole stream: the sequence-level half of biasing.
+
+Shallow fusion (``names.py``) decides a name one token at a time, before it knows whether
+the rest of the name will fit: a model that never saw a name is sure of its own first piece
+of it ("aatio" for "ecobee"), and a boost high enough to overrule that writes names nobody
+said. So once a stream has ended, each place where the model started a word is tried
+against the names, each name whole:
+
+- the LM is forked at that step (``LanguageModel.fork``) into probe slots, one per name
+  start: the first pieces of names the model itself found likeliest there
+  (:data:`FIRST_PIECES`, within :data:`FIRST_PIECE_RANGE` of what it wrote), the probes of
+  every word start side by side, :data:`PROBES` at a time;
+- each probe is made to write its name, one piece a step, in the spelling the model
+  likes best at each step (the trie's continuations only), and to end the word; one that
+  falls :data:`GIVE_UP` behind stops;
+- its score: the model's own log-probabilities of what the probe wrote, minus those of
+  what the stream wrote at the same steps, plus ``bonus`` per step the name took (a name
+  costs a few nats a piece when the model cannot spell it, as a boost costs shallow fusion);
+- the best probe whose score is at least :data:`MARGIN` wins: its fork runs on to the end
+  of the stream, greedily, so the words after the name are the model's own given the name.
+
+What the stream wrote from that step on is replaced (``engine_types.Rewrite``). A stream whose KV
+ring has wrapped (longer than the model's context) is left as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine_types import Rewrite
+from .names import NameTrie
+from .runtime.lm import LanguageModel
+
+PROBES = 4
+"""Probe slots of the lean runtime: how many name starts run side by side (each holds a
+stream's worth of KV cache: about 100 MB for Kyutai's 1B model)."""
+
+FIRST_PIECES = 8
+"""The name starts tried at each word start: the first pieces of names the model finds
+likeliest there (fewer lose names: benchmarks/results/commands-en-names.md)."""
+
+FIRST_PIECE_RANGE = 8.0
+"""Nats a name's first piece may fall below what the stream wrote there and still be tried
+(a name the model finds that much less likely to start seldom wins, and each start tried
+costs a probe)."""
+
+GIVE_UP = 10.0
+"""A probe whose score falls below minus this many nats stops (it seldom comes back)."""
+
+MARGIN = 0.0
+"""How much a name's score must reach to replace what was written (nats)."""
+
+MAX_NAME_STEPS = 32
+"""Steps a probe may take to write a name; one that has not finished by then is dropped."""
+
+FORCE = 1.0e4
+"""The boost that restricts a probe's argmax to the tokens its name allows."""
+
+
+@dataclass
+class History:
+    """One slot's steps since its reset: what a check needs to fork and replay it."""
+
+    codes: list[torch.Tensor] = field(default_factory=list)
+    """Each step's audio codes, int64 [n_q]."""
+    tokens: list[int] = field(default_factory=list)
+    """Each step's text token (as kept: boosted by shallow fusion where names are set)."""
+    logps: list[float] = field(default_factory=list)
+    """The model's own log-probability of each step's token."""
+    after_word_start: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Log-probabilities of every token at the steps right after an end-of-padding token
+    (where a word's first piece is written), by step."""
+
+    def clear(self) -> None:
+        self.codes.clear()
+        self.tokens.clear()
+        self.logps.clear()
+        self.after_word_start.clear()
+
+    def add(
+        self, codes: torch.Tensor, tokens: Sequence[int], logits: torch.Tensor, eop: int
+    ) -> None:
+        """Record a pass's kept steps: ``codes`` [n, n_q], ``tokens`` [n], ``logits`` [n, card]."""
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        for row, token in enumerate(tokens):
+            step = len(self.tokens)
+            if step and self.tokens[-1] == eop:
+                self.after_word_start[step] = logps[row]
+            self.codes.append(codes[row])
+            self.tokens.append(int(token))
+            self.logps.append(float(logps[row, int(token)]))
+
+
+@dataclass
+class _Probe:
+    start: int  # the step of its first piece
+    state: int  # its match, once the first piece is written
+    tokens: list[int]  # what it wrote from ``start`` on (the first piece given)
+    gain: float = 0.0
+    done: bool = False
+
+
+def check(
+    lm: LanguageModel,
+    slot: int,
+    probes: Sequence[int],
+    history: History,
+    trie: NameTrie,
+    bonus: float,
+) -> Rewrite | None:
+    """The rewrite of ``slot``'s stream (its ``history``) the best name whose score reaches
+    :data:`MARGIN` makes, using LM slots ``probes`` (free; their state is lost), or None."""
+    steps = len(history.tokens)
+    if bonus <= 0 or not len(trie) or steps > lm.config.context or steps != lm.position(slot):
+        return None
+    eop = trie.special.end_of_padding
+    boundary = trie.advance(trie.START, eop)
+    firsts = list(trie.boosted(boundary)[0])
+    starts: list[tuple[int, int]] = []  # (step, first piece)
+    for step, logps in sorted(history.after_word_start.items()):
+        if step < steps - 1:
+            floor = history.logps[step] - FIRST_PIECE_RANGE
+            ranked = sorted(firsts, key=lambda t: -float(logps[t]))[:FIRST_PIECES]
+            starts += [(step, t) for t in ranked if float(logps[t]) >= floor]
+    best: _Probe | None = None
+    for at in range(0, len(starts), len(probes)):
+        batch = starts[at : at + len(probes)]
+        for probe_slot, (step, _) in zip(probes, batch, strict=False):
+            lm.fork(slot, [probe_slot], step, eop)
+        tried = [_Probe(step, trie.advance(boundary, first), [first]) for step, first in batch]
+        _run(lm, probes, tried, history, trie, bonus)
+        for probe in tried:
+            if probe.done and probe.gain >= MARGIN and (best is None or probe.gain > best.gain):
+                best = probe
+    if best is None:
+        return None
+    return Rewrite(tuple(best.tokens + _continue(lm, slot, probes[0], best, history)))
+
+
+def _run(
+    lm: LanguageModel,
+    probes: Sequence[int],
+    tried: list[_Probe],
+    history: History,
+    trie: NameTrie,
+    bonus: float,
+) -> None:
+    """Step the probes (forked at their starts, each in ``probes[i]``) until each has
+    written its name and ended the word, or cannot: the first piece is each one's own, then
+    the trie's continuations."""
+    pad, eop = trie.special.padding, trie.special.end_of_padding
+    for offset in range(MAX_NAME_STEPS):
+        live = [
+            i for i, p in enumerate(tried) if not p.done and p.start + offset < len(history.tokens)
+        ]
+        if not live:
+            break
+        allowed = [
+            tried[i].tokens[:1] if offset == 0 else list(trie.boosted(tried[i].state)[0])
+            for i in live
+        ]
+        out = lm.step(
+            [history.codes[tried[i].start + offset][None] for i in live],
+            [probes[i] for i in live],
+            boosts=[[(tuple(a), FORCE)] for a in allowed],
+        )
+        for i, a, result in zip(live, allowed, out, strict=True):
+            probe, token = tried[i], int(result.tokens[0])
+            if token not in a:  # nowhere left to go: not a name
+                probe.done, probe.gain = True, float("-inf")
+                continue
+            step = probe.start + offset
+            logp = float(torch.log_softmax(result.text_logits[0].float(), dim=-1)[token])
+            probe.gain += logp - history.logps[step] + bonus
+            if offset:
+                ended = token in (pad, eop) and trie.complete(probe.state)
+                probe.tokens.append(token)
+                probe.state = trie.advance(probe.state, token)
+                probe.done = ended
+            if probe.gain < -GIVE_UP:
+                probe.done, probe.gain = True, float("-inf")
+    for probe in tried:
+        if not probe.done:
+            probe.done, probe.gain = True, float("-inf")
+
+
+def _continue(
+    lm: LanguageModel, slot: int, probe: int, best: _Probe, history: History
+) -> list[int]:
+    """The winner's fork replayed through its name, then run greedily to the stream's end
+    (the stream's own tokens as the guesses of each pass); its tokens after the name."""
+    eop = history.tokens[best.start - 1]
+    lm.fork(slot, [probe], best.start, eop)
+    steps = len(history.tokens)
+    at, end = best.start, best.start + len(best.tokens)
+    codes = torch.stack(history.codes[at:end])
+    boosts = [((t,), FORCE) for t in best.tokens]
+    lm.step([codes], [probe], [best.tokens[:-1]], [boosts])
+    out: list[int] = []
+    at = end
+    while at < steps:
+        rows = history.codes[at:steps]
+        guesses = history.tokens[at : steps - 1]
+        kept = lm.step([torch.stack(rows)], [probe], [guesses])[0].tokens.tolist()
+        out += kept
+        at += len(kept)
+    return out
