@@ -1,10 +1,15 @@
 """What biasing toward names costs a step: 0 / 100 / 1,000 names, batch 1, lean int8.
 
-Two measures, side by side in one process:
+Three measures, side by side in one process:
 
 - the LM step of one stream (a speech-like signal's codes) with no names and with 100 and
-  1,000 made-up two-word names, interleaved rounds; a random model rarely writes the end
-  of padding, so its match state mostly sits at the root, where a step boosts nothing;
+  1,000 made-up two-word names, interleaved rounds, with the check of whole names on (its
+  history is kept at each step); a random model rarely writes the end of padding, so its
+  match state mostly sits at the root, where a step boosts nothing;
+- the check of whole names at that stream's end (``name_check.py``), in steps of the
+  stream: it grows with the word starts the model wrote and the names it finds likely
+  there, so a random model's figure is a floor (the trained one's is in
+  benchmarks/results/commands-en-names.md, against no check);
 - the worst case: the extra work of a step at a word boundary, where every name's first
   piece is boosted (the slot's boost lists, the (row, token) index, the boosted argmax),
   against the plain argmax, on the text logits of one row.
@@ -23,7 +28,9 @@ import numpy as np
 COUNTS = (0, 100, 1000)
 
 
-def made_up_trie(count: int, tokenizer: Any, special: Any, seed: int = 0) -> Any:
+def made_up_trie(
+    count: int, tokenizer: Any, special: Any, seed: int = 0, check: float = 0.0
+) -> Any:
     """A trie of ``count`` made-up two-word names the tokenizer can write (a random
     checkpoint's tokenizer lacks some letters), or None for 0."""
     from training.corpus import pseudo_word
@@ -32,7 +39,7 @@ def made_up_trie(count: int, tokenizer: Any, special: Any, seed: int = 0) -> Any
     if not count:
         return None
     rng = random.Random(seed)
-    trie = NameTrie(tokenizer, 3.0, special)
+    trie = NameTrie(tokenizer, 3.0, special, check=check)
     while len(trie) < count:
         trie.add(f"{pseudo_word(rng)} {pseudo_word(rng)}")
     return trie
@@ -45,13 +52,16 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
     from wyoming_kyutai.model_loading import load_model
     from wyoming_kyutai.names import SlotNames, TextIds
     from wyoming_kyutai.runtime.lm import bias_index
+    from wyoming_kyutai.settings import NAME_CHECK
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    model.enable_name_check(NAME_CHECK)
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
-    tries = {n: made_up_trie(n, model.tokenizer, special) for n in COUNTS}
+    tries = {n: made_up_trie(n, model.tokenizer, special, check=NAME_CHECK) for n in COUNTS}
     stepper = model.make_stepper(1)
     audio = speechlike(frames * 0.08, 24000, 5)[None]
     step_ms: dict[int, list[float]] = {n: [] for n in COUNTS}
+    check_ms: dict[int, list[float]] = {n: [] for n in COUNTS[1:]}
     with torch.inference_mode():
         stepper.reset([0])
         codes = stepper.encode(audio, [0])[0].t()
@@ -64,6 +74,10 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
                     stepper.lm_pass([0], [codes[i : i + 1]], [[]])
                     times.append(time.perf_counter() - t0)
                 step_ms[n].append(1000 * statistics.median(times[3:]))
+                if n:
+                    t0 = time.perf_counter()
+                    stepper.check_names(0)
+                    check_ms[n].append(1000 * (time.perf_counter() - t0))
     logits = torch.randn(1, model.tokenizer.get_piece_size())
     worst: dict[str, Any] = {}
     for n in COUNTS[1:]:
@@ -97,6 +111,13 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
         "step_ms": {str(n): round(statistics.median(v), 2) for n, v in step_ms.items()},
         "step_ratio": {
             str(n): round(statistics.median(v) / plain_step, 3) for n, v in step_ms.items()
+        },
+        "check_at_end": {
+            str(n): {
+                "ms": round(statistics.median(v), 2),
+                "steps": round(statistics.median(v) / plain_step, 1),
+            }
+            for n, v in check_ms.items()
         },
         "word_boundary_worst_case": {
             n: {**w, "percent_of_step": round(100 * w["extra_ms"] / plain_step, 2)}

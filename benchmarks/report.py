@@ -502,8 +502,22 @@ def _names_rows(result: dict[str, Any]) -> list[str]:
         f"{steps['0']} / {steps['100']} / {steps['1000']} ms "
         f"({ratios['100']:.3f}× / {ratios['1000']:.3f}×); worst case at a word boundary "
         f"(every first piece boosted: {worst['1000']['tokens_boosted']} tokens) "
-        f"+{worst['1000']['extra_ms']} ms = {worst['1000']['percent_of_step']} % of a step |"
+        f"+{worst['1000']['extra_ms']} ms = {worst['1000']['percent_of_step']} % of a step"
+        + _check_cell(part)
+        + " |"
     ]
+
+
+def _check_cell(part: dict[str, Any]) -> str:
+    """The check of whole names at a stream's end, where the result has it."""
+    check = part.get("check_at_end")
+    if not check:
+        return ""
+    return (
+        f"; name check at the stream's end ({part['frames']} steps, 100 / 1,000 names): "
+        f"{check['100']['ms']} / {check['1000']['ms']} ms "
+        f"({check['100']['steps']} / {check['1000']['steps']} steps)"
+    )
 
 
 def quality_table(result: dict[str, Any]) -> list[str]:

@@ -9,7 +9,8 @@ against the names, each name whole:
 - the LM is forked at that step (``LanguageModel.fork``) into probe slots, one per name
   start: the first pieces of names the model itself found likeliest there
   (:data:`FIRST_PIECES`, within :data:`FIRST_PIECE_RANGE` of what it wrote), the probes of
-  every word start side by side, :data:`PROBES` at a time;
+  every word start side by side, :data:`PROBES` at a time, likeliest first, in at most
+  :data:`MAX_PASSES` passes;
 - each probe is made to write its name, one piece a step, in the spelling the model
   likes best at each step (the trie's continuations only), and to end the word; one that
   falls :data:`GIVE_UP` behind stops;
@@ -25,6 +26,7 @@ ring has wrapped (longer than the model's context) is left as it is.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ import torch
 from .engine_types import Rewrite
 from .names import NameTrie
 from .runtime.lm import LanguageModel
+
+_LOGGER = logging.getLogger(__name__)
 
 PROBES = 4
 """Probe slots of the lean runtime: how many name starts run side by side (each holds a
@@ -46,6 +50,11 @@ FIRST_PIECE_RANGE = 8.0
 """Nats a name's first piece may fall below what the stream wrote there and still be tried
 (a name the model finds that much less likely to start seldom wins, and each start tried
 costs a probe)."""
+
+MAX_PASSES = 32
+"""LM passes of probes a check may take (each as long as a step of ``PROBES`` streams): the
+likeliest name starts go first, and what is left when these are spent is not tried. It
+bounds what the check adds to the final transcript's latency."""
 
 GIVE_UP = 10.0
 """A probe whose score falls below minus this many nats stops (it seldom comes back)."""
@@ -119,25 +128,46 @@ def check(
     eop = trie.special.end_of_padding
     boundary = trie.advance(trie.START, eop)
     firsts = list(trie.boosted(boundary)[0])
-    starts: list[tuple[int, int]] = []  # (step, first piece)
-    for step, logps in sorted(history.after_word_start.items()):
+    ranked: list[tuple[float, int, int]] = []  # (below the stream's own, step, first piece)
+    for step, logps in history.after_word_start.items():
         if step < steps - 1:
-            floor = history.logps[step] - FIRST_PIECE_RANGE
-            ranked = sorted(firsts, key=lambda t: -float(logps[t]))[:FIRST_PIECES]
-            starts += [(step, t) for t in ranked if float(logps[t]) >= floor]
+            own = history.logps[step]
+            likeliest = sorted(firsts, key=lambda t: -float(logps[t]))[:FIRST_PIECES]
+            ranked += [(own - float(logps[t]), step, t) for t in likeliest]
+    starts = [(step, t) for below, step, t in sorted(ranked) if below <= FIRST_PIECE_RANGE]
     best: _Probe | None = None
+    passes = 0
     for at in range(0, len(starts), len(probes)):
+        if passes >= MAX_PASSES:
+            break
         batch = starts[at : at + len(probes)]
         for probe_slot, (step, _) in zip(probes, batch, strict=False):
             lm.fork(slot, [probe_slot], step, eop)
         tried = [_Probe(step, trie.advance(boundary, first), [first]) for step, first in batch]
-        _run(lm, probes, tried, history, trie, bonus)
+        passes += _run(lm, probes, tried, history, trie, bonus, MAX_PASSES - passes)
         for probe in tried:
             if probe.done and probe.gain >= MARGIN and (best is None or probe.gain > best.gain):
                 best = probe
+    words = len(history.after_word_start)
     if best is None:
+        _LOGGER.debug(
+            "Name check: %d name starts at %d word starts, %d passes: no name fits",
+            len(starts),
+            words,
+            passes,
+        )
         return None
-    return Rewrite(tuple(best.tokens + _continue(lm, slot, probes[0], best, history)))
+    rest = _continue(lm, slot, probes[0], best, history)
+    _LOGGER.debug(
+        "Name check: %d name starts at %d word starts, %d passes: a name fits at step %d "
+        "(score %.1f)",
+        len(starts),
+        words,
+        passes,
+        best.start,
+        best.gain,
+    )
+    return Rewrite(tuple(best.tokens + rest))
 
 
 def _run(
@@ -147,17 +177,20 @@ def _run(
     history: History,
     trie: NameTrie,
     bonus: float,
-) -> None:
+    budget: int,
+) -> int:
     """Step the probes (forked at their starts, each in ``probes[i]``) until each has
-    written its name and ended the word, or cannot: the first piece is each one's own, then
-    the trie's continuations."""
+    written its name and ended the word, or cannot, in at most ``budget`` passes: the first
+    piece is each one's own, then the trie's continuations. Returns the passes taken."""
     pad, eop = trie.special.padding, trie.special.end_of_padding
-    for offset in range(MAX_NAME_STEPS):
+    passes = 0
+    for offset in range(min(MAX_NAME_STEPS, budget)):
         live = [
             i for i, p in enumerate(tried) if not p.done and p.start + offset < len(history.tokens)
         ]
         if not live:
             break
+        passes += 1
         allowed = [
             tried[i].tokens[:1] if offset == 0 else list(trie.boosted(tried[i].state)[0])
             for i in live
@@ -185,6 +218,7 @@ def _run(
     for probe in tried:
         if not probe.done:
             probe.done, probe.gain = True, float("-inf")
+    return passes
 
 
 def _continue(
