@@ -442,6 +442,11 @@ def main() -> None:
         "name": "commands-en-names",
         "command": "python -m training.names_eval --data "
         + str(args.data)
+        + (
+            ""
+            if args.boosts == list(BOOSTS)
+            else " --boosts " + " ".join(f"{b:g}" for b in args.boosts)
+        )
         + f" --voice {args.voice}"
         + " --follow-ons "
         + " ".join(f"{f:g}" for f in args.follow_ons)
