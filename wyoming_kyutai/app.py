@@ -144,7 +144,7 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         settings.prefers_auto_gain,
         settings.prefers_noise_reduction,
     )
-    model.enable_name_check(settings.name_check)
+    model.enable_name_check(settings.name_check if settings.name_boost > 0 else 0.0)
     engine = Engine(
         model,
         slots=settings.slots,

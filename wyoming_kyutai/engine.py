@@ -27,7 +27,7 @@ from .cpu_share import CpuSampler, ThreadGovernor
 from .engine_types import EngineBusy, EngineClosed, Rewrite, StepResult, StreamFailed
 from .loaded_model import LoadedModel
 from .names import NameTrie
-from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Outcome, Rows, Scheduler
+from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Rows, Scheduler
 from .stepper import Stepper, run_pass
 
 _LOGGER = logging.getLogger(__name__)
@@ -392,26 +392,28 @@ class Engine:
         kept = run_pass(self.stepper, rows)
         with self._cond:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
-        self._deliver(outcome, self._check_names(outcome.ended))
-
-    def _check_names(self, ended: Sequence[object]) -> dict[int, Rewrite]:
-        """The rewrites of the streams that just took their last step, where the check of
-        whole names (``name_check.py``) found a name; a failing check is logged and leaves
-        the transcript as it is."""
-        assert self.stepper is not None
-        rewrites: dict[int, Rewrite] = {}
-        for owner in ended:
+        for owner, result in outcome.results:
+            _stream(owner)._deliver(result)
+        # every stream has its results before a check of names holds the worker
+        for owner in outcome.ended:
             stream = _stream(owner)
-            if stream.names is None or stream.closed:
-                continue
-            try:
-                rewrite = self.stepper.check_names(stream.slot_index)
-            except Exception as err:  # noqa: BLE001 - the transcript stands without it
-                _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
-                continue
+            rewrite = self._check_names(stream)
             if rewrite is not None:
-                rewrites[id(owner)] = rewrite
-        return rewrites
+                stream._deliver(rewrite)
+            stream._deliver(_END)
+
+    def _check_names(self, stream: EngineStream) -> Rewrite | None:
+        """The rewrite of a stream that just took its last step, where the check of whole
+        names (``name_check.py``) found a name; a failing check is logged and leaves the
+        transcript as it is."""
+        assert self.stepper is not None
+        if stream.names is None or stream.closed:
+            return None
+        try:
+            return self.stepper.check_names(stream.slot_index)
+        except Exception as err:  # noqa: BLE001 - the transcript stands without it
+            _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
+            return None
 
     def _report_shed(self, stream: EngineStream, frames: int) -> None:
         """One warning the first time a stream loses audio to the lag bound, debug after."""
@@ -426,15 +428,6 @@ class Engine:
             frames / self.model.frame_rate,
             stream.shed_frames / self.model.frame_rate,
         )
-
-    @staticmethod
-    def _deliver(outcome: Outcome, rewrites: dict[int, Rewrite]) -> None:
-        for owner, result in outcome.results:
-            _stream(owner)._deliver(result)
-        for owner in outcome.ended:
-            if id(owner) in rewrites:
-                _stream(owner)._deliver(rewrites[id(owner)])
-            _stream(owner)._deliver(_END)
 
 
 def same_bits_on_one_thread(stepper: Stepper, threads: int) -> bool:

@@ -95,6 +95,7 @@ class LeanStepper:
         if self._names.any(slots):
             boosts = [self._names.rows(s, g) for s, g in zip(slots, given, strict=True)]
         steps = self._lm.step(codes, slots, given, boosts)
+        context = self._lm.config.context
         kept = [
             Kept(o.tokens.tolist(), [tuple(p) for p in o.pauses.tolist()], o.ahead.tolist())
             for o in steps
@@ -102,8 +103,15 @@ class LeanStepper:
         for slot, k, o, frames in zip(slots, kept, steps, codes, strict=True):
             self._names.keep(slot, k.tokens)
             trie = self._names.trie(slot)
-            if self._probes and trie is not None and trie.check > 0:
-                self._histories[slot].add(
+            history = self._histories[slot]
+            # a stream past the context cannot be forked: its history would be of no use
+            if (
+                self._probes
+                and trie is not None
+                and trie.check > 0
+                and len(history.tokens) <= context
+            ):
+                history.add(
                     frames[: len(k.tokens)], k.tokens, o.text_logits, trie.special.end_of_padding
                 )
         return kept

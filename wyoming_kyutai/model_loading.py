@@ -157,7 +157,7 @@ def load_configured(settings: Settings) -> LoadedModel:
         settings.quantize,
         settings.runtime,
     )
-    model.enable_name_check(settings.name_check)
+    model.enable_name_check(settings.name_check if settings.name_boost > 0 else 0.0)
     return model
 
 

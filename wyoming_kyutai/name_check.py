@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_types import Rewrite
-from .names import NameTrie
+from .names import WAIT, NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ MARGIN = 0.0
 
 MAX_NAME_STEPS = 32
 """Steps a probe may take to write a name; one that has not finished by then is dropped."""
+
+CONTINUE_ROWS = 4
+"""Steps a pass of the winner's run to the stream's end takes (as the engine's look-ahead)."""
 
 FORCE = 1.0e4
 """The boost that restricts a probe's argmax to the tokens its name allows."""
@@ -146,6 +149,9 @@ def check(
         tried = [_Probe(step, trie.advance(boundary, first), [first]) for step, first in batch]
         passes += _run(lm, probes, tried, history, trie, bonus, MAX_PASSES - passes)
         for probe in tried:
+            same = probe.tokens == history.tokens[probe.start : probe.start + len(probe.tokens)]
+            if same:  # the stream wrote this name there already: nothing to replace
+                continue
             if probe.done and probe.gain >= MARGIN and (best is None or probe.gain > best.gain):
                 best = probe
     words = len(history.after_word_start)
@@ -157,7 +163,7 @@ def check(
             passes,
         )
         return None
-    rest = _continue(lm, slot, probes[0], best, history)
+    rest = _continue(lm, slot, probes[0], best, history, trie)
     _LOGGER.debug(
         "Name check: %d name starts at %d word starts, %d passes: a name fits at step %d "
         "(score %.1f)",
@@ -192,8 +198,7 @@ def _run(
             break
         passes += 1
         allowed = [
-            tried[i].tokens[:1] if offset == 0 else list(trie.boosted(tried[i].state)[0])
-            for i in live
+            tried[i].tokens[:1] if offset == 0 else _allowed(trie, tried[i].state) for i in live
         ]
         out = lm.step(
             [history.codes[tried[i].start + offset][None] for i in live],
@@ -207,7 +212,9 @@ def _run(
                 continue
             step = probe.start + offset
             logp = float(torch.log_softmax(result.text_logits[0].float(), dim=-1)[token])
-            probe.gain += logp - history.logps[step] + bonus
+            # a pause between a name's words earns nothing: a name is not to stretch
+            paused = token == pad and probe.state % 3 == WAIT
+            probe.gain += logp - history.logps[step] + (0.0 if paused else bonus)
             if offset:
                 ended = token in (pad, eop) and trie.complete(probe.state)
                 probe.tokens.append(token)
@@ -221,24 +228,49 @@ def _run(
     return passes
 
 
+def _allowed(trie: NameTrie, state: int) -> list[int]:
+    """What a probe may write next: the trie's continuations of its name, and padding
+    between two of its words (a pause there; the trie itself only boosts their end)."""
+    tokens = list(trie.boosted(state)[0])
+    if state % 3 == WAIT:
+        tokens.append(trie.special.padding)
+    return tokens
+
+
 def _continue(
-    lm: LanguageModel, slot: int, probe: int, best: _Probe, history: History
+    lm: LanguageModel, slot: int, probe: int, best: _Probe, history: History, trie: NameTrie
 ) -> list[int]:
-    """The winner's fork replayed through its name, then run greedily to the stream's end
-    (the stream's own tokens as the guesses of each pass); its tokens after the name."""
+    """The winner's fork replayed through its name, then run on to the stream's end as the
+    stream ran (greedy, biased toward the names), :data:`CONTINUE_ROWS` steps a pass with
+    guessed inputs (first the stream's own tokens, then each pass's unkept outputs); its
+    tokens after the name."""
     eop = history.tokens[best.start - 1]
     lm.fork(slot, [probe], best.start, eop)
     steps = len(history.tokens)
     at, end = best.start, best.start + len(best.tokens)
     codes = torch.stack(history.codes[at:end])
-    boosts = [((t,), FORCE) for t in best.tokens]
-    lm.step([codes], [probe], [best.tokens[:-1]], [boosts])
+    forced = [((t,), FORCE) for t in best.tokens]
+    replayed = lm.step([codes], [probe], [best.tokens[:-1]], [forced])[0].tokens.tolist()
+    assert replayed == best.tokens, "a replay keeps every forced row"
+    names = SlotNames(1)
+    names.reset([0], [trie])
+    names.keep(0, [*history.tokens[: best.start], *best.tokens])
+    guess = list(history.tokens)  # guess[s]: the output of step s
     out: list[int] = []
     at = end
     while at < steps:
-        rows = history.codes[at:steps]
-        guesses = history.tokens[at : steps - 1]
-        kept = lm.step([torch.stack(rows)], [probe], [guesses])[0].tokens.tolist()
+        count = min(CONTINUE_ROWS, steps - at)
+        guesses = guess[at : at + count - 1]
+        result = lm.step(
+            [torch.stack(history.codes[at : at + count])],
+            [probe],
+            [guesses],
+            [names.rows(0, guesses)],
+        )[0]
+        kept = result.tokens.tolist()
+        names.keep(0, kept)
+        for i, token in enumerate(result.ahead.tolist()):
+            guess[at + len(kept) + i] = token
         out += kept
         at += len(kept)
     return out
