@@ -45,9 +45,11 @@ def _text(model: LeanModel, tokens: list[int]) -> str:
     return model.tokenizer.decode([t for t in tokens if t > 3 and t != model.text_padding_id])
 
 
-async def _tokens(model: LeanModel, check_bonus: float, audio: np.ndarray) -> list[int]:
+async def _tokens(
+    model: LeanModel, check_bonus: float, audio: np.ndarray, names: list[str] = NAMES
+) -> list[int]:
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
-    trie = build_trie(NAMES, model.tokenizer, 2.0, special, check=check_bonus)
+    trie = build_trie(names, model.tokenizer, 2.0, special, check=check_bonus)
     model.enable_name_check(check_bonus)
     engine = Engine(model, slots=2)
     engine.start()
@@ -70,6 +72,27 @@ async def test_the_check_rewrites_from_the_name_on_and_keeps_what_came_before(
     assert first > 0 and checked[:first] == plain[:first]
     assert CLIP["name"] not in _text(model, plain)
     assert CLIP["name"] in _text(model, checked).lower(), _text(model, checked)
+
+
+async def test_a_name_already_heard_right_is_left_as_it_is(model: LeanModel) -> None:
+    """The stream wrote the name itself: the check finds nothing to replace, and the
+    tokens are those of shallow fusion alone."""
+    wav = read_wav(ROOT / "audio" / "commands" / "words-1.wav")  # "turn off the washing..."
+    audio = PcmConverter(wav.format).convert(wav.data)
+    names = ["Washing Machine", "Ecobee"]
+    plain = await _tokens(model, 0.0, audio, names)
+    assert "washing machine" in _text(model, plain)
+    assert await _tokens(model, 3.5, audio, names) == plain
+
+
+async def test_a_name_heard_right_does_not_keep_another_from_being_fixed(
+    model: LeanModel,
+) -> None:
+    """ "turn" (a name here) is written right at the start of "turn on the ecobee": the
+    check does not count writing it again as a find, so "ecobee" still replaces what the
+    model wrote for it."""
+    checked = await _tokens(model, 3.5, _audio(CLIP["file"]), ["Turn", "Ecobee"])
+    assert _text(model, checked).lower() == CLIP["text"]
 
 
 async def test_a_failing_check_leaves_the_transcript_as_it_was(
