@@ -44,7 +44,7 @@ stream's worth of KV cache: about 100 MB for Kyutai's 1B model)."""
 
 FIRST_PIECES = 8
 """The name starts tried at each word start: the first pieces of names the model finds
-likeliest there (fewer lose names: benchmarks/results/commands-en-names.md)."""
+likeliest there (3 lost a quarter of the names that 8 find: training/README.md)."""
 
 FIRST_PIECE_RANGE = 8.0
 """Nats a name's first piece may fall below what the stream wrote there and still be tried
