@@ -35,6 +35,7 @@ from .data import held_out, spoken
 from .evaluate import cpu_name, edit_distance, load_lean, words_of, write_test_clip, write_wav
 
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+DEFAULT_OUT = Path("benchmarks/results/commands-en-names.json")
 CHECKS = (0.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 """The ``name_check`` bonuses swept (name_check.py), at the default ``name_boost``."""
 TEMPLATES = ("turn on the {name}", "turn off the {name}", "set the {name} to {number} percent")
@@ -400,7 +401,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=Path("tests/checkpoints/commands-en"))
     p.add_argument("--data", type=Path, required=True, help="the training run's data-*.pkl")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/commands-en-names.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--boosts", type=float, nargs="+", default=list(BOOSTS))
     p.add_argument("--follow-ons", type=float, nargs="+", default=[FOLLOW_ON])
     p.add_argument("--quantize", default="int8")
@@ -451,7 +452,8 @@ def main() -> None:
         + " --follow-ons "
         + " ".join(f"{f:g}" for f in args.follow_ons)
         + " --checks "
-        + " ".join(f"{c:g}" for c in args.checks),
+        + " ".join(f"{c:g}" for c in args.checks)
+        + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"),
         "voice": args.voice,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "checkpoint": str(args.model),
