@@ -231,5 +231,7 @@ def test_slots_that_do_not_fit_in_memory_are_one_line_exit_1(tiny_dir: Path) -> 
         env=_base_env(),
     )
     assert proc.returncode == 1, proc.stderr
-    assert "64 slots need" in proc.stderr and "lower `slots`" in proc.stderr
+    # the name check's probes (on by default) count, and the advice says how to drop them
+    assert "64 slots and 4 name-check probes need" in proc.stderr, proc.stderr
+    assert "lower `slots`, or set `name_check` to 0" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -41,7 +41,14 @@ class LeanStepper:
         self._probes = list(range(slots, slots + probes))
         kv = lm.nbytes()["kv_per_slot"]
         per_slot = kv + mimi.nbytes()["state_per_slot"]
-        check_memory(slots * per_slot + probes * kv, f"{slots} slots")
+        if probes:
+            what, advice = (
+                f"{slots} slots and {probes} name-check probes",
+                ("lower `slots`, or set `name_check` to 0"),
+            )
+        else:
+            what, advice = f"{slots} slots", "lower `slots`"
+        check_memory(slots * per_slot + probes * kv, what, advice)
         mimi.allocate(slots)
         lm.allocate(slots + probes)
 
