@@ -56,7 +56,7 @@ MAX_PASSES = 32
 likeliest name starts go first, and what is left when these are spent is not tried. It
 bounds what the check adds to the final transcript's latency."""
 
-GIVE_UP = 10.0
+GIVE_UP = 7.0
 """A probe whose score falls below minus this many nats stops (it seldom comes back)."""
 
 MARGIN = 0.0
