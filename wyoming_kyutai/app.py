@@ -18,7 +18,7 @@ from .hass_names import HomeAssistantNames, resolve_source
 from .loaded_model import LoadedModel
 from .name_book import book_from_settings
 from .server import Connection, ServerLimits, SttServer
-from .settings import DEFAULTS, Settings, connection_limit
+from .settings import DEFAULTS, Settings, connection_limit, name_check_bonus
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def create_app(settings: Settings, model: LoadedModel) -> App:
         settings.prefers_auto_gain,
         settings.prefers_noise_reduction,
     )
-    model.enable_name_check(settings.name_check if settings.name_boost > 0 else 0.0)
+    model.enable_name_check(name_check_bonus(settings))
     engine = Engine(
         model,
         slots=settings.slots,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint_files import CheckpointError, CheckpointFiles, languages_of, resolve_checkpoint
 from .loaded_model import LeanModel, LoadedModel, MoshiModel
 from .moshi_env import configure_moshi_env, moshi_missing
-from .settings import DEFAULT_MODEL, Settings
+from .settings import DEFAULT_MODEL, Settings, name_check_bonus
 
 if TYPE_CHECKING:
     from .runtime.mimi import MimiConfig
@@ -157,7 +157,7 @@ def load_configured(settings: Settings) -> LoadedModel:
         settings.quantize,
         settings.runtime,
     )
-    model.enable_name_check(settings.name_check if settings.name_boost > 0 else 0.0)
+    model.enable_name_check(name_check_bonus(settings))
     return model
 
 

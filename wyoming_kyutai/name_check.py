@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_types import Rewrite
-from .names import WAIT, NameTrie, SlotNames
+from .names import NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 
 _LOGGER = logging.getLogger(__name__)
@@ -113,6 +113,10 @@ class _Probe:
     tokens: list[int]  # what it wrote from ``start`` on (the first piece given)
     gain: float = 0.0
     done: bool = False
+
+    def drop(self) -> None:
+        """Not a name: it ends without a score."""
+        self.done, self.gain = True, float("-inf")
 
 
 def check(
@@ -208,12 +212,12 @@ def _run(
         for i, a, result in zip(live, allowed, out, strict=True):
             probe, token = tried[i], int(result.tokens[0])
             if token not in a:  # nowhere left to go: not a name
-                probe.done, probe.gain = True, float("-inf")
+                probe.drop()
                 continue
             step = probe.start + offset
             logp = float(torch.log_softmax(result.text_logits[0].float(), dim=-1)[token])
             # a pause between a name's words earns nothing: a name is not to stretch
-            paused = token == pad and probe.state % 3 == WAIT
+            paused = token == pad and trie.between_words(probe.state)
             probe.gain += logp - history.logps[step] + (0.0 if paused else bonus)
             if offset:
                 ended = token in (pad, eop) and trie.complete(probe.state)
@@ -221,10 +225,10 @@ def _run(
                 probe.state = trie.advance(probe.state, token)
                 probe.done = ended
             if probe.gain < -GIVE_UP:
-                probe.done, probe.gain = True, float("-inf")
+                probe.drop()
     for probe in tried:
-        if not probe.done:
-            probe.done, probe.gain = True, float("-inf")
+        if not probe.done:  # out of steps or passes
+            probe.drop()
     return passes
 
 
@@ -232,7 +236,7 @@ def _allowed(trie: NameTrie, state: int) -> list[int]:
     """What a probe may write next: the trie's continuations of its name, and padding
     between two of its words (a pause there; the trie itself only boosts their end)."""
     tokens = list(trie.boosted(state)[0])
-    if state % 3 == WAIT:
+    if trie.between_words(state):
         tokens.append(trie.special.padding)
     return tokens
 

@@ -281,6 +281,11 @@ class NameTrie:
         node, phase = divmod(state, 3)
         return phase == INSIDE and node in self._ends
 
+    @staticmethod
+    def between_words(state: int) -> bool:
+        """Whether ``state`` is padding after a name's word (``WAIT``)."""
+        return state % 3 == WAIT
+
     def advance(self, state: int, token: int) -> int:
         """The state after the model wrote ``token``."""
         node, phase = divmod(state, 3)
@@ -323,12 +328,13 @@ def build_trie(
 class SlotNames:
     """Each slot's name trie (None: no biasing) and its match state."""
 
-    def trie(self, slot: int) -> NameTrie | None:
-        return self._tries[slot]
-
     def __init__(self, slots: int) -> None:
         self._tries: list[NameTrie | None] = [None] * slots
         self._states = [NameTrie.START] * slots
+
+    def trie(self, slot: int) -> NameTrie | None:
+        """``slot``'s trie (None: no biasing)."""
+        return self._tries[slot]
 
     def reset(self, slots: Sequence[int], tries: Sequence[NameTrie | None] = ()) -> None:
         """Start these slots' matches over (a stream's reset), ``slots[i]`` with ``tries[i]``

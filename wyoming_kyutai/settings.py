@@ -255,6 +255,12 @@ def connection_limit(slots: int, max_connections: int = 0) -> int:
     return max_connections or max(64, 2 * slots)
 
 
+def name_check_bonus(settings: Settings) -> float:
+    """The check of whole names' bonus per step where it can run: ``name_check`` while
+    biasing is on (``name_boost`` above 0: without it no utterance has names), else 0."""
+    return settings.name_check if settings.name_boost > 0 else 0.0
+
+
 def in_group(name: str) -> tuple[str, ...]:
     """The names of the settings in group ``name``, in field order."""
     return tuple(f.name for f in fields(Settings) if f.metadata["group"] == name)

@@ -69,12 +69,8 @@ async def transcribe_audio(
         while (result := await stream.get()) is not None:
             if isinstance(result, Rewrite):
                 utterance.rewrite(result)
-                steps[len(steps) - len(result.tokens) :] = [
-                    {"token": t, "pause": s["pause"]}
-                    for t, s in zip(
-                        result.tokens, steps[len(steps) - len(result.tokens) :], strict=True
-                    )
-                ]
+                for step, token in zip(steps[-len(result.tokens) :], result.tokens, strict=True):
+                    step["token"] = token
                 continue
             update = utterance.feed(result)
             if update.ended_by == END_OF_TURN:
