@@ -6,11 +6,12 @@ of it ("aatio" for "ecobee"), and a boost high enough to overrule that writes na
 said. So once a stream has ended, each place where the model started a word is tried
 against the names, each name whole:
 
-- the LM is forked at that step (``LanguageModel.fork``) into probe slots, one per name
-  start: the first pieces of names the model itself found likeliest there
-  (:data:`FIRST_PIECES`, within :data:`FIRST_PIECE_RANGE` of what it wrote), the probes of
-  every word start side by side, :data:`PROBES` at a time, likeliest first, in at most
-  :data:`MAX_PASSES` passes;
+- the LM is forked just after that step (``LanguageModel.fork``) into probe slots, one per
+  name start: the first pieces of names the model itself found likeliest there
+  (:data:`FIRST_PIECES`, within :data:`FIRST_PIECE_RANGE` of what it wrote; the stream's own
+  step there already gave each one's probability), the probes of every word start side by
+  side, :data:`PROBES` at a time, likeliest first, a probe slot taking the next start as
+  soon as its last one ends, in at most :data:`MAX_PASSES` passes;
 - each probe is made to write its name, one piece a step, in the spelling the model
   likes best at each step (the trie's continuations only), and to end the word; one that
   falls :data:`GIVE_UP` behind stops;
@@ -108,15 +109,19 @@ class History:
 
 @dataclass
 class _Probe:
+    rank: int  # its place among the name starts, likeliest first (ties go to the likelier)
     start: int  # the step of its first piece
     state: int  # its match, once the first piece is written
     tokens: list[int]  # what it wrote from ``start`` on (the first piece given)
-    gain: float = 0.0
+    gain: float
     done: bool = False
 
     def drop(self) -> None:
         """Not a name: it ends without a score."""
         self.done, self.gain = True, float("-inf")
+
+    def beats(self, other: _Probe | None) -> bool:
+        return other is None or (self.gain, -self.rank) > (other.gain, -other.rank)
 
 
 def check(
@@ -141,23 +146,12 @@ def check(
             own = history.logps[step]
             likeliest = sorted(firsts, key=lambda t: -float(logps[t]))[:FIRST_PIECES]
             ranked += [(own - float(logps[t]), step, t) for t in likeliest]
-    starts = [(step, t) for below, step, t in sorted(ranked) if below <= FIRST_PIECE_RANGE]
-    best: _Probe | None = None
-    passes = 0
-    for at in range(0, len(starts), len(probes)):
-        if passes >= MAX_PASSES:
-            break
-        batch = starts[at : at + len(probes)]
-        for probe_slot, (step, _) in zip(probes, batch, strict=False):
-            lm.fork(slot, [probe_slot], step, eop)
-        tried = [_Probe(step, trie.advance(boundary, first), [first]) for step, first in batch]
-        passes += _run(lm, probes, tried, history, trie, bonus, MAX_PASSES - passes)
-        for probe in tried:
-            same = probe.tokens == history.tokens[probe.start : probe.start + len(probe.tokens)]
-            if same:  # the stream wrote this name there already: nothing to replace
-                continue
-            if probe.done and probe.gain >= MARGIN and (best is None or probe.gain > best.gain):
-                best = probe
+    starts = [
+        _Probe(rank, step, trie.advance(boundary, t), [t], bonus - below)
+        for rank, (below, step, t) in enumerate(sorted(ranked))
+        if below <= FIRST_PIECE_RANGE and bonus - below >= -GIVE_UP
+    ]
+    best, passes = _search(lm, slot, probes, starts, history, trie, bonus)
     words = len(history.after_word_start)
     if best is None:
         _LOGGER.debug(
@@ -180,56 +174,69 @@ def check(
     return Rewrite(tuple(best.tokens + rest))
 
 
-def _run(
+def _search(
     lm: LanguageModel,
+    slot: int,
     probes: Sequence[int],
-    tried: list[_Probe],
+    starts: list[_Probe],
     history: History,
     trie: NameTrie,
     bonus: float,
-    budget: int,
-) -> int:
-    """Step the probes (forked at their starts, each in ``probes[i]``) until each has
-    written its name and ended the word, or cannot, in at most ``budget`` passes: the first
-    piece is each one's own, then the trie's continuations. Returns the passes taken."""
+) -> tuple[_Probe | None, int]:
+    """Run the name ``starts`` (likeliest first, each with its first piece's score) in the
+    ``probes`` slots, a free slot taking the next start at once, until each has written its
+    name and ended the word, or cannot, in at most :data:`MAX_PASSES` passes. A probe is
+    forked after its first piece: the stream's own step there computed that piece's
+    distribution already. Returns the best finished probe scoring at least :data:`MARGIN`
+    that changes what the stream wrote, and the passes taken."""
     pad, eop = trie.special.padding, trie.special.end_of_padding
+    waiting = iter(starts)
+    running: dict[int, _Probe] = {}  # by probe slot
+    best: _Probe | None = None
     passes = 0
-    for offset in range(min(MAX_NAME_STEPS, budget)):
-        live = [
-            i for i, p in enumerate(tried) if not p.done and p.start + offset < len(history.tokens)
-        ]
-        if not live:
+    while passes < MAX_PASSES:
+        for probe_slot in probes:
+            if probe_slot not in running:
+                probe = next(waiting, None)
+                if probe is not None:
+                    lm.fork(slot, [probe_slot], probe.start + 1, probe.tokens[0])
+                    running[probe_slot] = probe
+        if not running:
             break
         passes += 1
-        allowed = [
-            tried[i].tokens[:1] if offset == 0 else _allowed(trie, tried[i].state) for i in live
-        ]
+        order = sorted(running)
+        allowed = [_allowed(trie, running[s].state) for s in order]
         out = lm.step(
-            [history.codes[tried[i].start + offset][None] for i in live],
-            [probes[i] for i in live],
+            [history.codes[running[s].start + len(running[s].tokens)][None] for s in order],
+            order,
             boosts=[[(tuple(a), FORCE)] for a in allowed],
         )
-        for i, a, result in zip(live, allowed, out, strict=True):
-            probe, token = tried[i], int(result.tokens[0])
+        for probe_slot, a, result in zip(order, allowed, out, strict=True):
+            probe, token = running[probe_slot], int(result.tokens[0])
+            step = probe.start + len(probe.tokens)
             if token not in a:  # nowhere left to go: not a name
                 probe.drop()
-                continue
-            step = probe.start + offset
-            logp = float(torch.log_softmax(result.text_logits[0].float(), dim=-1)[token])
-            # a pause between a name's words earns nothing: a name is not to stretch
-            paused = token == pad and trie.between_words(probe.state)
-            probe.gain += logp - history.logps[step] + (0.0 if paused else bonus)
-            if offset:
-                ended = token in (pad, eop) and trie.complete(probe.state)
+            else:
+                logp = float(torch.log_softmax(result.text_logits[0].float(), dim=-1)[token])
+                # a pause between a name's words earns nothing: a name is not to stretch
+                paused = token == pad and trie.between_words(probe.state)
+                probe.gain += logp - history.logps[step] + (0.0 if paused else bonus)
+                probe.done = token in (pad, eop) and trie.complete(probe.state)
                 probe.tokens.append(token)
                 probe.state = trie.advance(probe.state, token)
-                probe.done = ended
-            if probe.gain < -GIVE_UP:
-                probe.drop()
-    for probe in tried:
-        if not probe.done:  # out of steps or passes
-            probe.drop()
-    return passes
+                if probe.gain < -GIVE_UP:
+                    probe.drop()
+                elif not probe.done and (
+                    len(probe.tokens) >= MAX_NAME_STEPS or step + 1 >= len(history.tokens)
+                ):
+                    probe.drop()  # out of steps
+            if probe.done:
+                del running[probe_slot]
+                same = probe.tokens == history.tokens[probe.start : step + 1]
+                # the stream wrote this name there already: nothing to replace
+                if not same and probe.gain >= MARGIN and probe.beats(best):
+                    best = probe
+    return best, passes
 
 
 def _allowed(trie: NameTrie, state: int) -> list[int]:
