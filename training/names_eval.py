@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import pickle
 import random
+import re
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +188,45 @@ def sweep(
     return rows, known, checked
 
 
+class _CheckPasses(logging.Handler):
+    """The model passes each check of whole names took (its search, and the winner's run to
+    the stream's end), from the check's debug line while in a ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.passes: list[int] = []
+        self._logger = logging.getLogger("wyoming_kyutai.name_check")
+        self._level = self._logger.level
+
+    def __enter__(self) -> _CheckPasses:
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.findall(r"(\d+) passes", record.getMessage())
+        if found:
+            self.passes.append(sum(int(n) for n in found))
+
+    def summary(self) -> dict[str, Any]:
+        """Checks run, and their passes' median, 90th percentile and most (none: {})."""
+        if not self.passes:
+            return {}
+        ranked = sorted(self.passes)
+        return {
+            "check_passes": {
+                "checks": len(ranked),
+                "median": statistics.median(ranked),
+                "p90": ranked[math.ceil(0.9 * len(ranked)) - 1],  # nearest rank
+                "max": ranked[-1],
+            }
+        }
+
+
 def _measure(
     model: Any,
     policy: Any,
@@ -196,7 +239,8 @@ def _measure(
     """Every file biased toward ``trie``: the sweep's row, whether each named command's name
     came out, and the name-free commands' words."""
     start = time.time()
-    records = asyncio.run(run_all(model, paths, policy, trie))
+    with _CheckPasses() as counted:
+        records = asyncio.run(run_all(model, paths, policy, trie))
     hyps = [words_of(r["text"]) for r in records]
     named_hyps, plain_hyps = hyps[: len(named)], hyps[len(named) :]
     right = [contains(h, name) for h, (_, name) in zip(named_hyps, named, strict=True)]
@@ -220,6 +264,7 @@ def _measure(
         "false_insertions_percent": round(100 * sum(inserted) / max(1, len(inserted)), 2),
         "name_free_wer_percent": round(100 * errors / max(1, ref_words), 2),
         "seconds": round(time.time() - start, 1),
+        **counted.summary(),
         "examples": [
             {"ref": u.text, "hyp": " ".join(h)}
             for (u, _), h in list(zip(named, named_hyps, strict=True))[:6]
@@ -353,18 +398,22 @@ def sweep_tables(
             "",
             f"The check of whole names at a stream's end (`name_check`, nats per step; "
             f"name_check.py), at `name_boost` {checked[0]['boost']:g}: the same commands; "
-            "time: the whole set's, against no check.",
+            "time: the whole set's, against no check; passes: the model passes of up to 4 rows a "
+            "check took after the stream's end (its search, then the winner's run to the end).",
             "",
             "| name_check | names right | word by word | whole | WER, named commands | "
-            "false name insertions (name-free) | WER, name-free | time |",
-            "|---|---|---|---|---|---|---|---|",
+            "false name insertions (name-free) | WER, name-free | time | passes a check: "
+            "median / p90 / most |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in checked:
+            passes = r.get("check_passes")
+            counts = f"{passes['median']:g} / {passes['p90']} / {passes['max']}" if passes else ""
             lines.append(
                 f"| {r['check']:g} | {r['names_right_percent']} % | "
                 f"{r['names_right_word_by_word_percent']} % | {r['names_right_whole_percent']} % | "
                 f"{r['named_commands_wer_percent']} % | {r['false_insertions_percent']} % | "
-                f"{r['name_free_wer_percent']} % | {r['seconds'] / base:.2f}× |"
+                f"{r['name_free_wer_percent']} % | {r['seconds'] / base:.2f}× | {counts} |"
             )
     return lines
 

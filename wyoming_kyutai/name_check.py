@@ -161,15 +161,16 @@ def check(
             passes,
         )
         return None
-    rest = _continue(lm, slot, probes[0], best, history, trie)
+    rest, run_on = _continue(lm, slot, probes[0], best, history, trie)
     _LOGGER.debug(
         "Name check: %d name starts at %d word starts, %d passes: a name fits at step %d "
-        "(score %.1f)",
+        "(score %.1f), %d passes to the end",
         len(starts),
         words,
         passes,
         best.start,
         best.gain,
+        1 + run_on,
     )
     return Rewrite(tuple(best.tokens + rest))
 
@@ -250,11 +251,11 @@ def _allowed(trie: NameTrie, state: int) -> list[int]:
 
 def _continue(
     lm: LanguageModel, slot: int, probe: int, best: _Probe, history: History, trie: NameTrie
-) -> list[int]:
+) -> tuple[list[int], int]:
     """The winner's fork replayed through its name, then run on to the stream's end as the
     stream ran (greedy, biased toward the names), :data:`CONTINUE_ROWS` steps a pass with
-    guessed inputs (first the stream's own tokens, then each pass's unkept outputs); its
-    tokens after the name."""
+    guessed inputs (first the stream's own tokens, then each pass's unkept outputs): its
+    tokens after the name, and the passes they took after the replay's."""
     eop = history.tokens[best.start - 1]
     lm.fork(slot, [probe], best.start, eop)
     steps = len(history.tokens)
@@ -268,8 +269,9 @@ def _continue(
     names.keep(0, [*history.tokens[: best.start], *best.tokens])
     guess = list(history.tokens)  # guess[s]: the output of step s
     out: list[int] = []
-    at = end
+    at, passes = end, 0
     while at < steps:
+        passes += 1
         count = min(CONTINUE_ROWS, steps - at)
         guesses = guess[at : at + count - 1]
         result = lm.step(
@@ -284,4 +286,4 @@ def _continue(
             guess[at + len(kept) + i] = token
         out += kept
         at += len(kept)
-    return out
+    return out, passes
