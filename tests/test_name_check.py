@@ -124,3 +124,19 @@ def test_no_check_past_the_context_or_out_of_step(model: LeanModel) -> None:
     assert check(lm, 0, [1], long, trie, 3.5) is None  # longer than the context
     assert check(lm, 0, [1], History(tokens=[0, 5]), trie, 3.5) is None  # not where lm is
     assert check(lm, 0, [1], History(), trie, 0.0) is None
+
+
+async def test_names_that_share_a_first_piece_are_each_tried(model: LeanModel) -> None:
+    """ "Tado Valve" and "Tapo Camera" start with the same piece in this checkpoint's
+    tokenizer: each is tried whole on its own (not only the spelling the model likes best
+    after that piece), so each command comes out with its own name."""
+    shared = UNSEEN.parent / "shared-first-piece"
+    names = ["Tado Valve", "Tapo Camera", "Ecobee", "Netatmo"]
+    firsts = {model.tokenizer.encode(name.split()[0].lower())[0] for name in names[:2]}
+    assert len(firsts) == 1
+    for item in json.loads((shared / "manifest.json").read_text()):
+        wav = read_wav(shared / item["file"])
+        audio = PcmConverter(wav.format).convert(wav.data)
+        assert item["name"] not in _text(model, await _tokens(model, 0.0, audio, names))
+        checked = _text(model, await _tokens(model, 3.5, audio, names)).lower()
+        assert checked == item["text"], (item, checked)

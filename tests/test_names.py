@@ -188,3 +188,27 @@ def test_names_file(tmp_path: Path) -> None:
     path = tmp_path / "names.txt"
     path.write_text("# my home\nEcobee\n\n  Hue Go  \n", encoding="utf-8")
     assert read_names_file(path) == ["Ecobee", "Hue Go"]
+
+
+def test_a_name_path_keeps_to_its_own_name_where_names_share_a_start(sp) -> None:
+    """ "tado valve" and "tapo camera" share their first piece: along one name's path only
+    its own pieces, pauses between its words and its end are allowed, and only its end
+    ends it (the check of whole names writes each name apart)."""
+    trie = build_trie(["tado valve", "tapo camera"], sp, 2.0)
+    assert trie is not None
+    tado, tapo = trie.paths
+    assert tado.firsts == tapo.firsts
+    state = trie.advance(NameTrie.START, EOP)
+    for i, token in enumerate(sp.encode("tado")):
+        assert trie.on_path(state, token, tado)
+        assert trie.on_path(state, token, tapo) == (i == 0)
+        state = trie.advance(state, token)
+    assert trie.on_path(state, PAD, tado) and not trie.ends(state, PAD, tado)
+    state = trie.advance(state, PAD)  # a pause between "tado" and "valve"
+    assert trie.on_path(state, PAD, tado)
+    state = trie.advance(state, EOP)
+    for token in sp.encode("valve"):
+        assert trie.on_path(state, token, tado) and not trie.ends(state, PAD, tado)
+        state = trie.advance(state, token)
+    assert trie.ends(state, PAD, tado) and trie.ends(state, EOP, tado)
+    assert not trie.ends(state, PAD, tapo)

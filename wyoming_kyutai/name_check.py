@@ -7,13 +7,14 @@ said. So once a stream has ended, each place where the model started a word is t
 against the names, each name whole:
 
 - the LM is forked just after that step (``LanguageModel.fork``) into probe slots, one per
-  name start: the first pieces of names the model itself found likeliest there
-  (:data:`FIRST_PIECES`, within :data:`FIRST_PIECE_RANGE` of what it wrote; the stream's own
-  step there already gave each one's probability), the probes of every word start side by
+  name start: the names whose first pieces the model itself found likeliest there
+  (:data:`NAMES_PER_START`, within :data:`FIRST_PIECE_RANGE` of what it wrote; the stream's
+  own step there already gave each one's probability), the probes of every word start side by
   side, :data:`PROBES` at a time, likeliest first, a probe slot taking the next start as
   soon as its last one ends, in at most :data:`MAX_PASSES` passes;
 - each probe is made to write its name, one piece a step, in the spelling the model
-  likes best at each step (the trie's continuations only), and to end the word; one that
+  likes best at each step (the continuations of that name only: names that share a first
+  piece are tried apart), and to end the word; one that
   falls :data:`GIVE_UP` behind stops;
 - its score: the model's own log-probabilities of what the probe wrote, minus those of
   what the stream wrote at the same steps, plus ``bonus`` per step the name took (a name
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine_types import Rewrite
-from .names import NameTrie, SlotNames
+from .names import NamePath, NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,25 +44,28 @@ PROBES = 4
 """Probe slots of the lean runtime: how many name starts run side by side (each holds a
 stream's worth of KV cache: about 100 MB for Kyutai's 1B model)."""
 
-FIRST_PIECES = 8
-"""The name starts tried at each word start: the first pieces of names the model finds
-likeliest there (3 lost a quarter of the names that 8 find: training/README.md)."""
+NAMES_PER_START = 8
+"""The names tried at each word start: those whose first piece the model finds likeliest
+there (of 8 first pieces, 3 lost a quarter of the names: training/README.md)."""
 
 FIRST_PIECE_RANGE = 8.0
 """Nats a name's first piece may fall below what the stream wrote there and still be tried
 (a name the model finds that much less likely to start seldom wins, and each start tried
 costs a probe)."""
 
-MAX_PASSES = 32
+MAX_PASSES = 48
 """LM passes of probes a check may take (each as long as a step of ``PROBES`` streams): the
 likeliest name starts go first, and what is left when these are spent is not tried. It
-bounds what the check adds to the final transcript's latency."""
+bounds what the check adds to the final transcript's latency; on the test model, 48 find as
+many names as no bound (training/README.md)."""
 
 GIVE_UP = 7.0
 """A probe whose score falls below minus this many nats stops (it seldom comes back)."""
 
-MARGIN = 0.0
-"""How much a name's score must reach to replace what was written (nats)."""
+MARGIN = 1.0
+"""How much a name's score must reach to replace what was written (nats): on the test model,
+1 rather than 0 writes fewer names into commands that have none, for a few fewer found
+(training/README.md)."""
 
 MAX_NAME_STEPS = 32
 """Steps a probe may take to write a name; one that has not finished by then is dropped."""
@@ -110,6 +114,7 @@ class History:
 @dataclass
 class _Probe:
     rank: int  # its place among the name starts, likeliest first (ties go to the likelier)
+    path: NamePath  # the name it writes
     start: int  # the step of its first piece
     state: int  # its match, once the first piece is written
     tokens: list[int]  # what it wrote from ``start`` on (the first piece given)
@@ -137,18 +142,26 @@ def check(
     steps = len(history.tokens)
     if bonus <= 0 or not len(trie) or steps > lm.config.context or steps != lm.position(slot):
         return None
-    eop = trie.special.end_of_padding
-    boundary = trie.advance(trie.START, eop)
-    firsts = list(trie.boosted(boundary)[0])
-    ranked: list[tuple[float, int, int]] = []  # (below the stream's own, step, first piece)
+    boundary = trie.advance(trie.START, trie.special.end_of_padding)
+    firsts = sorted({t for path in trie.paths for t in path.firsts})
+    ranked: list[tuple[float, int, int, int]] = []  # (below the stream's, step, name, piece)
     for step, logps in history.after_word_start.items():
         if step < steps - 1:
             own = history.logps[step]
-            likeliest = sorted(firsts, key=lambda t: -float(logps[t]))[:FIRST_PIECES]
-            ranked += [(own - float(logps[t]), step, t) for t in likeliest]
+            likely = dict(zip(firsts, logps[firsts].tolist(), strict=True))
+            # each name's likeliest first piece (its spellings differ in case)
+            starts_here = [
+                (-likely[t], index, t)
+                for index, path in enumerate(trie.paths)
+                for t in [max(sorted(path.firsts), key=likely.__getitem__)]
+            ]
+            ranked += [
+                (own + minus, step, index, t)
+                for minus, index, t in sorted(starts_here)[:NAMES_PER_START]
+            ]
     starts = [
-        _Probe(rank, step, trie.advance(boundary, t), [t], bonus - below)
-        for rank, (below, step, t) in enumerate(sorted(ranked))
+        _Probe(rank, trie.paths[index], step, trie.advance(boundary, t), [t], bonus - below)
+        for rank, (below, step, index, t) in enumerate(sorted(ranked))
         if below <= FIRST_PIECE_RANGE and bonus - below >= -GIVE_UP
     ]
     best, passes = _search(lm, slot, probes, starts, history, trie, bonus)
@@ -190,7 +203,7 @@ def _search(
     forked after its first piece: the stream's own step there computed that piece's
     distribution already. Returns the best finished probe scoring at least :data:`MARGIN`
     that changes what the stream wrote, and the passes taken."""
-    pad, eop = trie.special.padding, trie.special.end_of_padding
+    pad = trie.special.padding
     waiting = iter(starts)
     running: dict[int, _Probe] = {}  # by probe slot
     best: _Probe | None = None
@@ -206,7 +219,7 @@ def _search(
             break
         passes += 1
         order = sorted(running)
-        allowed = [_allowed(trie, running[s].state) for s in order]
+        allowed = [_allowed(trie, running[s]) for s in order]
         out = lm.step(
             [history.codes[running[s].start + len(running[s].tokens)][None] for s in order],
             order,
@@ -222,7 +235,7 @@ def _search(
                 # a pause between a name's words earns nothing: a name is not to stretch
                 paused = token == pad and trie.between_words(probe.state)
                 probe.gain += logp - history.logps[step] + (0.0 if paused else bonus)
-                probe.done = token in (pad, eop) and trie.complete(probe.state)
+                probe.done = trie.ends(probe.state, token, probe.path)
                 probe.tokens.append(token)
                 probe.state = trie.advance(probe.state, token)
                 if probe.gain < -GIVE_UP:
@@ -240,13 +253,13 @@ def _search(
     return best, passes
 
 
-def _allowed(trie: NameTrie, state: int) -> list[int]:
+def _allowed(trie: NameTrie, probe: _Probe) -> list[int]:
     """What a probe may write next: the trie's continuations of its name, and padding
     between two of its words (a pause there; the trie itself only boosts their end)."""
-    tokens = list(trie.boosted(state)[0])
-    if trie.between_words(state):
+    tokens = list(trie.boosted(probe.state)[0])
+    if trie.between_words(probe.state):
         tokens.append(trie.special.padding)
-    return tokens
+    return [t for t in tokens if trie.on_path(probe.state, t, probe.path)]
 
 
 def _continue(

@@ -122,6 +122,19 @@ that starts like a name ("sofa", "sonos") is pulled into it. On commands-en, 2 a
 at most 18 % of unseen names right while writing a name into 13-85 % of name-free commands
 (benchmarks/results/commands-en-names.md), so the default adds nothing."""
 
+
+@dataclass(frozen=True)
+class NamePath:
+    """One name in a trie: the nodes its spellings pass through (a node is a prefix of the
+    letters), those where they end, and the first pieces they start with. The check of whole
+    names (``name_check.py``) makes a probe write one name, not whichever of the names
+    sharing its first piece the model likes best."""
+
+    nodes: frozenset[int]
+    ends: frozenset[int]
+    firsts: frozenset[int]
+
+
 INSIDE, BOUNDARY, WAIT = 0, 1, 2
 """A match state's phase: just wrote a piece; just wrote the end-of-padding token; padding
 since the last piece."""
@@ -171,6 +184,8 @@ class NameTrie:
         self._ends: set[int] = set()  # nodes where a spelling ends
         self._firsts: dict[int, set[int]] = {}  # node -> first pieces of the words after it
         self._names = 0
+        self.paths: list[NamePath] = []
+        """Each name added, in order."""
         self._boosts: dict[int, Boost] = {}
         # never a piece of a name: Kyutai's ids 0-3 and the model's own special tokens
         self._reserved = {*range(4), special.padding, special.end_of_padding}
@@ -183,7 +198,7 @@ class NameTrie:
         """Add a name's spellings; False where none can be written in the tokenizer's pieces
         (no letters, or letters it lacks)."""
         words = name_words(name)
-        added = False
+        nodes, ends, firsts = {0}, set(), set()
         for spelling in spellings(words) if words else []:
             encoded = [self._encode(word) for word in spelling]
             if all(pieces is not None for pieces in encoded):
@@ -191,12 +206,19 @@ class NameTrie:
                 for word, pieces in zip(spelling, encoded, strict=True):
                     assert pieces is not None
                     self._firsts.setdefault(node, set()).add(pieces[0])
-                    node = _insert(self._children, node, WORD_START + word)
+                    if node == 0:
+                        firsts.add(pieces[0])
+                    for char in WORD_START + word:
+                        node = _insert(self._children, node, char)
+                        nodes.add(node)
                 self._ends.add(node)
+                ends.add(node)
                 self._boosts.clear()  # rebuilt on next use
-                added = True
-        self._names += added
-        return added
+        if not ends:
+            return False
+        self._names += 1
+        self.paths.append(NamePath(frozenset(nodes), frozenset(ends), frozenset(firsts)))
+        return True
 
     def _encode(self, word: str) -> tuple[int, ...] | None:
         pieces = self._cache.pieces
@@ -280,6 +302,23 @@ class NameTrie:
         """Whether the match at ``state`` has just spelled a whole name (its last piece)."""
         node, phase = divmod(state, 3)
         return phase == INSIDE and node in self._ends
+
+    def on_path(self, state: int, token: int, path: NamePath) -> bool:
+        """Whether writing ``token`` at ``state`` (a token :meth:`boosted` there, or padding
+        between a name's words) keeps to ``path``'s name: its next letters, a pause or the
+        end of padding where its word ends and its next word follows, or where it ends."""
+        node, phase = divmod(state, 3)
+        if token in (self.special.padding, self.special.end_of_padding):
+            if phase != INSIDE:
+                return True  # between two of its words already
+            return node in path.ends or self._children[node].get(WORD_START, -1) in path.nodes
+        return self.advance(state, token) // 3 in path.nodes
+
+    def ends(self, state: int, token: int, path: NamePath) -> bool:
+        """Whether ``token`` (padding or end-of-padding) at ``state`` ends ``path``'s name."""
+        node, phase = divmod(state, 3)
+        pause = token in (self.special.padding, self.special.end_of_padding)
+        return pause and phase == INSIDE and node in path.ends
 
     @staticmethod
     def between_words(state: int) -> bool:
