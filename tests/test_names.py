@@ -212,3 +212,23 @@ def test_a_name_path_keeps_to_its_own_name_where_names_share_a_start(sp) -> None
         state = trie.advance(state, token)
     assert trie.ends(state, PAD, tado) and trie.ends(state, EOP, tado)
     assert not trie.ends(state, PAD, tapo)
+
+
+def test_names_sharing_a_first_piece_past_the_cut_go_closest_spelled_first(sp) -> None:
+    """More names than a word start tries share the first piece ("living room ..."): those
+    spelled most like what the model wrote there are tried, whatever order they came in."""
+    from wyoming_kyutai.name_check import NAMES_PER_START, _closest_at_the_cut
+
+    rooms = ["tv", "fan", "blinds", "heater", "speaker", "clock", "plug", "radio", "lamp"]
+    trie = build_trie([f"Living Room {r}" for r in rooms], sp, 2.0)
+    assert trie is not None and len(rooms) > NAMES_PER_START
+    first = sp.encode("living")[0]
+    here = [(1.5, index, first) for index in range(len(rooms))]  # all tie
+    written = spoken(sp, "living room lamb on")
+    assert trie.written(written) == "living room lamb on"
+    order = [trie.paths[i].text for _, i, _ in _closest_at_the_cut(here, trie, written)]
+    assert order[0] == "living room lamp"
+    assert "living room lamp" not in [trie.paths[i].text for _, i, _ in here[:NAMES_PER_START]]
+    # the likelier first pieces stay ahead of a tie, whatever their spelling
+    ahead = [(0.5, 0, first), *here[1:]]
+    assert _closest_at_the_cut(ahead, trie, written)[:2] == [ahead[0], here[-1]]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 import torch
 
@@ -144,24 +145,26 @@ def check(
         return None
     boundary = trie.advance(trie.START, trie.special.end_of_padding)
     firsts = sorted({t for path in trie.paths for t in path.firsts})
-    ranked: list[tuple[float, int, int, int]] = []  # (below the stream's, step, name, piece)
+    # (below the stream's own, step, order there, name, first piece)
+    ranked: list[tuple[float, int, int, int, int]] = []
     for step, logps in history.after_word_start.items():
         if step < steps - 1:
             own = history.logps[step]
             likely = dict(zip(firsts, logps[firsts].tolist(), strict=True))
             # each name's likeliest first piece (its spellings differ in case)
-            starts_here = [
+            here = sorted(
                 (-likely[t], index, t)
                 for index, path in enumerate(trie.paths)
-                for t in [max(sorted(path.firsts), key=likely.__getitem__)]
-            ]
+                for t in [max(path.firsts, key=likely.__getitem__)]
+            )
+            here = _closest_at_the_cut(here, trie, history.tokens[step:])
             ranked += [
-                (own + minus, step, index, t)
-                for minus, index, t in sorted(starts_here)[:NAMES_PER_START]
+                (own + minus, step, order, index, t)
+                for order, (minus, index, t) in enumerate(here[:NAMES_PER_START])
             ]
     starts = [
         _Probe(rank, trie.paths[index], step, trie.advance(boundary, t), [t], bonus - below)
-        for rank, (below, step, index, t) in enumerate(sorted(ranked))
+        for rank, (below, step, _, index, t) in enumerate(sorted(ranked))
         if below <= FIRST_PIECE_RANGE and bonus - below >= -GIVE_UP
     ]
     best, passes = _search(lm, slot, probes, starts, history, trie, bonus)
@@ -186,6 +189,26 @@ def check(
         1 + run_on,
     )
     return Rewrite(tuple(best.tokens + rest))
+
+
+def _closest_at_the_cut(
+    here: list[tuple[float, int, int]], trie: NameTrie, written: Sequence[int]
+) -> list[tuple[float, int, int]]:
+    """``here`` (a word start's names, likeliest first piece first) with the names that tie
+    at the :data:`NAMES_PER_START` cut (they share a first piece: "Living Room Lamp",
+    "Living Room TV") in the order of how closely each is spelled like what the stream
+    wrote from there on, not in the order they were given."""
+    if len(here) <= NAMES_PER_START or here[NAMES_PER_START][0] != here[NAMES_PER_START - 1][0]:
+        return here
+    tie = here[NAMES_PER_START - 1][0]
+    text = trie.written(written[:MAX_NAME_STEPS])
+
+    def closeness(start: tuple[float, int, int]) -> float:
+        name = trie.paths[start[1]].text
+        return -SequenceMatcher(None, name, text[: len(name)]).ratio()
+
+    tied = sorted((s for s in here if s[0] == tie), key=closeness)
+    return [s for s in here if s[0] < tie] + tied + [s for s in here if s[0] > tie]
 
 
 def _search(

@@ -125,14 +125,16 @@ at most 18 % of unseen names right while writing a name into 13-85 % of name-fre
 
 @dataclass(frozen=True)
 class NamePath:
-    """One name in a trie: the nodes its spellings pass through (a node is a prefix of the
-    letters), those where they end, and the first pieces they start with. The check of whole
-    names (``name_check.py``) makes a probe write one name, not whichever of the names
-    sharing its first piece the model likes best."""
+    """One name in a trie: its words (lower case, one space apart), the nodes its spellings
+    pass through (a node is a prefix of the letters), those where they end, and the first
+    pieces they start with (ascending). The check of whole names (``name_check.py``) makes
+    a probe write one name, not whichever of the names sharing its first piece the model
+    likes best."""
 
+    text: str
     nodes: frozenset[int]
     ends: frozenset[int]
-    firsts: frozenset[int]
+    firsts: tuple[int, ...]
 
 
 INSIDE, BOUNDARY, WAIT = 0, 1, 2
@@ -217,7 +219,8 @@ class NameTrie:
         if not ends:
             return False
         self._names += 1
-        self.paths.append(NamePath(frozenset(nodes), frozenset(ends), frozenset(firsts)))
+        text = " ".join(words).lower()
+        self.paths.append(NamePath(text, frozenset(nodes), frozenset(ends), tuple(sorted(firsts))))
         return True
 
     def _encode(self, word: str) -> tuple[int, ...] | None:
@@ -228,6 +231,12 @@ class NameTrie:
             ok = ok and self._starts_word(ids[0]) and not any(map(self._starts_word, ids[1:]))
             pieces[word] = ids if ok else None
         return pieces[word]
+
+    def written(self, tokens: Iterable[int]) -> str:
+        """What ``tokens`` spell, lower case, words one space apart (special tokens and ids
+        the tokenizer lacks spell nothing)."""
+        pieces = (self._text(t) for t in tokens if t not in self._reserved)
+        return " ".join("".join(pieces).replace(WORD_START, " ").split()).lower()
 
     def _text(self, token: int) -> str:
         """The token's piece; "" for an id the tokenizer lacks (a model's text vocabulary
