@@ -10,6 +10,9 @@ Three measures, side by side in one process:
   stream: it grows with the word starts the model wrote and the names it finds likely
   there, so a random model's figure is a floor (the trained one's is in
   benchmarks/results/commands-en-names.md, against no check);
+- a pass of the check's probes: the stream forked into its :data:`PROBES` probe slots and one
+  step of each, as the check takes at most ``MAX_PASSES`` of (what a check costs is this
+  times its passes: benchmarks/results/commands-en-names.md counts them on the trained model);
 - the worst case: the extra work of a step at a word boundary, where every name's first
   piece is boosted (the slot's boost lists, the (row, token) index, the boosted argmax),
   against the plain argmax, on the text logits of one row.
@@ -49,12 +52,15 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench import speechlike
+    from wyoming_kyutai.loaded_model import LeanModel
     from wyoming_kyutai.model_loading import load_model
+    from wyoming_kyutai.name_check import PROBES
     from wyoming_kyutai.names import SlotNames, TextIds
     from wyoming_kyutai.runtime.lm import bias_index
     from wyoming_kyutai.settings import NAME_CHECK
 
     model = load_model(str(ckpt), device="cpu", quantize="int8", runtime="lean")
+    assert isinstance(model, LeanModel)
     model.enable_name_check(NAME_CHECK)
     special = TextIds(model.text_padding_id, model.end_of_padding_id)
     tries = {n: made_up_trie(n, model.tokenizer, special, check=NAME_CHECK) for n in COUNTS}
@@ -78,6 +84,15 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     stepper.check_names(0)
                     check_ms[n].append(1000 * (time.perf_counter() - t0))
+        probes = list(range(1, 1 + PROBES))  # the stepper's probe slots, after its one stream
+        at = frames // 2
+        pad = model.text_padding_id
+
+        def probe_pass() -> None:
+            model.lm.fork(0, probes, at, pad)
+            model.lm.step([codes[at : at + 1]] * len(probes), probes)
+
+        probe_ms = _median_ms(probe_pass, repeats=20)
     logits = torch.randn(1, model.tokenizer.get_piece_size())
     worst: dict[str, Any] = {}
     for n in COUNTS[1:]:
@@ -118,6 +133,11 @@ def names_cost(ckpt: Path, frames: int = 40, rounds: int = 3) -> dict[str, Any]:
                 "steps": round(statistics.median(v) / plain_step, 1),
             }
             for n, v in check_ms.items()
+        },
+        "check_pass": {
+            "probes": PROBES,
+            "ms": round(probe_ms, 2),
+            "steps": round(probe_ms / plain_step, 2),
         },
         "word_boundary_worst_case": {
             n: {**w, "percent_of_step": round(100 * w["extra_ms"] / plain_step, 2)}

@@ -513,11 +513,18 @@ def _check_cell(part: dict[str, Any]) -> str:
     check = part.get("check_at_end")
     if not check:
         return ""
-    return (
+    cell = (
         f"; name check at the stream's end ({part['frames']} steps, 100 / 1,000 names): "
         f"{check['100']['ms']} / {check['1000']['ms']} ms "
         f"({check['100']['steps']} / {check['1000']['steps']} steps)"
     )
+    probes = part.get("check_pass")
+    if probes:
+        cell += (
+            f"; a pass of the check's {probes['probes']} probes: {probes['ms']} ms "
+            f"({probes['steps']} steps)"
+        )
+    return cell
 
 
 def quality_table(result: dict[str, Any]) -> list[str]:
