@@ -16,11 +16,13 @@ import pytest
 from tests.engine_streams import stream_tokens
 from wyoming_kyutai.audio import PcmConverter, read_wav
 from wyoming_kyutai.engine import Engine
+from wyoming_kyutai.engine_types import Rewrite
 from wyoming_kyutai.lean_stepper import LeanStepper
 from wyoming_kyutai.loaded_model import LeanModel
 from wyoming_kyutai.model_loading import load_model
 from wyoming_kyutai.name_check import History, check
 from wyoming_kyutai.names import TextIds, build_trie
+from wyoming_kyutai.stepper import NameCheck
 
 ROOT = Path(__file__).parent
 MODEL_DIR = ROOT / "checkpoints" / "commands-en"
@@ -98,17 +100,26 @@ async def test_a_name_heard_right_does_not_keep_another_from_being_fixed(
 async def test_a_failing_check_leaves_the_transcript_as_it_was(
     model: LeanModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A fault in the check is one error line; the stream ends with its own words."""
+    """A fault in the check, at its start or after a pass, is one error line; the stream
+    ends with its own words."""
     audio = _audio(CLIP["file"])
     plain = await _tokens(model, 0.0, audio)
 
     def broken(self: LeanStepper, slot: int) -> None:
         raise RuntimeError("out of probes")
 
+    def broken_later(self: LeanStepper, slot: int) -> NameCheck:
+        yield
+        raise RuntimeError("a pass failed")
+
     monkeypatch.setattr(LeanStepper, "check_names", broken)
     with caplog.at_level(logging.ERROR):
         assert await _tokens(model, 3.5, audio) == plain
     assert "Name check failed (RuntimeError: out of probes)" in caplog.text
+    monkeypatch.setattr(LeanStepper, "check_names", broken_later)
+    with caplog.at_level(logging.ERROR):
+        assert await _tokens(model, 3.5, audio) == plain
+    assert "Name check failed (RuntimeError: a pass failed)" in caplog.text
 
 
 def test_no_check_past_the_context_or_out_of_step(model: LeanModel) -> None:
@@ -121,9 +132,21 @@ def test_no_check_past_the_context_or_out_of_step(model: LeanModel) -> None:
     lm.allocate(2)
     lm.reset([0])
     long = History(tokens=[model.text_padding_id] * (lm.config.context + 1))
-    assert check(lm, 0, [1], long, trie, 3.5) is None  # longer than the context
-    assert check(lm, 0, [1], History(tokens=[0, 5]), trie, 3.5) is None  # not where lm is
-    assert check(lm, 0, [1], History(), trie, 0.0) is None
+    assert _finish(check(lm, 0, [1], long, trie, 3.5)) == (None, 0)  # longer than the context
+    # not where lm is
+    assert _finish(check(lm, 0, [1], History(tokens=[0, 5]), trie, 3.5)) == (None, 0)
+    assert _finish(check(lm, 0, [1], History(), trie, 0.0)) == (None, 0)
+
+
+def _finish(job: NameCheck) -> tuple[Rewrite | None, int]:
+    """A check run to its end: its result and the passes it took."""
+    passes = 0
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            return done.value, passes
+        passes += 1
 
 
 async def test_names_that_share_a_first_piece_are_each_tried(model: LeanModel) -> None:
@@ -140,3 +163,55 @@ async def test_names_that_share_a_first_piece_are_each_tried(model: LeanModel) -
         assert item["name"] not in _text(model, await _tokens(model, 0.0, audio, names))
         checked = _text(model, await _tokens(model, 3.5, audio, names)).lower()
         assert checked == item["text"], (item, checked)
+
+
+async def test_a_check_does_not_hold_up_the_other_streams(
+    model: LeanModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stream's check runs a pass at a time, and a stream still speaking is stepped
+    between its passes (a satellite does not wait on another's names); the checked stream's
+    tokens are those it gets alone."""
+    events: list[str] = []
+    real_check, real_pass = LeanStepper.check_names, LeanStepper.lm_pass
+
+    def check_names(self: LeanStepper, slot: int) -> NameCheck:
+        job = real_check(self, slot)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                events.append("check ended")
+                return done.value  # type: ignore[no-any-return]
+            events.append("check")
+            yield
+
+    def lm_pass(self: LeanStepper, slots: list[int], *args: object) -> object:
+        events.append(f"pass {sorted(slots)}")
+        return real_pass(self, slots, *args)  # type: ignore[arg-type]
+
+    audio = _audio(CLIP["file"])
+    alone = await _tokens(model, 3.5, audio)
+    monkeypatch.setattr(LeanStepper, "check_names", check_names)
+    monkeypatch.setattr(LeanStepper, "lm_pass", lm_pass)
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    trie = build_trie(NAMES, model.tokenizer, 2.0, special, check=3.5)
+    commands = ROOT / "audio" / "commands"
+    wavs = [read_wav(commands / f"words-{i}.wav") for i in range(3)]
+    speaking = np.concatenate([PcmConverter(w.format).convert(w.data) for w in wavs])
+    engine = Engine(model, slots=2)
+    engine.start()
+    try:
+        other = await engine.open_stream(wait=30)
+        try:
+            other.push(speaking)  # a long command, all of it waiting to be stepped
+            checked = await stream_tokens(engine, audio, chunk=len(audio), names=trie)
+            other.finish()
+            while await other.get() is not None:
+                pass
+        finally:
+            other.close()
+    finally:
+        engine.stop()
+    assert checked == alone
+    first, last = events.index("check"), events.index("check ended")
+    assert f"pass [{other.slot_index}]" in events[first:last], events[first:last]

@@ -28,7 +28,7 @@ from .engine_types import EngineBusy, EngineClosed, Rewrite, StepResult, StreamF
 from .loaded_model import LoadedModel
 from .names import NameTrie
 from .scheduler import FRAMES_PER_CALL, LOOKAHEAD_STEPS, Claim, Frame, Rows, Scheduler
-from .stepper import Stepper, run_pass
+from .stepper import NameCheck, Stepper, run_pass
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._checks: deque[tuple[EngineStream, NameCheck]] = deque()  # the worker's, oldest first
         # Kyutai pads int(seconds × 24000) samples; rounding keeps 0.24 s at 5760, not 5759
         sample_rate = model.frame_size * model.frame_rate
         self.prefix_samples = round(model.silence_prefix_seconds * sample_rate)
@@ -329,24 +330,29 @@ class Engine:
             ready.set()
         while True:
             with self._cond:
-                while self._running and not self._scheduler.has_work():
+                # (only this thread changes the checks)
+                while self._running and not self._scheduler.has_work() and not self._checks:
                     self._cond.wait()
                 if not self._running:
                     return
-            self._govern_threads()
-            touched: list[Claim] = []
-            try:
-                self._iterate(touched)
-            except Exception as err:  # noqa: BLE001 - a model fault must not kill the worker
-                _LOGGER.error(
-                    "Model step failed (%s: %s); failing its streams", type(err).__name__, err
-                )
-                with self._cond:
-                    failed = self._scheduler.fail(touched)
-                for stream in failed:
-                    _stream(stream)._deliver(
-                        StreamFailed("the model failed while transcribing this audio")
+                streams = self._scheduler.has_work()
+            if streams:
+                self._govern_threads()
+                touched: list[Claim] = []
+                try:
+                    self._iterate(touched)
+                except Exception as err:  # noqa: BLE001 - a model fault must not kill the worker
+                    _LOGGER.error(
+                        "Model step failed (%s: %s); failing its streams", type(err).__name__, err
                     )
+                    with self._cond:
+                        failed = self._scheduler.fail(touched)
+                    for stream in failed:
+                        _stream(stream)._deliver(
+                            StreamFailed("the model failed while transcribing this audio")
+                        )
+            if self._checks:
+                self._check_pass()
 
     def _iterate(self, touched: list[Claim]) -> None:
         """One iteration: resets, Mimi, an LM pass, the final run. The claims computed are
@@ -394,26 +400,39 @@ class Engine:
             outcome = self._scheduler.apply(rows, kept, time.monotonic())
         for owner, result in outcome.results:
             _stream(owner)._deliver(result)
-        # every stream has its results before a check of names holds the worker
         for owner in outcome.ended:
             stream = _stream(owner)
-            rewrite = self._check_names(stream)
-            if rewrite is not None:
-                stream._deliver(rewrite)
-            stream._deliver(_END)
+            if stream.names is None or stream.closed:
+                stream._deliver(_END)
+                continue
+            try:
+                job = self.stepper.check_names(stream.slot_index)
+            except Exception as err:  # noqa: BLE001 - the transcript stands without it
+                _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
+                stream._deliver(_END)
+                continue
+            self._checks.append((stream, job))
 
-    def _check_names(self, stream: EngineStream) -> Rewrite | None:
-        """The rewrite of a stream that just took its last step, where the check of whole
-        names (``name_check.py``) found a name; a failing check is logged and leaves the
-        transcript as it is."""
-        assert self.stepper is not None
-        if stream.names is None or stream.closed:
-            return None
-        try:
-            return self.stepper.check_names(stream.slot_index)
-        except Exception as err:  # noqa: BLE001 - the transcript stands without it
-            _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
-            return None
+    def _check_pass(self) -> None:
+        """One LM pass of the oldest pending check of whole names (``name_check.py``), between
+        two of the streams' passes, so that a check never holds the other streams up; at its
+        end, the stream gets its rewrite (where a name fit), then its end. A failing check is
+        logged and leaves the transcript as it is; a stream closed meanwhile (its slot may
+        already be another's) is dropped unchecked."""
+        stream, job = self._checks[0]
+        rewrite: Rewrite | None = None
+        if not stream.closed:
+            try:
+                next(job)
+                return
+            except StopIteration as done:
+                rewrite = done.value
+            except Exception as err:  # noqa: BLE001 - the transcript stands without it
+                _LOGGER.error("Name check failed (%s: %s)", type(err).__name__, err)
+        self._checks.popleft()
+        if rewrite is not None:
+            stream._deliver(rewrite)
+        stream._deliver(_END)
 
     def _report_shed(self, stream: EngineStream, frames: int) -> None:
         """One warning the first time a stream loses audio to the lag bound, debug after."""

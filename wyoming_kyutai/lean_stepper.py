@@ -11,13 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .engine_types import Rewrite
 from .name_check import History, check
 from .names import NameTrie, SlotNames
 from .runtime.lm import LanguageModel
 from .runtime.memory import check_memory
 from .runtime.mimi import MimiEncoder
 from .scheduler import Kept
+from .stepper import NameCheck, nothing_to_check
 
 
 class LeanStepper:
@@ -123,9 +123,21 @@ class LeanStepper:
                 )
         return kept
 
-    @torch.inference_mode()
-    def check_names(self, slot: int) -> Rewrite | None:
+    def check_names(self, slot: int) -> NameCheck:
         trie = self._names.trie(slot)
         if not self._probes or trie is None or trie.check <= 0:
-            return None
-        return check(self._lm, slot, self._probes, self._histories[slot], trie, trie.check)
+            return nothing_to_check()
+        job = check(self._lm, slot, self._probes, self._histories[slot], trie, trie.check)
+        return _in_inference_mode(job)
+
+
+def _in_inference_mode(job: NameCheck) -> NameCheck:
+    """``job`` with each of its passes in inference mode, as the steps that made the
+    runtime's state (its tensors may not be written outside it)."""
+    while True:
+        with torch.inference_mode():
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        yield

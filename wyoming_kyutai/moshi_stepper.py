@@ -23,11 +23,11 @@ configure_moshi_env()
 import torch  # noqa: E402
 from moshi.models import LMGen  # noqa: E402
 
-from .engine_types import Rewrite  # noqa: E402
 from .names import NameTrie, SlotNames  # noqa: E402
 from .runtime.lm import Bias, bias_index  # noqa: E402
 from .runtime.memory import check_memory  # noqa: E402
 from .scheduler import Kept  # noqa: E402
+from .stepper import NameCheck, nothing_to_check  # noqa: E402
 
 
 class MoshiStepper:
@@ -119,10 +119,10 @@ class MoshiStepper:
             codes.append(self._mimi.encode(full.to(self._device))[rows])
         return torch.cat(codes, dim=2)
 
-    def check_names(self, slot: int) -> Rewrite | None:
-        """None: moshi's loop cannot be forked without its private state (the lean runtime
-        checks names; here shallow fusion alone biases toward them)."""
-        return None
+    def check_names(self, slot: int) -> NameCheck:
+        """Nothing: moshi's loop cannot be forked without its private state (the lean
+        runtime checks names; here shallow fusion alone biases toward them)."""
+        return nothing_to_check()
 
     @torch.no_grad()
     def lm_pass(

@@ -29,7 +29,7 @@ ring has wrapped (longer than the model's context) is left as it is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
@@ -140,9 +140,11 @@ def check(
     history: History,
     trie: NameTrie,
     bonus: float,
-) -> Rewrite | None:
+) -> Generator[None, None, Rewrite | None]:
     """The rewrite of ``slot``'s stream (its ``history``) the best name whose score reaches
-    :data:`MARGIN` makes, using LM slots ``probes`` (free; their state is lost), or None."""
+    :data:`MARGIN` makes, using LM slots ``probes`` (free; their state is lost), or None:
+    one LM pass per ``next()``, the result as the generator's return value (the engine
+    steps other streams between passes; ``slot`` must stay as it is until the end)."""
     steps = len(history.tokens)
     if bonus <= 0 or not len(trie) or steps > lm.config.context or steps != lm.position(slot):
         return None
@@ -170,7 +172,7 @@ def check(
         for rank, (below, step, _, index, t) in enumerate(sorted(ranked))
         if below <= FIRST_PIECE_RANGE and bonus - below >= -GIVE_UP
     ]
-    best, passes = _search(lm, slot, probes, starts, history, trie, bonus)
+    best, passes = yield from _search(lm, slot, probes, starts, history, trie, bonus)
     words = len(history.after_word_start)
     if best is None:
         _LOGGER.debug(
@@ -180,7 +182,7 @@ def check(
             passes,
         )
         return None
-    rest, run_on = _continue(lm, slot, probes[0], best, history, trie)
+    rest, run_on = yield from _continue(lm, slot, probes[0], best, history, trie)
     _LOGGER.debug(
         "Name check: %d name starts at %d word starts, %d passes: a name fits at step %d "
         "(score %.1f), %d passes to the end",
@@ -222,7 +224,7 @@ def _search(
     history: History,
     trie: NameTrie,
     bonus: float,
-) -> tuple[_Probe | None, int]:
+) -> Generator[None, None, tuple[_Probe | None, int]]:
     """Run the name ``starts`` (likeliest first, each with its first piece's score) in the
     ``probes`` slots, a free slot taking the next start at once, until each has written its
     name and ended the word, or cannot, in at most :data:`MAX_PASSES` passes. A probe is
@@ -251,6 +253,7 @@ def _search(
             order,
             boosts=[[(tuple(a), FORCE)] for a in allowed],
         )
+        yield
         for probe_slot, a, result in zip(order, allowed, out, strict=True):
             probe, token = running[probe_slot], int(result.tokens[0])
             step = probe.start + len(probe.tokens)
@@ -290,7 +293,7 @@ def _allowed(trie: NameTrie, probe: _Probe) -> list[int]:
 
 def _continue(
     lm: LanguageModel, slot: int, probe: int, best: _Probe, history: History, trie: NameTrie
-) -> tuple[list[int], int]:
+) -> Generator[None, None, tuple[list[int], int]]:
     """The winner's fork replayed through its name, then run on to the stream's end as the
     stream ran (greedy, biased toward the names), :data:`CONTINUE_ROWS` steps a pass with
     guessed inputs (first the stream's own tokens, then each pass's unkept outputs): its
@@ -302,6 +305,7 @@ def _continue(
     codes = torch.stack(history.codes[at:end])
     forced = [((t,), FORCE) for t in best.tokens]
     replayed = lm.step([codes], [probe], [best.tokens[:-1]], [forced])[0].tokens.tolist()
+    yield
     assert replayed == best.tokens, "a replay keeps every forced row"
     names = SlotNames(1)
     names.reset([0], [trie])
@@ -319,6 +323,7 @@ def _continue(
             [guesses],
             [names.rows(0, guesses)],
         )[0]
+        yield
         kept = result.tokens.tolist()
         names.keep(0, kept)
         for i, token in enumerate(result.ahead.tolist()):

@@ -7,7 +7,7 @@ through it and knows nothing else about the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -69,10 +69,22 @@ class Stepper(Protocol):
         advanced by v_i steps), and the pass's outputs of its other rows; a wrong guess costs
         only speed."""
 
-    def check_names(self, slot: int) -> Rewrite | None:
-        """Once ``slot``'s stream has taken its last step: the rewrite of its text the check
-        of whole names makes (``name_check.py``), or None (no names, no check, or no name
-        fits). The slot is to be reset after this."""
+    def check_names(self, slot: int) -> NameCheck:
+        """Once ``slot``'s stream has taken its last step: the check of whole names
+        (``name_check.py``), one LM pass of it per ``next()``, so that the engine steps
+        other streams between them. It returns the rewrite of the stream's text, or None
+        (no names, no check, or no name fits). The slot is neither stepped nor reset until
+        it has run out; no two checks run side by side (they share the probe slots)."""
+
+
+NameCheck = Generator[None, None, Rewrite | None]
+"""A check of whole names, run one LM pass per ``next()``; its return value is its result."""
+
+
+def nothing_to_check() -> NameCheck:
+    """A check that takes no pass and finds nothing."""
+    return None
+    yield  # a generator
 
 
 def run_pass(stepper: Stepper, rows: Sequence[Rows]) -> list[Kept]:
