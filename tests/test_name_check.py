@@ -15,7 +15,7 @@ import pytest
 
 from tests.engine_streams import stream_tokens
 from wyoming_kyutai.audio import PcmConverter, read_wav
-from wyoming_kyutai.engine import Engine
+from wyoming_kyutai.engine import Engine, EngineStream
 from wyoming_kyutai.engine_types import Rewrite
 from wyoming_kyutai.lean_stepper import LeanStepper
 from wyoming_kyutai.loaded_model import LeanModel
@@ -215,3 +215,45 @@ async def test_a_check_does_not_hold_up_the_other_streams(
     assert checked == alone
     first, last = events.index("check"), events.index("check ended")
     assert f"pass [{other.slot_index}]" in events[first:last], events[first:last]
+
+
+async def test_a_stream_closed_during_its_check_frees_its_slot_unchecked(
+    model: LeanModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up while its stream's names are checked: the check stops at
+    once, and the slot serves the next stream as if fresh."""
+    passes: list[int] = []
+    streams: list[EngineStream] = []
+    real_check = LeanStepper.check_names
+
+    def check_names(self: LeanStepper, slot: int) -> NameCheck:
+        job = real_check(self, slot)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            passes.append(slot)
+            streams[0].close()  # the client hangs up (from any thread)
+            yield
+
+    audio = _audio(CLIP["file"])
+    alone = await _tokens(model, 0.0, audio)
+    monkeypatch.setattr(LeanStepper, "check_names", check_names)
+    special = TextIds(model.text_padding_id, model.end_of_padding_id)
+    trie = build_trie(NAMES, model.tokenizer, 2.0, special, check=3.5)
+    model.enable_name_check(3.5)
+    engine = Engine(model, slots=1)
+    engine.start()
+    try:
+        streams.append(await engine.open_stream(wait=30, names=trie))
+        streams[0].push(audio)
+        streams[0].finish()
+        # the one slot comes free at the hang-up; the check takes no pass after it
+        with caplog.at_level(logging.ERROR):
+            assert await stream_tokens(engine, audio) == alone
+        assert passes == [streams[0].slot_index]
+        assert "Name check failed" not in caplog.text
+        assert engine.free_slots == 1
+    finally:
+        engine.stop()
