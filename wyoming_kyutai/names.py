@@ -307,11 +307,6 @@ class NameTrie:
             self._boosts[state] = (tuple(sorted(tokens)), value) if tokens else NO_BOOST
         return self._boosts[state]
 
-    def complete(self, state: int) -> bool:
-        """Whether the match at ``state`` has just spelled a whole name (its last piece)."""
-        node, phase = divmod(state, 3)
-        return phase == INSIDE and node in self._ends
-
     def on_path(self, state: int, token: int, path: NamePath) -> bool:
         """Whether writing ``token`` at ``state`` (a token :meth:`boosted` there, or padding
         between a name's words) keeps to ``path``'s name: its next letters, a pause or the
