@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wyoming_kyutai.audio import read_wav
+from wyoming_kyutai.name_check import CONTINUE_ROWS, PROBES
 from wyoming_kyutai.names import FOLLOW_ON, TextIds, build_trie
 from wyoming_kyutai.settings import NAME_BOOST, NAME_CHECK
 from wyoming_kyutai.transcribe import transcribe_audio
@@ -407,8 +408,9 @@ def sweep_tables(
             "",
             f"The check of whole names at a stream's end (`name_check`, nats per step; "
             f"name_check.py), at `name_boost` {checked[0]['boost']:g}: the same commands; "
-            "time: the whole set's, against no check; passes: the model passes of up to 4 rows a "
-            "check took after the stream's end (its search, then the winner's run to the end).",
+            "time: the whole set's, against no check; passes: the model passes a check took "
+            f"after the stream's end (its search, {PROBES} probes a pass, then the winner's run "
+            f"to the end, up to {CONTINUE_ROWS} rows a pass).",
             "",
             "| name_check | names right | word by word | whole | another name | "
             "WER, named commands | false name insertions (name-free) | WER, name-free | time | "
